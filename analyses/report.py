@@ -1,0 +1,183 @@
+"""Assemble the HTML report, tables and summary from finished analysis cubes.
+
+Layout (see ``storage.RunLayout``): ``report/index.html``,
+``report/figures/<analysis>/*.png``, ``tables/<analysis>.csv``,
+``summary.json``. ``summary.json`` is written last: its fingerprint is what
+marks the report complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import html
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from storage import cube as cubes
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return None if not np.isfinite(o) else float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _training_figure(layout, formats) -> tuple[list[Path], dict]:
+    """Loss curve of the demo model, when the run trained one."""
+    log_path = layout.model_dir / "training_log.json"
+    if not log_path.exists():
+        return [], {}
+    log = json.loads(log_path.read_text())
+    steps = log.get("step") or log.get("steps")
+    loss = log.get("lm_loss") or log.get("loss")
+    if not steps or not loss:
+        return [], {}
+    import matplotlib.pyplot as plt
+
+    from .plotting import savefig, style
+
+    with style():
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        ax.plot(steps, loss, label="LM loss")
+        aux = log.get("aux_loss")
+        if aux:
+            ax2 = ax.twinx()
+            ax2.plot(steps, aux, color="0.5", lw=1, ls="--", label="load-balancing loss")
+            ax2.set_ylabel("aux loss")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_title("Demo model training")
+        files = savefig(fig, layout.figures_dir / "training", "training_loss", formats)
+    return files, {"final_lm_loss": float(loss[-1]), "initial_lm_loss": float(loss[0])}
+
+
+def _img(path: Path, root: Path) -> str:
+    rel = os.path.relpath(path, root)
+    return f'<figure><img src="{html.escape(rel)}" alt="{html.escape(path.stem)}" loading="lazy"></figure>'
+
+
+def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, dashboard: str = "") -> Path:
+    """Render figures, tables, summary.json and index.html for ``analysis_names``."""
+    from . import get
+
+    formats = tuple(exp.report.formats) if "png" in exp.report.formats else ("png", *exp.report.formats)
+    routing = cubes.open_routing(layout.routing)
+    sections = []
+    summary = {
+        "experiment": exp.name,
+        "experiment_file": exp.source_file,
+        "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {k: routing.attrs.get(k) for k in ("model_family", "num_experts", "top_k", "router_semantics")},
+        "checkpoints": {str(c): int(s) for c, s in zip(routing.checkpoint.values, routing.step.values)},
+        "layers": [int(x) for x in routing.layer.values],
+        "tokens": int(routing.sizes["token"]),
+        "samples": int(np.unique(routing["sample"].values).size),
+        "domains": {},
+        "analyses": {},
+    }
+    doms, counts = np.unique(routing["domain"].values.astype(str), return_counts=True)
+    summary["domains"] = {str(d): int(n) for d, n in zip(doms, counts)}
+    layout.tables_dir.mkdir(parents=True, exist_ok=True)
+
+    train_files, train_summary = _training_figure(layout, formats)
+    if train_summary:
+        summary["training"] = train_summary
+
+    for name in analysis_names:
+        a = get(name)
+        result = cubes.open_result(layout.analysis(name))
+        out = layout.figures_dir / name
+        files = a.figure(result, out, formats)
+        table = a.table(result)
+        table.to_csv(layout.tables_dir / f"{name}.csv", index=False)
+        headline = a.summary(result)
+        summary["analyses"][name] = {
+            "definition": result.attrs.get("definition", ""),
+            "chance": result.attrs.get("chance", ""),
+            "headline": headline,
+        }
+        pngs = [f for f in files if Path(f).suffix == ".png"]
+        others = [f for f in files if Path(f).suffix != ".png"]
+        chance = result.attrs.get("chance", "")
+        sections.append(
+            f"""
+<section id="{html.escape(name)}">
+  <h2>{html.escape(a.title)}</h2>
+  <p class="caption">{html.escape(a.caption)}</p>
+  <dl>
+    <dt>Definition</dt><dd>{html.escape(str(result.attrs.get("definition", "")))}</dd>
+    <dt>Normalisation</dt><dd>{html.escape(str(result.attrs.get("normalisation", "")))}</dd>
+    <dt>Chance level</dt><dd>{html.escape(str(chance)) or "—"}</dd>
+  </dl>
+  {''.join(_img(f, layout.report_dir) for f in pngs)}
+  <p class="files">Cube: <code>{html.escape(os.path.relpath(layout.analysis(name), layout.report_dir))}</code>
+  · table: <a href="{html.escape(os.path.relpath(layout.tables_dir / f"{name}.csv", layout.report_dir))}">{name}.csv</a>
+  {''.join(f' · <a href="{html.escape(os.path.relpath(f, layout.report_dir))}">{html.escape(Path(f).name)}</a>' for f in others)}</p>
+  <pre class="headline">{html.escape(json.dumps(headline, indent=1, default=_json_default))}</pre>
+</section>"""
+        )
+
+    title = exp.report.title or f"moe-atlas report — {exp.name}"
+    model = summary["model"]
+    ckpts = ", ".join(f"{c} (step {s})" for c, s in summary["checkpoints"].items())
+    dom_rows = "".join(f"<tr><td>{html.escape(d)}</td><td>{n}</td></tr>" for d, n in summary["domains"].items())
+    training = ""
+    if train_files:
+        training = f"""<section id="training"><h2>The model's training</h2>
+<p class="caption">Language-model loss during training of the demo model (the load-balancing auxiliary loss
+dashed, right axis). Checkpoints analysed below were saved along this curve.</p>
+{''.join(_img(f, layout.report_dir) for f in train_files if Path(f).suffix == '.png')}</section>"""
+    toc = "".join(f'<li><a href="#{html.escape(n)}">{html.escape(get(n).title)}</a></li>' for n in analysis_names)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
+img {{ max-width: 100%; border: 1px solid #ddd; }}
+figure {{ margin: 1em 0; }}
+.caption {{ color: #333; }}
+dt {{ font-weight: 600; }} dd {{ margin: 0 0 .5em 1em; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: .2em .6em; }}
+pre.headline {{ background: #f6f6f6; padding: .5em; font-size: 85%; }}
+.meta {{ color: #555; font-size: 90%; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class="meta">Experiment <code>{html.escape(exp.source_file)}</code> · generated {summary["generated"]}
+{f'· Dask dashboard during the run: <code>{html.escape(dashboard)}</code>' if dashboard else ''}</p>
+{f'<p>{html.escape(exp.description)}</p>' if exp.description else ''}
+<h2>What was analysed</h2>
+<ul>
+<li>Model: {html.escape(str(model.get("model_family")))}, {model.get("num_experts")} experts per MoE layer, top-{model.get("top_k")};
+router: {html.escape(str(model.get("router_semantics")))}</li>
+<li>MoE layers: {summary["layers"]}</li>
+<li>Checkpoints: {html.escape(ckpts)}</li>
+<li>{summary["tokens"]} tokens in {summary["samples"]} samples:</li>
+</ul>
+<table><tr><th>domain</th><th>tokens</th></tr>{dom_rows}</table>
+<p>Routing cube: <code>{html.escape(os.path.relpath(layout.routing, layout.report_dir))}</code>
+(<code>xr.open_zarr</code>); per-analysis cubes in <code>analyses/</code>; tables in <code>tables/</code>;
+headline numbers in <code>summary.json</code>.</p>
+<h2>Contents</h2><ol>{'<li><a href="#training">The model\'s training</a></li>' if training else ''}{toc}</ol>
+{training}
+{''.join(sections)}
+</body></html>
+"""
+    _write_atomic(layout.report_index, page)
+    summary["fingerprint"] = fingerprint
+    summary["experiment_spec"] = dataclasses.asdict(exp)
+    _write_atomic(layout.summary, json.dumps(summary, indent=2, default=_json_default))
+    return layout.report_index

@@ -1,0 +1,130 @@
+"""Glue between the model side and the routing cube: what a Capture job runs.
+
+``capture_into_cube`` is submitted to a Dask worker, one job per checkpoint.
+It reads the token table from the cube itself (so every checkpoint sees
+identical inputs) and streams routing into that checkpoint's region.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from storage import cube as cubes
+from storage.schema import empty_routing, tokens_hash
+
+
+def load_token_tables(paths: list[str]) -> xr.Dataset:
+    """Concatenate per-dataset token tables along ``token``; sample ids stay unique.
+
+    dims in: (token,) per table; dims out: (token,) with ``token`` renumbered.
+    """
+    tables = []
+    offset = 0
+    for p in paths:
+        t = cubes.open_result(p)
+        t = t.assign_coords(sample=("token", t["sample"].values - t["sample"].values.min() + offset))
+        offset = int(t["sample"].values.max()) + 1
+        tables.append(t)
+    ds = xr.concat(tables, dim="token", data_vars="all", coords="all", compat="override", join="override")
+    ds = ds.assign_coords(token=("token", np.arange(ds.sizes["token"], dtype=np.int64)))
+    ds.attrs = {}
+    if ds.sizes["token"] == 0:
+        raise ValueError(f"no tokens in datasets {paths}")
+    return ds
+
+
+def routing_inputs_hash(token_paths: list[str]) -> str:
+    return tokens_hash(load_token_tables(token_paths))
+
+
+def _versions() -> dict:
+    import tokenizers
+    import torch
+    import transformers
+    import zarr
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "xarray": xr.__version__,
+        "zarr": zarr.__version__,
+    }
+
+
+def build_template(token_paths: list[str], *, checkpoints, keep_logits: bool, trust_remote_code: bool = False):
+    """The lazy routing template for these token tables and checkpoints.
+
+    Layers, experts, top-k and router semantics come from the first
+    checkpoint's config (no weights are loaded).
+    """
+    from .load import describe_checkpoint
+
+    tokens = load_token_tables(token_paths)
+    info = describe_checkpoint(checkpoints[0].path, trust_remote_code=trust_remote_code)
+    versions = _versions()
+    attrs = {
+        "model_family": info.family,
+        "router_semantics": info.router_semantics,
+        "shared_experts": int(info.shared_experts),
+        "dtype": info.dtype,
+        "source": "capture (moe-atlas forward hooks on the routers)",
+        "usage_normalisation": "slots: each token contributes k routing slots",
+        "software": ", ".join(f"{k} {v}" for k, v in versions.items()),
+    }
+    return empty_routing(
+        tokens,
+        checkpoints=[c.name for c in checkpoints],
+        steps=[int(c.step) for c in checkpoints],
+        layers=list(info.moe_layers),
+        num_experts=info.num_experts,
+        top_k=info.top_k,
+        keep_logits=keep_logits,
+        attrs=attrs,
+        lazy=True,
+    )
+
+
+def capture_into_cube(
+    model_dir: str,
+    routing_path: str,
+    checkpoint: str,
+    *,
+    batch_size: int = 16,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Capture one checkpoint into its region of ``routing_path``.
+
+    The checkpoint's architecture must match the template (same MoE layers,
+    experts and top-k); its ``complete`` flag is set only after every token is
+    written. Returns a small dict describing what was captured.
+    """
+    from .load import describe_checkpoint
+    from .run import capture_checkpoint
+
+    ds = cubes.open_routing(routing_path, complete_only=False)
+    info = describe_checkpoint(model_dir, trust_remote_code=trust_remote_code)
+    layers = [int(x) for x in ds.layer.values]
+    if list(info.moe_layers) != layers or info.num_experts != ds.sizes["expert"] or info.top_k != ds.sizes["k"]:
+        raise ValueError(
+            f"{model_dir}: MoE layers {info.moe_layers}, {info.num_experts} experts, top-{info.top_k} do not match "
+            f"the routing cube {routing_path} (layers {layers}, {ds.sizes['expert']} experts, top-{ds.sizes['k']})"
+        )
+    tokens = ds.drop_vars(list(ds.data_vars)).drop_dims([d for d in ds.dims if d != "token"])
+    writer = cubes.RoutingWriter(routing_path, checkpoint)
+    with writer:
+        capture_checkpoint(
+            model_dir, tokens, writer,
+            keep_logits="router_logits" in ds, keep_nll="nll" in ds,
+            batch_size=batch_size, device=device, dtype=dtype,
+            trust_remote_code=trust_remote_code, progress=progress, desc=f"capture {checkpoint}",
+        )
+    return {"checkpoint": checkpoint, "tokens": int(ds.sizes["token"]), "model_dir": str(Path(model_dir))}

@@ -1,0 +1,267 @@
+"""The experiment spec: a TOML file, validated up front.
+
+Every table maps onto a frozen dataclass below; the validator walks the
+dataclass fields, so an unknown key, a missing field or a wrong type stops the
+run with one message naming the file, the key and what was expected. Relative
+paths are taken relative to the current working directory (where ``luigi`` is
+run), like the default ``experiments/demo.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SpecError(ValueError):
+    """The experiment file is malformed; the message names file and key."""
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    name: str
+    """Label of the checkpoint in cubes and figures (letters, digits, '_', '-', '.')."""
+    path: str
+    """Directory written by ``save_pretrained`` (config.json + *.safetensors)."""
+    step: int
+    """Training step; orders checkpoints in change-over-training analyses."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str = "demo"
+    """'demo' (train the embedded tiny MoE) or 'checkpoints' (the list below)."""
+    checkpoints: list[CheckpointSpec] = field(default_factory=list)
+    """For source = 'checkpoints': [[model.checkpoints]] tables with name, path, step."""
+    tokenizer: str = ""
+    """Tokenizer directory; default: the first checkpoint's directory."""
+    trust_remote_code: bool = False
+    """Run code shipped with the checkpoint. Off unless the experiment needs it."""
+    demo: dict = field(default_factory=dict)
+    """Options of the embedded demo (fields of capture.demo.DemoConfig)."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    """Label of the dataset (coordinate 'dataset' of the token axis)."""
+    path: str
+    """JSONL file, one sample per line: {"id", "text", "domain", optional "condition", "pair"}."""
+    text_field: str = "text"
+    domain_field: str = "domain"
+    max_samples: int = 0
+    """Use only the first N samples (0 = all)."""
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    keep_router_logits: bool = False
+    """Store all E router logits per token and layer (needed for per-token entropy)."""
+    batch_size: int = 16
+    max_length: int = 256
+    """Samples are truncated to this many tokens."""
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class AnalysesSpec:
+    run: list[str] = field(default_factory=lambda: ["usage", "confidence", "change"])
+    """Registered analysis names to compute and report."""
+    params: dict = field(default_factory=dict)
+    """Per-analysis parameter tables: [analyses.params.<name>]."""
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    formats: list[str] = field(default_factory=lambda: ["png"])
+    """Figure formats: png (always, 300 dpi), pdf, svg."""
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class DaskSpec:
+    scheduler: str = ""
+    """Address of a running scheduler (tcp://host:8786); empty = a LocalCluster."""
+    n_workers: int = 2
+    threads_per_worker: int = 1
+    host: str = "127.0.0.1"
+    """Interface the LocalCluster's scheduler, workers and dashboard bind to."""
+    dashboard_port: int = 8787
+    """First port tried for the dashboard; the next free one is used if taken."""
+    memory_limit: str = "auto"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    """Name of the run (used in the report)."""
+    output_dir: str
+    """Where routing.zarr, analyses/, report/, tables/ and summary.json go."""
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    """[[datasets]] tables; may be empty for the demo (its held-out set is used)."""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    capture: CaptureSpec = field(default_factory=CaptureSpec)
+    analyses: AnalysesSpec = field(default_factory=AnalysesSpec)
+    report: ReportSpec = field(default_factory=ReportSpec)
+    dask: DaskSpec = field(default_factory=DaskSpec)
+    description: str = ""
+    source_file: str = ""
+    """Filled in by the loader: the TOML file this came from."""
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    return _TYPE_WORDS.get(tp, str(tp))
+
+
+def _convert(value, tp, where: str, file: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SpecError(f"{file}: '{where}' must be a table, got {type(value).__name__}")
+        return _build(tp, value, where, file)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise SpecError(f"{file}: '{where}' must be {_describe(tp)}, got {type(value).__name__} {value!r}")
+        return [_convert(v, inner, f"{where}[{i}]", file) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise SpecError(f"{file}: '{where}' must be {_describe(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, table: dict, prefix: str, file: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source_file"}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise SpecError(f"{file}: unknown key '{key}'; expected one of: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in table:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise SpecError(f"{file}: missing required key '{key}' ({_describe(hints[name])})")
+            continue
+        kwargs[name] = _convert(table[name], hints[name], key, file)
+    return cls(**kwargs)
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment file.
+
+    Raises
+    ------
+    SpecError naming the file and the key for syntax errors, unknown keys,
+    missing fields, wrong types and inconsistent values. Checkpoint directories
+    are checked later, by the tasks that need them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: experiment file not found")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not a UTF-8 text file: {exc}") from exc
+    exp = _build(Experiment, table, "", str(path))
+    exp = dataclasses.replace(exp, source_file=str(path))
+    _check(exp, str(path))
+    return exp
+
+
+def _check(exp: Experiment, file: str) -> None:
+    if not _NAME.match(exp.name):
+        raise SpecError(f"{file}: 'name' must use letters, digits, '_', '-', '.', got {exp.name!r}")
+    m = exp.model
+    if m.source not in ("demo", "checkpoints"):
+        raise SpecError(f"{file}: 'model.source' must be 'demo' or 'checkpoints', got {m.source!r}")
+    if m.source == "checkpoints":
+        if not m.checkpoints:
+            raise SpecError(f"{file}: 'model.checkpoints' is empty; source = 'checkpoints' needs at least one")
+        if not exp.datasets:
+            raise SpecError(f"{file}: 'datasets' is empty; a model from checkpoints needs at least one dataset")
+        if m.demo:
+            raise SpecError(f"{file}: 'model.demo' is only allowed with source = 'demo'")
+    elif m.checkpoints:
+        raise SpecError(f"{file}: 'model.checkpoints' is only allowed with source = 'checkpoints'")
+    if m.source == "demo":
+        from capture.demo import DemoConfig
+
+        demo_fields = {f.name: f for f in dataclasses.fields(DemoConfig)}
+        hints = typing.get_type_hints(DemoConfig)
+        for key, value in m.demo.items():
+            if key not in demo_fields:
+                raise SpecError(
+                    f"{file}: unknown key 'model.demo.{key}'; expected one of: {', '.join(sorted(demo_fields))}"
+                )
+            _convert(value, hints[key], f"model.demo.{key}", file)
+        try:
+            DemoConfig(**m.demo)
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"{file}: 'model.demo': {exc}") from exc
+    names = [c.name for c in m.checkpoints]
+    for c in m.checkpoints:
+        if not _NAME.match(c.name):
+            raise SpecError(f"{file}: checkpoint name {c.name!r} must use letters, digits, '_', '-', '.'")
+    if len(set(names)) != len(names):
+        raise SpecError(f"{file}: 'model.checkpoints' has duplicate names: {names}")
+    steps = [c.step for c in m.checkpoints]
+    if len(set(steps)) != len(steps):
+        raise SpecError(f"{file}: 'model.checkpoints' has duplicate steps: {steps}")
+    ds_names = [d.name for d in exp.datasets]
+    if len(set(ds_names)) != len(ds_names):
+        raise SpecError(f"{file}: 'datasets' has duplicate names: {ds_names}")
+    for d in exp.datasets:
+        if not _NAME.match(d.name):
+            raise SpecError(f"{file}: dataset name {d.name!r} must use letters, digits, '_', '-', '.'")
+    if exp.capture.batch_size < 1 or exp.capture.max_length < 2:
+        raise SpecError(f"{file}: 'capture.batch_size' must be >= 1 and 'capture.max_length' >= 2")
+    if exp.capture.dtype not in ("float32", "bfloat16", "float16"):
+        raise SpecError(f"{file}: 'capture.dtype' must be float32, bfloat16 or float16, got {exp.capture.dtype!r}")
+    from analyses import REGISTRY
+
+    for name in exp.analyses.run:
+        if name not in REGISTRY:
+            raise SpecError(
+                f"{file}: 'analyses.run' names unknown analysis {name!r}; known: {', '.join(sorted(REGISTRY))}"
+            )
+    for name, params in exp.analyses.params.items():
+        if name not in REGISTRY:
+            raise SpecError(f"{file}: 'analyses.params.{name}': no analysis of that name")
+        if not isinstance(params, dict):
+            raise SpecError(f"{file}: 'analyses.params.{name}' must be a table")
+        known = REGISTRY[name].params
+        for key in params:
+            if key not in known:
+                raise SpecError(
+                    f"{file}: unknown key 'analyses.params.{name}.{key}'; expected one of: "
+                    f"{', '.join(sorted(known)) or '(none)'}"
+                )
+    for fmt in exp.report.formats:
+        if fmt not in ("png", "pdf", "svg"):
+            raise SpecError(f"{file}: 'report.formats' entries must be png, pdf or svg, got {fmt!r}")
+    if exp.dask.n_workers < 1 or exp.dask.threads_per_worker < 1:
+        raise SpecError(f"{file}: 'dask.n_workers' and 'dask.threads_per_worker' must be >= 1")
+
+
+def as_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+

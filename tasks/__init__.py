@@ -1,0 +1,374 @@
+"""The Luigi DAG of moe-atlas, and nothing else.
+
+``luigi --module tasks FullReport`` (defaults in ``luigi.cfg``) runs::
+
+    PrepareModel ─ Tokenize(dataset)… ─ RoutingTemplate ─ Capture(checkpoint)…
+        ─ Analyse(name)… ─ FullReport
+
+Each task has one target and an input fingerprint; ``complete()`` compares
+fingerprints, so editing the experiment reruns exactly what depends on the
+edit (adding a checkpoint captures only that checkpoint, then recomputes the
+analyses and the report). Numbers are computed in ``capture``/``analyses``;
+paths come from ``storage.RunLayout``; Dask clients from ``deploy``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import luigi
+
+from experiments.spec import CheckpointSpec, DatasetSpec, Experiment, load_experiment
+from storage import RunLayout
+from storage import cube as cubes
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@functools.lru_cache(maxsize=None)
+def _experiment(path: str) -> Experiment:
+    return load_experiment(path)
+
+
+def _layout(exp: Experiment) -> RunLayout:
+    return RunLayout(Path(exp.output_dir))
+
+
+def _demo_config(exp: Experiment):
+    from capture.demo import DemoConfig
+
+    return DemoConfig(**exp.model.demo)
+
+
+def checkpoints(exp: Experiment) -> list[CheckpointSpec]:
+    """The experiment's checkpoints; for the demo, the ones its training saves."""
+    if exp.model.source == "checkpoints":
+        return list(exp.model.checkpoints)
+    from capture.demo import checkpoint_name
+
+    layout = _layout(exp)
+    cfg = _demo_config(exp)
+    return [
+        CheckpointSpec(name=checkpoint_name(s), path=str(layout.model_dir / "checkpoints" / checkpoint_name(s)), step=s)
+        for s in cfg.checkpoint_steps
+    ]
+
+
+def datasets(exp: Experiment) -> list[DatasetSpec]:
+    if exp.datasets or exp.model.source != "demo":
+        return list(exp.datasets)
+    from capture.demo import EVAL_DATASET_NAME
+
+    # prepare_demo writes its held-out samples here (capture/demo/__init__.py documents the layout).
+    return [DatasetSpec(name=EVAL_DATASET_NAME, path=str(_layout(exp).model_dir / "data" / "eval.jsonl"))]
+
+
+def tokenizer_dir(exp: Experiment) -> str:
+    if exp.model.tokenizer:
+        return exp.model.tokenizer
+    return checkpoints(exp)[0].path
+
+
+class _Stage(luigi.Task):
+    """A stage of one experiment: identity = (experiment file, stage parameters)."""
+
+    experiment = luigi.Parameter(description="path of the experiment TOML file")
+
+    @property
+    def exp(self) -> Experiment:
+        return _experiment(self.experiment)
+
+    @property
+    def layout(self) -> RunLayout:
+        return _layout(self.exp)
+
+    def on_failure(self, exception):
+        # The one-line reason appears in Luigi's summary; the traceback is logged too.
+        return f"{type(exception).__name__}: {exception}"
+
+
+class PrepareModel(_Stage):
+    """Demo: corpus → BPE tokenizer → tiny MoE training → checkpoints. Real: check the checkpoint dirs."""
+
+    def fingerprint(self) -> str:
+        exp = self.exp
+        if exp.model.source == "demo":
+            return cubes.fingerprint("demo", dataclasses.asdict(_demo_config(exp)))
+        return cubes.fingerprint("checkpoints", [dataclasses.asdict(c) for c in exp.model.checkpoints])
+
+    def output(self):
+        return luigi.LocalTarget(str(self.layout.model_dir / "prepared.json"))
+
+    def complete(self):
+        return _json_fingerprint(self.output().path) == self.fingerprint()
+
+    def run(self):
+        exp = self.exp
+        info = {"fingerprint": self.fingerprint()}
+        if exp.model.source == "demo":
+            from capture.demo import prepare_demo
+
+            info["manifest"] = prepare_demo(self.layout.model_dir, _demo_config(exp), progress=True)
+        else:
+            from capture.load import check_checkpoint_dir, describe_checkpoint
+
+            models = []
+            for c in exp.model.checkpoints:
+                check_checkpoint_dir(c.path, where=f"{exp.source_file}: checkpoint {c.name!r}")
+                models.append(dataclasses.asdict(describe_checkpoint(c.path, trust_remote_code=exp.model.trust_remote_code)))
+            shapes = {(m["num_experts"], m["top_k"], tuple(m["moe_layers"])) for m in models}
+            if len(shapes) != 1:
+                raise ValueError(
+                    f"{exp.source_file}: checkpoints differ in experts/top-k/MoE layers {sorted(shapes)}; "
+                    "an experiment compares checkpoints of one architecture"
+                )
+            info["models"] = models
+        _write_json_atomic(self.output().path, info)
+
+
+class Tokenize(_Stage):
+    """Token table of one dataset: sample, position, token id, text span, domain, canonical flag."""
+
+    dataset = luigi.Parameter()
+
+    def requires(self):
+        return PrepareModel(experiment=self.experiment)
+
+    def _spec(self) -> DatasetSpec:
+        for d in datasets(self.exp):
+            if d.name == self.dataset:
+                return d
+        raise KeyError(f"{self.exp.source_file}: no dataset named {self.dataset!r}")
+
+    def fingerprint(self) -> str:
+        d = self._spec()
+        return cubes.fingerprint(
+            dataclasses.asdict(d), _file_digest(d.path), tokenizer_dir(self.exp), self.exp.capture.max_length,
+            self.requires().fingerprint(),
+        )
+
+    def output(self):
+        return luigi.LocalTarget(str(self.layout.tokens(self.dataset)))
+
+    def complete(self):
+        return cubes.result_fingerprint(self.output().path) == self.fingerprint()
+
+    def run(self):
+        from capture.tokenize import tokenize_jsonl
+
+        d = self._spec()
+        table = tokenize_jsonl(
+            d.path, tokenizer_dir(self.exp), dataset=d.name, max_length=self.exp.capture.max_length,
+            text_field=d.text_field, domain_field=d.domain_field, max_samples=d.max_samples,
+            trust_remote_code=self.exp.model.trust_remote_code,
+        )
+        cubes.write_result(table, self.output().path, fingerprint=self.fingerprint())
+
+
+class RoutingTemplate(_Stage):
+    """Write (or extend with new checkpoints) the routing cube's template."""
+
+    def requires(self):
+        return [PrepareModel(experiment=self.experiment)] + [
+            Tokenize(experiment=self.experiment, dataset=d.name) for d in datasets(self.exp)
+        ]
+
+    def output(self):
+        return luigi.LocalTarget(str(self.layout.routing))
+
+    def complete(self):
+        if not all(r.complete() for r in self.requires()):
+            return False
+        try:
+            ds = cubes.open_routing(self.layout.routing, complete_only=False)
+        except cubes.CubeError:
+            return False
+        from capture.job import routing_inputs_hash
+
+        have = set(map(str, ds.checkpoint.values))
+        return {c.name for c in checkpoints(self.exp)} <= have and ds.attrs.get("inputs_hash") == routing_inputs_hash(
+            [t.output().path for t in self.requires()[1:]]
+        )
+
+    def run(self):
+        from capture.job import build_template
+
+        exp = self.exp
+        template = build_template(
+            [t.output().path for t in self.requires()[1:]],
+            checkpoints=checkpoints(exp),
+            keep_logits=exp.capture.keep_router_logits,
+            trust_remote_code=exp.model.trust_remote_code,
+        )
+        cubes.clean_temporaries(self.layout.root)
+        cubes.prepare_routing(self.layout.routing, template)
+
+
+class Capture(_Stage):
+    """One checkpoint's region of routing.zarr, computed as one job on the Dask cluster."""
+
+    checkpoint = luigi.Parameter()
+
+    def requires(self):
+        return RoutingTemplate(experiment=self.experiment)
+
+    def _spec(self) -> CheckpointSpec:
+        for c in checkpoints(self.exp):
+            if c.name == self.checkpoint:
+                return c
+        raise KeyError(f"{self.exp.source_file}: no checkpoint named {self.checkpoint!r}")
+
+    def output(self):
+        return luigi.LocalTarget(str(self.layout.routing))
+
+    def complete(self):
+        return self.checkpoint in cubes.completed_checkpoints(self.layout.routing) and self.requires().complete()
+
+    def run(self):
+        from capture.job import capture_into_cube
+
+        exp = self.exp
+        c = self._spec()
+        client = _client(exp)
+        future = client.submit(
+            capture_into_cube,
+            c.path,
+            str(self.layout.routing),
+            c.name,
+            batch_size=exp.capture.batch_size,
+            device=exp.capture.device,
+            dtype=exp.capture.dtype,
+            trust_remote_code=exp.model.trust_remote_code,
+            key=f"capture-{exp.name}-{c.name}-{time.time_ns()}",
+            pure=False,
+            resources=None,
+        )
+        future.result()
+
+
+class Analyse(_Stage):
+    """One registered analysis over all captured checkpoints → analyses/<name>.zarr."""
+
+    analysis = luigi.Parameter()
+
+    def requires(self):
+        return [Capture(experiment=self.experiment, checkpoint=c.name) for c in checkpoints(self.exp)]
+
+    def params(self) -> dict:
+        from analyses import get
+
+        p = dict(get(self.analysis).params)
+        p.update(self.exp.analyses.params.get(self.analysis, {}))
+        return p
+
+    def fingerprint(self) -> str:
+        from analyses import VERSION
+
+        ds = cubes.open_routing(self.layout.routing, complete_only=False)
+        return cubes.fingerprint(
+            self.analysis, self.params(), ds.attrs.get("inputs_hash"),
+            sorted((c.name, c.step) for c in checkpoints(self.exp)), VERSION,
+        )
+
+    def output(self):
+        return luigi.LocalTarget(str(self.layout.analysis(self.analysis)))
+
+    def complete(self):
+        if not all(r.complete() for r in self.requires()):
+            return False
+        return cubes.result_fingerprint(self.output().path) == self.fingerprint()
+
+    def run(self):
+        from analyses.runner import compute_analysis
+
+        result = compute_analysis(
+            self.layout.routing, self.analysis, self.params(),
+            checkpoints=[c.name for c in checkpoints(self.exp)], client=_client(self.exp),
+        )
+        cubes.write_result(result, self.output().path, fingerprint=self.fingerprint())
+
+
+class FullReport(_Stage):
+    """report/index.html with figures, tables/*.csv and summary.json."""
+
+    experiment = luigi.Parameter(default="experiments/demo.toml", description="path of the experiment TOML file")
+
+    def requires(self):
+        return [Analyse(experiment=self.experiment, analysis=a) for a in self.exp.analyses.run]
+
+    def fingerprint(self) -> str:
+        from analyses import VERSION
+
+        return cubes.fingerprint(
+            [cubes.result_fingerprint(r.output().path) for r in self.requires()], self.exp.report.formats,
+            self.exp.report.title, VERSION,
+        )
+
+    def output(self):
+        return luigi.LocalTarget(str(self.layout.report_index))
+
+    def complete(self):
+        if not all(r.complete() for r in self.requires()):
+            return False
+        return Path(self.output().path).exists() and _json_fingerprint(self.layout.summary) == self.fingerprint()
+
+    def run(self):
+        from analyses.report import build_report
+
+        build_report(
+            self.exp, self.layout, [r.analysis for r in self.requires()], fingerprint=self.fingerprint(),
+            dashboard=_dashboard(),
+        )
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _client(exp: Experiment):
+    import deploy
+
+    d = exp.dask
+    return deploy.client(
+        scheduler=d.scheduler, n_workers=d.n_workers, threads_per_worker=d.threads_per_worker, host=d.host,
+        dashboard_port=d.dashboard_port, memory_limit=d.memory_limit,
+    )
+
+
+def _dashboard() -> str:
+    import deploy
+
+    return deploy.dashboard_link()
+
+
+def _json_fingerprint(path) -> str | None:
+    try:
+        return json.loads(Path(path).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write_json_atomic(path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _file_digest(path) -> str:
+    import hashlib
+
+    p = Path(path)
+    if not p.is_file():
+        return "missing"
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
