@@ -43,25 +43,37 @@ def _training_figure(layout, formats) -> tuple[list[Path], dict]:
     if not log_path.exists():
         return [], {}
     log = json.loads(log_path.read_text())
-    steps = log.get("step") or log.get("steps")
-    loss = log.get("lm_loss") or log.get("loss")
-    if not steps or not loss:
+    rows = log.get("steps") or []
+    if not rows or not isinstance(rows[0], dict):
         return [], {}
+    steps = [r["step"] for r in rows]
+    loss = [r["loss"] for r in rows]
+    aux = [r.get("aux_loss") for r in rows]
     import matplotlib.pyplot as plt
 
     from .plotting import savefig, style
 
     with style():
-        fig, ax = plt.subplots(figsize=(5.5, 3.2))
-        ax.plot(steps, loss, label="LM loss")
-        aux = log.get("aux_loss")
-        if aux:
-            ax2 = ax.twinx()
-            ax2.plot(steps, aux, color="0.5", lw=1, ls="--", label="load-balancing loss")
-            ax2.set_ylabel("aux loss")
+        fig, (ax, ax3) = plt.subplots(1, 2, figsize=(10, 3.4))
+        ax.plot(steps, loss, label="LM loss (train)")
         ax.set_xlabel("training step")
         ax.set_ylabel("cross-entropy (nats/token)")
-        ax.set_title("Demo model training")
+        if any(a is not None for a in aux):
+            ax2 = ax.twinx()
+            ax2.plot(steps, aux, color="0.5", lw=1, ls="--", label="load-balancing loss")
+            ax2.set_ylabel("load-balancing loss (dashed)")
+        ax.set_title("Training loss")
+        ck = log.get("checkpoints") or []
+        if ck and "eval_nll" in ck[0]:
+            for dom in ck[0]["eval_nll"]:
+                ax3.plot([c["step"] for c in ck], [c["eval_nll"][dom] for c in ck], marker="o", label=dom)
+            ax3.set_xlabel("checkpoint step")
+            ax3.set_ylabel("held-out NLL (nats/token)")
+            ax3.set_title("Held-out loss by domain")
+            ax3.legend(frameon=False)
+        else:
+            ax3.set_visible(False)
+        fig.tight_layout()
         files = savefig(fig, layout.figures_dir / "training", "training_loss", formats)
     return files, {"final_lm_loss": float(loss[-1]), "initial_lm_loss": float(loss[0])}
 
@@ -142,6 +154,7 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
 <p class="caption">Language-model loss during training of the demo model (the load-balancing auxiliary loss
 dashed, right axis). Checkpoints analysed below were saved along this curve.</p>
 {''.join(_img(f, layout.report_dir) for f in train_files if Path(f).suffix == '.png')}</section>"""
+    training_item = '<li><a href="#training">The model&rsquo;s training</a></li>' if training else ""
     toc = "".join(f'<li><a href="#{html.escape(n)}">{html.escape(get(n).title)}</a></li>' for n in analysis_names)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -171,7 +184,7 @@ router: {html.escape(str(model.get("router_semantics")))}</li>
 <p>Routing cube: <code>{html.escape(os.path.relpath(layout.routing, layout.report_dir))}</code>
 (<code>xr.open_zarr</code>); per-analysis cubes in <code>analyses/</code>; tables in <code>tables/</code>;
 headline numbers in <code>summary.json</code>.</p>
-<h2>Contents</h2><ol>{'<li><a href="#training">The model\'s training</a></li>' if training else ''}{toc}</ol>
+<h2>Contents</h2><ol>{training_item}{toc}</ol>
 {training}
 {''.join(sections)}
 </body></html>

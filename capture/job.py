@@ -107,8 +107,10 @@ def capture_into_cube(
     experts and top-k); its ``complete`` flag is set only after every token is
     written. Returns a small dict describing what was captured.
     """
-    from .load import describe_checkpoint
-    from .run import capture_checkpoint
+    import torch
+
+    from .load import describe_checkpoint, load_model
+    from .run import capture_model
 
     ds = cubes.open_routing(routing_path, complete_only=False)
     info = describe_checkpoint(model_dir, trust_remote_code=trust_remote_code)
@@ -119,12 +121,11 @@ def capture_into_cube(
             f"the routing cube {routing_path} (layers {layers}, {ds.sizes['expert']} experts, top-{ds.sizes['k']})"
         )
     tokens = ds.drop_vars(list(ds.data_vars)).drop_dims([d for d in ds.dims if d != "token"])
-    writer = cubes.RoutingWriter(routing_path, checkpoint)
-    with writer:
-        capture_checkpoint(
-            model_dir, tokens, writer,
+    model = load_model(model_dir, device=device, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    with cubes.RoutingWriter(routing_path, checkpoint) as writer:
+        capture_model(
+            model, tokens, writer,
             keep_logits="router_logits" in ds, keep_nll="nll" in ds,
-            batch_size=batch_size, device=device, dtype=dtype,
-            trust_remote_code=trust_remote_code, progress=progress, desc=f"capture {checkpoint}",
+            batch_size=batch_size, progress=progress, desc=f"capture {checkpoint}", where=str(model_dir),
         )
     return {"checkpoint": checkpoint, "tokens": int(ds.sizes["token"]), "model_dir": str(Path(model_dir))}

@@ -126,6 +126,13 @@ def prepare_routing(path: str | os.PathLike, template: xr.Dataset, *, token_chun
     return new
 
 
+def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
+    """Zarr 3 reads text as numpy's StringDType; give readers plain object arrays,
+    the same as a cube built in memory (``astype(str)`` etc. then behave alike)."""
+    fix = {n: (v.dims, v.values.astype(object), v.attrs) for n, v in ds.coords.items() if v.dtype.kind == "T"}
+    return ds.assign_coords(fix) if fix else ds
+
+
 def open_routing(path: str | os.PathLike, *, complete_only: bool = True, chunks="auto") -> xr.Dataset:
     """Open the routing cube lazily (dask arrays, one checkpoint × layer per chunk).
 
@@ -139,6 +146,7 @@ def open_routing(path: str | os.PathLike, *, complete_only: bool = True, chunks=
         ds = xr.open_zarr(path, consolidated=None, chunks={} if chunks == "auto" else chunks)
     except Exception as exc:  # zarr raises many types for damaged stores
         raise CubeError(f"{path}: cannot open routing cube: {exc}") from exc
+    ds = _plain_strings(ds)
     try:
         validate_routing(ds, where=str(path))
     except ValueError as exc:
@@ -155,7 +163,7 @@ def completed_checkpoints(path: str | os.PathLike) -> list[str]:
     if not (path / "zarr.json").exists():
         return []
     g = zarr.open_group(str(path), mode="r")
-    names = xr.open_zarr(path, consolidated=None).checkpoint.values
+    names = g["checkpoint"][:]
     done = g["complete"][:]
     return [str(n) for n, d in zip(names, done) if d == 1]
 
@@ -305,7 +313,12 @@ def open_result(path: str | os.PathLike) -> xr.Dataset:
     path = Path(path)
     if not (path / "zarr.json").exists():
         raise CubeError(f"{path}: no result cube here (zarr.json missing)")
-    return xr.open_zarr(path, consolidated=None).load()
+    ds = xr.open_zarr(path, consolidated=None).load()
+    ds = _plain_strings(ds)
+    for n, v in ds.data_vars.items():
+        if v.dtype.kind == "T":
+            ds[n] = v.astype(object)
+    return ds
 
 
 def clean_temporaries(directory: str | os.PathLike) -> None:

@@ -120,7 +120,10 @@ class PrepareModel(_Stage):
 
             models = []
             for c in exp.model.checkpoints:
-                check_checkpoint_dir(c.path, where=f"{exp.source_file}: checkpoint {c.name!r}")
+                try:
+                    check_checkpoint_dir(c.path, need_weights=True)
+                except (OSError, ValueError) as exc:
+                    raise type(exc)(f"{exp.source_file}: checkpoint {c.name!r}: {exc}") from exc
                 models.append(dataclasses.asdict(describe_checkpoint(c.path, trust_remote_code=exp.model.trust_remote_code)))
             shapes = {(m["num_experts"], m["top_k"], tuple(m["moe_layers"])) for m in models}
             if len(shapes) != 1:
@@ -149,8 +152,9 @@ class Tokenize(_Stage):
     def fingerprint(self) -> str:
         d = self._spec()
         return cubes.fingerprint(
-            dataclasses.asdict(d), _file_digest(d.path), tokenizer_dir(self.exp), self.exp.capture.max_length,
-            self.requires().fingerprint(),
+            dataclasses.asdict(d), _file_digest(d.path), self.exp.capture.max_length,
+            # The tokenizer's content, not its path: re-saving an identical tokenizer changes nothing.
+            [_file_digest(p) for p in sorted(Path(tokenizer_dir(self.exp)).glob("*.json"))],
         )
 
     def output(self):
@@ -182,8 +186,10 @@ class RoutingTemplate(_Stage):
     def output(self):
         return luigi.LocalTarget(str(self.layout.routing))
 
-    def complete(self):
-        if not all(r.complete() for r in self.requires()):
+    def inputs_current(self) -> bool:
+        """The cube exists and was built from the current token tables."""
+        # Only the token tables matter here: PrepareModel reruns when checkpoints are added.
+        if not all(r.complete() for r in self.requires()[1:]):
             return False
         try:
             ds = cubes.open_routing(self.layout.routing, complete_only=False)
@@ -191,10 +197,13 @@ class RoutingTemplate(_Stage):
             return False
         from capture.job import routing_inputs_hash
 
-        have = set(map(str, ds.checkpoint.values))
-        return {c.name for c in checkpoints(self.exp)} <= have and ds.attrs.get("inputs_hash") == routing_inputs_hash(
-            [t.output().path for t in self.requires()[1:]]
-        )
+        return ds.attrs.get("inputs_hash") == routing_inputs_hash([t.output().path for t in self.requires()[1:]])
+
+    def complete(self):
+        if not self.inputs_current():
+            return False
+        have = set(map(str, cubes.open_routing(self.layout.routing, complete_only=False).checkpoint.values))
+        return {c.name for c in checkpoints(self.exp)} <= have
 
     def run(self):
         from capture.job import build_template
@@ -228,7 +237,8 @@ class Capture(_Stage):
         return luigi.LocalTarget(str(self.layout.routing))
 
     def complete(self):
-        return self.checkpoint in cubes.completed_checkpoints(self.layout.routing) and self.requires().complete()
+        # Not RoutingTemplate.complete(): a template missing *another* checkpoint leaves this capture valid.
+        return self.checkpoint in cubes.completed_checkpoints(self.layout.routing) and self.requires().inputs_current()
 
     def run(self):
         from capture.job import capture_into_cube
@@ -303,11 +313,11 @@ class FullReport(_Stage):
         return [Analyse(experiment=self.experiment, analysis=a) for a in self.exp.analyses.run]
 
     def fingerprint(self) -> str:
-        from analyses import VERSION
+        from analyses import REPORT_VERSION, VERSION
 
         return cubes.fingerprint(
             [cubes.result_fingerprint(r.output().path) for r in self.requires()], self.exp.report.formats,
-            self.exp.report.title, VERSION,
+            self.exp.report.title, VERSION, REPORT_VERSION,
         )
 
     def output(self):

@@ -1,0 +1,204 @@
+"""The embedded demo: a real (tiny) MoE language model and held-out data, built offline.
+
+``prepare_demo(out_dir, cfg)`` builds a four-domain corpus from material on every machine
+(``corpus``), trains a byte-level BPE tokenizer on its training part (``tokenizer``),
+trains a small Mixtral-style MoE model on the CPU and saves checkpoints along the way
+(``train``). Layout under ``out_dir``::
+
+    data/eval.jsonl          held-out samples {"id", "text", "domain"}, all domains
+    tokenizer/               AutoTokenizer-loadable fast tokenizer
+    checkpoints/step_0000/   safetensors model + config + tokenizer, one dir per checkpoint
+    training_log.json        loss / aux-loss curve, held-out NLL per checkpoint
+    manifest.json            written last, atomically; its presence means "complete"
+
+Importing this package is cheap: torch and transformers load only when training runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .corpus import DOMAINS, Corpus, build_corpus
+from .train import DemoConfig, checkpoint_name
+
+__all__ = ["DOMAINS", "DemoConfig", "prepare_demo", "load_manifest", "build_corpus", "Corpus", "checkpoint_name"]
+
+MANIFEST = "manifest.json"
+EVAL_DATASET_NAME = "demo_eval"
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _remove_previous_outputs(out_dir: Path) -> None:
+    """Delete what an earlier (possibly interrupted) run wrote, and nothing else.
+
+    out_dir may be shared with other files, so only the demo's own names are removed.
+    The manifest goes first: a crash during the rebuild never leaves a stale
+    "complete" mark.
+    """
+
+    def rm(p: Path) -> None:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+    rm(out_dir / MANIFEST)
+    rm(out_dir / "training_log.json")
+    rm(out_dir / "data" / "eval.jsonl")
+    rm(out_dir / "tokenizer")
+    ckpt = out_dir / "checkpoints"
+    if ckpt.is_dir():
+        for p in list(ckpt.glob("step_*")) + list(ckpt.glob(".step_*.tmp-*")):
+            rm(p)
+    for p in list(out_dir.glob(".*.tmp-*")) + list((out_dir / "data").glob(".*.tmp-*")):
+        rm(p)
+
+
+def load_manifest(out_dir: Path) -> dict | None:
+    """The manifest under ``out_dir`` if it exists and every path it names exists, else None.
+
+    Raises
+    ------
+    ValueError
+        If ``manifest.json`` exists but is not a JSON object with the expected keys.
+    """
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    required = ("checkpoints", "datasets", "tokenizer", "config")
+    if not isinstance(manifest, dict) or any(k not in manifest for k in required):
+        raise ValueError(f"{path}: expected a JSON object with keys {list(required)}")
+    try:
+        paths = [c["path"] for c in manifest["checkpoints"]] + [d["path"] for d in manifest["datasets"]]
+        paths.append(manifest["tokenizer"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: checkpoints/datasets entries must be objects with a 'path' ({exc!r})") from exc
+    if not all(Path(p).exists() for p in paths):
+        return None
+    return manifest
+
+
+def _fit_to_context(tokenizer, max_tokens: int):
+    """A function trimming a text (at a line, else word, boundary) to ``max_tokens`` tokens, BOS included."""
+
+    def fit(text: str) -> str:
+        while True:
+            enc = tokenizer(text, return_offsets_mapping=True)
+            if len(enc["input_ids"]) <= max_tokens:
+                return text.rstrip()
+            # End of the last token that still fits (< len(text), as more tokens follow),
+            # so every round strictly shortens the text; cut at a boundary before it.
+            limit = enc["offset_mapping"][max_tokens - 1][1]
+            head = text[:limit]
+            cut = head.rfind("\n")
+            if cut < limit // 2:
+                cut = head.rfind(" ")
+            text = head[:cut] if cut > 0 else head
+
+    return fit
+
+
+def prepare_demo(out_dir: Path, cfg: DemoConfig | None = None, progress: bool = True) -> dict:
+    """Build (or reuse) the demo model, tokenizer and evaluation data under ``out_dir``.
+
+    Parameters
+    ----------
+    out_dir : Path
+        Output directory (created if missing).
+    cfg : DemoConfig, optional
+        Defaults to ``DemoConfig()`` (about 35 s on one CPU core).
+    progress : bool
+        Show a progress bar while training.
+
+    Returns
+    -------
+    dict
+        The manifest: ``checkpoints`` ([{name, step, path}] in step order), ``datasets``
+        ([{name: "demo_eval", path}]), ``tokenizer`` (path), ``config`` (``cfg`` as a
+        dict), ``training_log`` (path), ``domains``. Paths are absolute.
+
+    Notes
+    -----
+    Idempotent: if ``manifest.json`` exists, names existing paths and records a config
+    equal to ``cfg``, it is returned and nothing is touched. Otherwise everything is
+    rebuilt from scratch, including after an interrupted run: training is redone
+    rather than resumed (no optimizer state is kept), which gives the same weights
+    because data order and initialisation are seeded. Each checkpoint directory and
+    each file appears atomically, and the manifest is written last.
+    """
+    cfg = DemoConfig() if cfg is None else cfg
+    if not isinstance(cfg, DemoConfig):
+        raise ValueError(f"prepare_demo: cfg must be a DemoConfig; got {type(cfg).__name__}")
+    out_dir = Path(out_dir).resolve()
+    try:
+        existing = load_manifest(out_dir)
+    except ValueError:
+        existing = None  # a damaged manifest is rebuilt like a missing one
+    if existing is not None and existing["config"] == cfg.to_dict():
+        return existing
+
+    from .tokenizer import save_tokenizer, train_tokenizer
+    from .train import train_demo_model
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_previous_outputs(out_dir)
+
+    corpus = build_corpus(cfg.seed, cfg.train_chars_per_domain, cfg.eval_samples_per_domain, cfg.eval_max_chars)
+    tokenizer = train_tokenizer(corpus.iter_train_text(), cfg.vocab_size)
+    # Evaluation samples must fit the model's context (seq_len tokens, BOS included).
+    corpus.select_eval(cfg.eval_samples_per_domain, fit=_fit_to_context(tokenizer, cfg.seq_len))
+
+    tok_dir = out_dir / "tokenizer"
+    tok_tmp = out_dir / f".tokenizer.tmp-{os.getpid()}"
+    if tok_tmp.exists():
+        shutil.rmtree(tok_tmp)
+    save_tokenizer(tokenizer, tok_tmp)
+    os.replace(tok_tmp, tok_dir)
+
+    data_dir = out_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    eval_path = data_dir / "eval.jsonl"
+    eval_tmp = data_dir / f".eval.jsonl.tmp-{os.getpid()}"
+    corpus.write_eval_jsonl(eval_tmp)
+    os.replace(eval_tmp, eval_path)
+
+    eval_texts = {d: [s["text"] for s in corpus.eval_samples if s["domain"] == d] for d in DOMAINS}
+    ckpt_dir = out_dir / "checkpoints"
+    log = train_demo_model(cfg, corpus.train, eval_texts, tokenizer, ckpt_dir, progress=progress)
+    log["corpus"] = {
+        "train_chars": corpus.train_chars(),
+        "train_documents": {d: len(v) for d, v in corpus.train.items()},
+        "eval_sources": corpus.eval_sources,
+        "vocab_size": len(tokenizer),
+    }
+    _write_json_atomic(out_dir / "training_log.json", log)
+
+    manifest = {
+        "checkpoints": [
+            {"name": checkpoint_name(s), "step": s, "path": str(ckpt_dir / checkpoint_name(s))}
+            for s in cfg.checkpoint_steps
+        ],
+        "datasets": [{"name": EVAL_DATASET_NAME, "path": str(eval_path)}],
+        "tokenizer": str(tok_dir),
+        "config": cfg.to_dict(),
+        "training_log": str(out_dir / "training_log.json"),
+        "domains": list(DOMAINS),
+    }
+    _write_json_atomic(out_dir / MANIFEST, manifest)
+    return manifest
