@@ -41,6 +41,12 @@ REPORT_VERSION = _code_version(report=True)
 from . import usage  # noqa: E402,F401
 from . import confidence  # noqa: E402,F401
 from . import change  # noqa: E402,F401
+from . import balance  # noqa: E402,F401
+from . import coactivation  # noqa: E402,F401
+from . import temporal  # noqa: E402,F401
+from . import specialization  # noqa: E402,F401
+from . import divergence  # noqa: E402,F401
+from . import lens  # noqa: E402,F401
 
 __all__ = [
     "VERSION",

@@ -17,6 +17,7 @@ import xarray as xr
 
 from storage.schema import FILL_ID
 
+from . import bootstrap as bs
 from . import plotting
 from .registry import (
     Analysis,
@@ -28,9 +29,10 @@ from .registry import (
     json_number,
     refuse_if,
     register,
-    routed_ids,
     safe_ratio,
     tidy,
+    token_var,
+    view_ids,
 )
 
 NAME = "change"
@@ -46,15 +48,42 @@ def set_intersection(a: xr.DataArray, b: xr.DataArray) -> xr.DataArray:
     return eq.sum(("k", "k_b"))
 
 
-def change(routing: xr.Dataset, *, canonical_only: bool = False) -> xr.Dataset:
-    """Saturation vs the final checkpoint and overlap with the previous one, per (checkpoint, layer).
+def cosine(a: xr.DataArray, b: xr.DataArray, dim: str = "expert") -> xr.DataArray:
+    """Cosine similarity of ``a`` and ``b`` along ``dim``; NaN where either is all zero or NaN."""
+    num = (a * b).sum(dim, skipna=False)
+    den = np.sqrt((a * a).sum(dim, skipna=False) * (b * b).sum(dim, skipna=False))
+    return safe_ratio(num, den)
+
+
+def _metrics(sums: xr.Dataset, has_prev: xr.DataArray) -> dict[str, xr.DataArray]:
+    """Every change metric from (resampled or plain) sums over samples: the same formula for estimate and CI."""
+    count = sums["count"]
+    return {
+        "saturation": safe_ratio(sums["inter_final"], sums["slots"]),
+        "overlap_prev": safe_ratio(sums["inter_prev"], sums["slots"]).where(has_prev),
+        "switch_fraction": 1.0 - safe_ratio(sums["inter_prev"], sums["slots"]).where(has_prev),
+        "position_match_final": safe_ratio(sums["pos_final"], sums["slots"]),
+        "position_match_prev": safe_ratio(sums["pos_prev"], sums["slots"]).where(has_prev),
+        "drift_final": cosine(count, count.isel(checkpoint=-1, drop=True)),
+        "drift_prev": cosine(count, count.shift(checkpoint=1)).where(has_prev),
+    }
+
+
+def change(
+    routing: xr.Dataset, *, view: str = "all", n_boot: int = 200, ci: float = 0.95, seed: int = 0
+) -> xr.Dataset:
+    """Saturation, overlap, position match and usage drift across checkpoints, per (checkpoint, layer).
 
     Parameters
     ----------
     routing : routing cube with ``expert_ids`` (checkpoint, layer, token, k) and
-        at least two checkpoints; every checkpoint must have the same slots
-        written (same -1 pattern).
-    canonical_only : use only tokens whose ``canonical`` flag is set.
+        at least two checkpoints, all completely captured (``complete`` = 1
+        where the cube has that variable) with the same slots written (same
+        -1 pattern): change is only defined on identical inputs.
+    view : token view (``all``, ``canonical``, ``last_canonical``).
+    n_boot, ci, seed : bootstrap over samples (resampled within each domain,
+        the same resampled samples at every checkpoint, so comparisons are
+        paired); ``n_boot=0`` leaves the interval variables out.
 
     Returns
     -------
@@ -64,14 +93,17 @@ def change(routing: xr.Dataset, *, canonical_only: bool = False) -> xr.Dataset:
         switch_fraction       1 − overlap_prev
         position_match_final  share of valid slots with id_c[i] = id_final[i]
         position_match_prev   the same against the previous checkpoint
+        drift_final           cosine(count_c, count_final) of per-expert slot counts (= usage vectors)
+        drift_prev            cosine(count_c, count_{c-1})   (NaN at the first checkpoint)
         tokens                tokens compared
+        <metric>_lo, <metric>_hi  bootstrap percentile intervals of every metric
 
     Raises
     ------
     ValueError
         Fewer than two checkpoints, duplicate checkpoint names, or (at compute
-        time for lazy input) a token/slot written in one checkpoint and not in
-        another, or ids outside -1..E-1.
+        time for lazy input) a checkpoint with ``complete`` = 0, a token/slot
+        written in one checkpoint and not in another, or ids outside -1..E-1.
     """
     E, k = cube_sizes(routing)
     C = routing.sizes.get("checkpoint", 0)
@@ -82,77 +114,100 @@ def change(routing: xr.Dataset, *, canonical_only: bool = False) -> xr.Dataset:
     names = np.asarray(routing["checkpoint"].values)
     if len(set(names.tolist())) != len(names):
         raise ValueError(f"change: checkpoint names are not unique: {names.tolist()}")
+    n_boot = int(n_boot)
     routing = routing.isel(checkpoint=np.argsort(checkpoint_steps(routing), kind="stable"))
 
-    ids = routed_ids(routing, canonical_only=canonical_only)
+    ids = view_ids(routing, view)
     valid = ids >= 0
     final = ids.isel(checkpoint=-1, drop=True)
     prev = ids.shift(checkpoint=1, fill_value=FILL_ID)
     has_prev = xr.DataArray(np.arange(C) > 0, dims="checkpoint", coords={"checkpoint": ids["checkpoint"]})
 
-    slots = valid.sum(("token", "k"))
-    tokens = valid.any("k").sum("token")
-    overlap_final = safe_ratio(set_intersection(ids, final).sum("token"), slots)
-    overlap_prev = safe_ratio(set_intersection(ids, prev).sum("token"), slots).where(has_prev)
-    pos_final = safe_ratio(((ids == final) & valid).sum(("token", "k")), slots)
-    pos_prev = safe_ratio(((ids == prev) & valid).sum(("token", "k")), slots).where(has_prev)
+    per_token = xr.Dataset({
+        "slots": valid.sum("k"),
+        "tokens": valid.any("k"),
+        "inter_final": set_intersection(ids, final),
+        "inter_prev": set_intersection(ids, prev),
+        "pos_final": ((ids == final) & valid).sum("k"),
+        "pos_prev": ((ids == prev) & valid).sum("k"),
+    }).astype(np.int64)
+    ps = bs.per_sample_sums(per_token, routing, dim="token")
+    ps["count"] = bs.per_sample_sums(
+        xr.ones_like(ids, dtype=np.int64), routing, dim=("token", "k"), by={"expert": (ids, E)}
+    )
+    sums = bs.group_sums(ps)
+    values = _metrics(sums, has_prev)
 
     set_chance, pos_chance = k / E, 1.0 / E
     nan_first = "first checkpoint (no previous one); or no valid slot at this layer"
-    result = xr.Dataset(
-        {
-            "saturation": describe(
-                overlap_final, "saturation vs final checkpoint", "fraction of k",
-                "mean over tokens of |S_c ∩ S_final| / k: share of the final checkpoint's expert set "
-                "already selected at this checkpoint", chance=set_chance,
-                nan_where="no valid slot at this layer",
-            ),
-            "overlap_prev": describe(
-                overlap_prev, "overlap with previous checkpoint", "fraction of k",
-                "mean over tokens of |S_c ∩ S_(c-1)| / k", chance=set_chance, nan_where=nan_first,
-            ),
-            "switch_fraction": describe(
-                1.0 - overlap_prev, "switch fraction", "fraction of k",
-                "1 − overlap_prev: share of selected experts that changed since the previous checkpoint",
-                chance=1.0 - set_chance, nan_where=nan_first,
-            ),
-            "position_match_final": describe(
-                pos_final, "position match vs final checkpoint", "share of slots",
-                "share of slots i (rank-aware) with id_c[i] = id_final[i]", chance=pos_chance,
-                nan_where="no valid slot at this layer",
-            ),
-            "position_match_prev": describe(
-                pos_prev, "position match vs previous checkpoint", "share of slots",
-                "share of slots i (rank-aware) with id_c[i] = id_(c-1)[i]", chance=pos_chance,
-                nan_where=nan_first,
-            ),
-            "tokens": describe(tokens.astype(np.int64), "tokens compared", "tokens",
-                               "tokens with at least one valid slot"),
-        }
-    )
+    nan_any = "no valid slot at this layer"
+    info = {
+        "saturation": ("saturation vs final checkpoint", "fraction of k",
+                       "mean over tokens of |S_c ∩ S_final| / k: share of the final checkpoint's expert set "
+                       "already selected at this checkpoint", set_chance, nan_any),
+        "overlap_prev": ("overlap with previous checkpoint", "fraction of k",
+                         "mean over tokens of |S_c ∩ S_(c-1)| / k", set_chance, nan_first),
+        "switch_fraction": ("switch fraction", "fraction of k",
+                            "1 − overlap_prev: share of selected experts that changed since the previous checkpoint",
+                            1.0 - set_chance, nan_first),
+        "position_match_final": ("position match vs final checkpoint", "share of slots",
+                                 "share of slots i (rank-aware) with id_c[i] = id_final[i]", pos_chance, nan_any),
+        "position_match_prev": ("position match vs previous checkpoint", "share of slots",
+                                "share of slots i (rank-aware) with id_c[i] = id_(c-1)[i]", pos_chance, nan_first),
+        "drift_final": ("usage drift vs final checkpoint (cosine)", "cosine similarity",
+                        "cosine similarity of the per-expert usage vectors (slot counts) of this and the final "
+                        "checkpoint; 1 = same usage profile", 1.0, nan_any),
+        "drift_prev": ("usage drift vs previous checkpoint (cosine)", "cosine similarity",
+                       "cosine similarity of the per-expert usage vectors of this and the previous checkpoint",
+                       1.0, nan_first),
+    }
+    out = {}
+    for name, (long_name, units, desc, chance, nan_where) in info.items():
+        out[name] = describe(values[name], long_name, units, desc, chance=chance, nan_where=nan_where)
+    out["tokens"] = describe(sums["tokens"], "tokens compared", "tokens", "tokens with at least one valid slot")
+    if n_boot > 0:
+        weights = bs.bootstrap_weights(ps.sizes["sample"], n_boot, seed, strata=bs.sample_groups(routing, "domain"))
+        reps = _metrics(bs.resample(ps, weights), has_prev)
+        for name in info:
+            lo, hi = bs.interval(reps[name], ci)
+            bs.add_interval(out, name, lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
+    result = xr.Dataset(out)
 
     # Change metrics are only meaningful on identical inputs: the single token
-    # axis guarantees the tokens, this guarantees every checkpoint wrote them.
+    # axis guarantees the tokens, these guards that every checkpoint wrote them.
     mismatch = (valid != valid.isel(checkpoint=-1, drop=True)).sum(("token", "k"))
-    result = attach_guard(result, refuse_if(
+    guard = refuse_if(
         mismatch,
         f"change: expert_ids has slots written (id >= 0) in one checkpoint and unwritten (-1) in the final "
         f"checkpoint {ids['checkpoint'].values[-1]!s} or vice versa; identical inputs are required (capture "
         "every checkpoint completely, or select the complete ones); mismatching slots",
-    ))
-    out_of_range = ((ids >= E) | (ids < FILL_ID)).sum(("token", "k"))
-    result = attach_guard(result, refuse_if(
+    )
+    raw = token_var(routing, "expert_ids")
+    out_of_range = ((raw >= E) | (raw < FILL_ID)).sum(("token", "k"))
+    guard = guard + refuse_if(
         out_of_range, f"change: expert_ids has slots with ids outside -1..{E - 1} (num_experts={E})"
-    ))
+    )
+    if "complete" in routing:
+        guard = guard + refuse_if(
+            (routing["complete"] != 1).astype(np.int64),
+            "change: identical inputs are required, but the routing cube marks checkpoint(s) as not completely "
+            "captured ('complete' = 0; capture them or select the complete ones)",
+        )
+    result = attach_guard(result, guard)
     return finalise(
         result, routing, name=NAME,
         definition="per (checkpoint c, layer): saturation = mean_t |S_c ∩ S_final|/k, overlap_prev = "
         "mean_t |S_c ∩ S_(c-1)|/k, switch_fraction = 1 − overlap_prev, position_match_* = share of slots "
-        "with the same expert at the same rank; checkpoints ordered by step, -1 slots excluded",
-        normalisation="set overlaps divided by k (Σ|S_c| when slots are missing); position match per slot",
+        "with the same expert at the same rank, drift_* = cosine similarity of per-expert usage vectors; "
+        "checkpoints ordered by step, -1 slots excluded. Intervals: "
+        f"{100 * ci:g} % percentile bootstrap over samples resampled within each domain, the same resampled "
+        f"samples at every checkpoint ({n_boot} replicates).",
+        normalisation="set overlaps divided by k (Σ|S_c| when slots are missing); position match per slot; "
+        "drift is a cosine (scale-free, so usage shares and slot counts give the same value)",
         chance=f"saturation and overlap_prev: k/E = {set_chance:.4g}; switch_fraction: 1 − k/E = "
-        f"{1 - set_chance:.4g}; position_match_*: 1/E = {pos_chance:.4g}",
-        params={"canonical_only": canonical_only},
+        f"{1 - set_chance:.4g}; position_match_*: 1/E = {pos_chance:.4g}; drift_*: 1 (two uniform usage "
+        "vectors are parallel, so drift near 1 does not mean the same tokens go to the same experts)",
+        params={"view": view, "n_boot": n_boot, "ci": float(ci), "seed": int(seed)},
     )
 
 
@@ -161,56 +216,71 @@ _PANELS = (
     ("overlap_prev", "overlap with previous\n|S_c ∩ S_c−1| / k", "set"),
     ("position_match_final", "position match vs final\n(share of slots)", "pos"),
     ("position_match_prev", "position match vs previous\n(share of slots)", "pos"),
+    ("drift_final", "usage drift vs final\ncosine(usage_c, usage_final)", "drift"),
+    ("drift_prev", "usage drift vs previous\ncosine(usage_c, usage_c−1)", "drift"),
 )
+METRICS = tuple(p[0] for p in _PANELS) + ("switch_fraction",)
 
 
 def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """Curves vs training step, one line per layer, chance as a dashed line."""
+    """Curves vs training step, one line per layer with bootstrap bands, chance as a dashed line."""
     result = result.compute()
     E, k = int(result.attrs["num_experts"]), int(result.attrs["top_k"])
-    chance = {"set": k / E, "pos": 1.0 / E}
+    chance = {"set": (k / E, "chance k/E"), "pos": (1.0 / E, "chance 1/E"), "drift": (1.0, "uniform")}
     layers = result["layer"].values
     colours, mappable = plotting.series_colours(layers)
     steps = result["step"].values
+    panels = [p for p in _PANELS if p[0] in result]
     with plotting.style():
-        fig, axes = plotting.new_figure(1, len(_PANELS), panel_size=(2.7, 2.4), sharex=True, sharey=True)
-        for ax, (var, ylabel, kind) in zip(axes.flat, _PANELS):
+        fig, axes = plotting.new_figure(2, 3, panel_size=(2.7, 2.4), sharex=True)
+        handles = []
+        for ax, (var, ylabel, kind) in zip(axes.T.flat, panels):  # column-wise: final above previous
             handles = []
             for li, layer in enumerate(layers):
-                handles += ax.plot(steps, result[var].sel(layer=layer).values, color=colours[li], marker="o", markersize=2.5,
-                        label=f"layer {layer}")
-            plotting.chance_line(ax, chance[kind], label="chance " + ("k/E" if kind == "set" else "1/E"))
-            ax.set_ylim(0, 1.02)
+                handles += ax.plot(steps, result[var].sel(layer=layer).values, color=colours[li], marker="o",
+                                   markersize=2.5, label=f"layer {layer}")
+                if f"{var}_lo" in result:
+                    ax.fill_between(steps, result[f"{var}_lo"].sel(layer=layer).values,
+                                    result[f"{var}_hi"].sel(layer=layer).values, color=colours[li], alpha=0.15,
+                                    linewidth=0)
+            plotting.chance_line(ax, chance[kind][0], label=chance[kind][1])
+            if kind == "drift":
+                # cosines of usage vectors sit close to 1: zoom in rather than flatten them
+                lows = [result[v].min() for v in (var, f"{var}_lo") if v in result]
+                low = float(np.nanmin([float(x) for x in lows])) if lows else 0.0
+                ax.set_ylim(min(max(low - 0.02, 0.0), 0.95) if np.isfinite(low) else 0.0, 1.005)
+            else:
+                ax.set_ylim(0, 1.05)
             plotting.label_axes(ax, "training step", ylabel)
+        plotting.hide_unused(axes.T.reshape(1, -1), len(panels))
         if mappable is not None:
             cbar = fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.85)
             cbar.set_label("layer (MoE layer index)")
         else:
             fig.legend(handles=handles, loc="outside right center", frameon=False)
-        fig.suptitle("Routing change across checkpoints")
+        fig.suptitle("Routing change across checkpoints" + ("; bands: bootstrap CI over samples"
+                                                            if "saturation_lo" in result else ""))
         return plotting.savefig(fig, out_dir, NAME, formats)
 
 
 def table(result: xr.Dataset) -> pd.DataFrame:
-    """Rows (checkpoint, layer) with every metric as a column."""
-    return tidy(result, ["saturation", "overlap_prev", "switch_fraction", "position_match_final",
-                         "position_match_prev", "tokens"])
+    """Rows (checkpoint, layer) with every metric and its interval as columns."""
+    cols = [f"{m}{s}" for m in METRICS for s in ("", "_lo", "_hi") if f"{m}{s}" in result]
+    return tidy(result, cols + ["tokens"])
 
 
 def summary(result: xr.Dataset) -> dict:
-    """Saturation and switch fraction per step (mean over layers), and the first step reaching 90 % saturation."""
-    res = result[["saturation", "switch_fraction"]].compute()
-    sat = res["saturation"].mean("layer")
-    sw = res["switch_fraction"].mean("layer")
+    """Saturation, switch fraction and drift per step (mean over layers), and the first step reaching 90 % saturation."""
+    res = result[["saturation", "switch_fraction", "drift_final", "drift_prev"]].compute()
     steps = [int(s) for s in res["step"].values]
-    reached = [s for s, v in zip(steps, sat.values) if np.isfinite(v) and v >= 0.9]
+    mean = {name: res[name].mean("layer").values for name in res.data_vars}
+    reached = [s for s, v in zip(steps, mean["saturation"]) if np.isfinite(v) and v >= 0.9]
     E, k = int(result.attrs["num_experts"]), int(result.attrs["top_k"])
-    return {
-        "chance_saturation": k / E,
-        "saturation_by_step": {str(s): json_number(v) for s, v in zip(steps, sat.values)},
-        "switch_fraction_by_step": {str(s): json_number(v) for s, v in zip(steps, sw.values)},
-        "first_step_saturation_ge_0.9": reached[0] if reached else None,
-    }
+    out = {"chance_saturation": k / E}
+    for name, values in mean.items():
+        out[f"{name}_by_step"] = {str(s): json_number(v) for s, v in zip(steps, values)}
+    out["first_step_saturation_ge_0.9"] = reached[0] if reached else None
+    return out
 
 
 ANALYSIS = register(
@@ -221,14 +291,18 @@ ANALYSIS = register(
         title="Routing change across checkpoints",
         caption=(
             "How routing settles during training, on the same input tokens at every checkpoint (x: training "
-            "step; one line per MoE layer). Saturation: mean share of the final checkpoint's top-k expert set "
-            "already selected (reaches 1 at the final checkpoint). Overlap with previous: mean share of the "
-            "expert set kept since the previous checkpoint (switch fraction = 1 − overlap). Position match: "
-            "rank-aware share of slots holding the same expert. Dashed lines: chance under uniform random "
-            "routing, k/E for set overlaps and 1/E for position match."
+            "step; one line per MoE layer; top row against the final checkpoint, bottom row against the previous "
+            "one). Saturation: mean share of the final checkpoint's top-k expert set already selected (reaches 1 "
+            "at the final checkpoint). Overlap with previous: mean share of the expert set kept since the "
+            "previous checkpoint (switch fraction = 1 − overlap). Position match: rank-aware share of slots "
+            "holding the same expert. Usage drift: cosine similarity of the per-expert usage vectors — it "
+            "compares the usage profile only, not which tokens go where. Dashed lines: chance under uniform "
+            "random routing, k/E for set overlaps, 1/E for position match, 1 for drift (uniform usage vectors "
+            "are parallel). Bands: 95 % bootstrap intervals over samples (the same resampled samples at every "
+            "checkpoint)."
         ),
         requires=("expert_ids",),
-        params={"canonical_only": False},
+        params={"view": "all", "n_boot": 200, "ci": 0.95, "seed": 0},
         table=table,
         summary=summary,
     )

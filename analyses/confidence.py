@@ -2,9 +2,18 @@
 
 Per token: the entropy of the router's probabilities over all E experts
 (normalised by ln E; needs ``router_logits``), the entropy of the k weights the
-experts receive (renormalised, normalised by ln k), and the top-1 − top-2
-weight margin. Each is averaged over the tokens of a (checkpoint, layer,
-domain) group.
+experts receive (renormalised, normalised by ln k), the top-1 − top-2 weight
+margin, and the selection boundary s_(k) − s_(k+1) on the raw router logits
+(needs ``router_logits``). Each is averaged over the tokens of a (checkpoint,
+layer, domain) group, with a bootstrap interval over samples.
+
+Not per token: the *marginal* entropy, the entropy of the usage distribution
+itself (share of routing slots per expert) normalised by ln E. A layer can have
+confident tokens (low per-token entropy) and still use every expert equally
+(marginal entropy 1); the two are reported side by side and labelled apart.
+
+Histograms of the per-token entropies (``*_hist``, dim ``bin``) show the
+shape behind the means.
 """
 
 from __future__ import annotations
@@ -17,24 +26,27 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from . import bootstrap as bs
 from . import plotting
 from .registry import (
     Analysis,
+    attach_guard,
     cube_sizes,
     describe,
     finalise,
     json_number,
-    reduce_by_domain,
+    refuse_if,
     register,
-    routed_ids,
     safe_ratio,
     tidy,
-    token_mask,
     token_var,
+    view_ids,
+    view_mask,
 )
 
 NAME = "confidence"
-METRICS = ("entropy", "topk_entropy", "margin")
+METRICS = ("entropy", "topk_entropy", "margin", "boundary", "marginal_entropy")
+HISTOGRAMS = ("entropy", "topk_entropy")
 
 
 def _xlogx(p: xr.DataArray, logp: xr.DataArray) -> xr.DataArray:
@@ -73,41 +85,123 @@ def token_entropy(logits: xr.DataArray, *, sigmoid: bool = False) -> xr.DataArra
     return h.where(x.notnull().all("expert"))
 
 
-def confidence(routing: xr.Dataset, *, canonical_only: bool = False) -> xr.Dataset:
-    """Mean router entropy, top-k weight entropy and margin per (checkpoint, layer, domain).
+def router_probabilities(logits: xr.DataArray, *, sigmoid: bool = False) -> xr.DataArray:
+    """The router's probabilities over all experts, (..., expert) float32.
+
+    Softmax of the logits, or for sigmoid routers the sigmoid scores
+    renormalised to sum 1. NaN where any logit of the token is NaN.
+    """
+    x = logits.astype(np.float32)
+    if sigmoid:
+        s = 1.0 / (1.0 + np.exp(-x))
+        return s / s.sum("expert", skipna=False)
+    z = np.exp(x - x.max("expert", skipna=False))
+    return z / z.sum("expert", skipna=False)
+
+
+def _boundary(x: np.ndarray, k: int) -> np.ndarray:
+    E = x.shape[-1]
+    part = np.partition(x, (E - k - 1, E - k), axis=-1)
+    gap = part[..., E - k] - part[..., E - k - 1]  # k-th largest − (k+1)-th largest
+    bad = np.isnan(x).any(-1) | ~np.isfinite(gap)
+    return np.where(bad, np.nan, gap).astype(np.float32)
+
+
+def selection_boundary(logits: xr.DataArray, k: int) -> xr.DataArray:
+    """s_(k) − s_(k+1) per token on the raw logits: the gap at the top-k cut.
+
+    Parameters
+    ----------
+    logits : (..., expert) raw router logits (before softmax / sigmoid).
+    k : experts selected per token (needs k < E).
+
+    Returns
+    -------
+    (...) float32 in logit units (for a softmax router, ln p_(k) / p_(k+1));
+    NaN where a logit is NaN or the gap is not finite (masked experts).
+    """
+    E = logits.sizes["expert"]
+    if not 1 <= k < E:
+        raise ValueError(f"selection_boundary: k={k} with {E} experts; needs 1 <= k < E")
+    if logits.chunks is not None:
+        logits = logits.chunk({"expert": -1})
+    return xr.apply_ufunc(
+        _boundary, logits.astype(np.float32), kwargs={"k": int(k)}, input_core_dims=[["expert"]],
+        dask="parallelized", output_dtypes=[np.float32],
+    )
+
+
+def marginal_entropy(count: xr.DataArray, dim: str = "expert") -> xr.DataArray:
+    """H(u) / ln E of the usage distribution u = count / Σ count over ``dim`` (NaN when Σ count = 0)."""
+    E = count.sizes[dim]
+    u = safe_ratio(count, count.sum(dim))
+    h = -(u * np.log(u.where(u > 0, 1.0))).sum(dim, skipna=False)
+    return h / math.log(E) if E > 1 else h * np.nan
+
+
+def _hist_codes(v: xr.DataArray, n_bins: int) -> xr.DataArray:
+    # [0, 1] in n_bins equal bins, 1.0 in the last; NaN (undefined) -> -1 = no bin
+    code = np.floor(v.clip(0.0, 1.0) * n_bins).clip(max=n_bins - 1)
+    return code.fillna(-1).astype(np.int64)
+
+
+def confidence(
+    routing: xr.Dataset,
+    *,
+    view: str = "all",
+    hist_bins: int = 20,
+    n_boot: int = 200,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Per-token and marginal router confidence per (checkpoint, layer, domain), with bootstrap CIs.
 
     Parameters
     ----------
     routing : routing cube; uses ``expert_ids`` and ``expert_weights``
         (checkpoint, layer, token, k) and, when present, ``router_logits``
         (checkpoint, layer, token, expert).
-    canonical_only : average only over tokens whose ``canonical`` flag is set.
+    view : token view averaged over (``all``, ``canonical``, ``last_canonical``).
+    hist_bins : bins of the entropy histograms over [0, 1].
+    n_boot, ci, seed : bootstrap over samples (resampled within each domain);
+        ``n_boot=0`` leaves the interval variables out.
 
     Returns
     -------
     xr.Dataset with dims (checkpoint, layer, domain) for
-        entropy        mean_t H(p_t) / ln E   (only with router_logits)
-        topk_entropy   mean_t H(w̃_t) / ln k  (w̃ = received weights renormalised)
-        margin         mean_t (w_t,1 − w_t,2)
-        tokens         tokens averaged (with at least one valid slot)
-    and ``<metric>_all`` (checkpoint, layer) pooling every domain.
+        entropy           mean_t H(p_t) / ln E   (only with router_logits)
+        topk_entropy      mean_t H(w̃_t) / ln k  (w̃ = received weights renormalised)
+        margin            mean_t (w_t,1 − w_t,2)
+        boundary          mean_t (s_(k) − s_(k+1)) on raw logits (only with router_logits, k < E)
+        marginal_entropy  H(usage) / ln E of the group's usage distribution (not per token)
+        tokens            tokens of the group with at least one valid slot
+    ``<metric>_all`` (checkpoint, layer) pooling every domain; ``<metric>_lo`` /
+    ``<metric>_hi`` and ``<metric>_all_lo`` / ``_hi`` the bootstrap intervals;
+    ``entropy_hist`` / ``topk_entropy_hist`` (checkpoint, layer, bin): share of
+    the tokens whose normalised entropy falls in the bin (coords bin_start, bin_end).
 
-    A token counts when it has a valid (id ≥ 0) slot; the entropy also needs
-    all its logits written.
+    A token counts when it has a valid (id ≥ 0) slot; the entropy and boundary
+    also need all its logits written.
     """
     E, k = cube_sizes(routing)
-    ids = routed_ids(routing, canonical_only=canonical_only)
+    n_boot, hist_bins = int(n_boot), int(hist_bins)
+    if hist_bins < 1:
+        raise ValueError(f"confidence: hist_bins={hist_bins}; expected >= 1")
+    ids = view_ids(routing, view)
     w = token_var(routing, "expert_weights").astype(np.float32)
     slot_ok = (ids >= 0) & w.notnull()
     token_ok = slot_ok.any("k")
+    sigmoid = is_sigmoid_router(routing)
 
     per_token = {}
     if "router_logits" in routing:
         logits = token_var(routing, "router_logits")
-        mask = token_mask(routing, canonical_only)
+        mask = view_mask(routing, view)
         if mask is not None:
             logits = logits.where(mask)
-        per_token["entropy"] = token_entropy(logits, sigmoid=is_sigmoid_router(routing)) / math.log(E)
+        per_token["entropy"] = token_entropy(logits, sigmoid=sigmoid) / math.log(E)
+        if k < E:
+            per_token["boundary"] = selection_boundary(logits, k)
     if k >= 2:
         wv = w.where(slot_ok, 0.0)
         total = wv.sum("k")
@@ -121,30 +215,49 @@ def confidence(routing: xr.Dataset, *, canonical_only: bool = False) -> xr.Datas
         # one slot: no second weight and ln k = 0, so both are undefined
         per_token["topk_entropy"] = xr.full_like(token_ok, np.nan, dtype=np.float32)
         per_token["margin"] = xr.full_like(token_ok, np.nan, dtype=np.float32)
+    if "boundary" in per_token:
+        per_token["boundary"] = per_token["boundary"].where(token_ok)
 
-    parts = {"tokens": token_ok}
+    parts = {"tokens": token_ok.astype(np.int64)}
     for name, v in per_token.items():
         ok = v.notnull()
         parts[f"{name}_sum"] = v.where(ok, 0.0).astype(np.float64)
-        parts[f"{name}_n"] = ok
-    sums = reduce_by_domain(xr.Dataset(parts), routing, dim="token")
+        parts[f"{name}_n"] = ok.astype(np.int64)
+    groups = bs.sample_groups(routing, "domain")
+    ps = bs.per_sample_sums(xr.Dataset(parts), routing, dim="token")
+    ps_count = bs.per_sample_sums(
+        xr.ones_like(ids, dtype=np.int64), routing, dim=("token", "k"), by={"expert": (ids, E)}
+    )
+    sums = bs.group_sums(ps, groups)
+    count = bs.group_sums(ps_count, groups).transpose(..., "domain", "expert")
 
     info = {
         "entropy": (
-            "router entropy", "fraction of ln E",
+            "per-token router entropy", "fraction of ln E",
             "mean over tokens of H(p)/ln E, p = router probabilities over all experts "
-            + ("(sigmoid scores renormalised to sum 1)" if is_sigmoid_router(routing) else "(softmax of logits)"),
+            + ("(sigmoid scores renormalised to sum 1)" if sigmoid else "(softmax of logits)"),
         ),
         "topk_entropy": (
-            "top-k weight entropy", "fraction of ln k",
+            "per-token top-k weight entropy", "fraction of ln k",
             "mean over tokens of H(w/Σw)/ln k over the k weights the experts receive",
         ),
         "margin": (
             "top-1 − top-2 weight margin", "weight (as received by the experts)",
             "mean over tokens of w_1 − w_2, the received weights of the first two slots",
         ),
+        "boundary": (
+            "selection boundary s_(k) − s_(k+1)", "logit",
+            "mean over tokens of the gap between the k-th and (k+1)-th largest raw router logits (before "
+            "softmax/sigmoid; for a softmax router = ln p_(k)/p_(k+1)); selection biases not in the logits are "
+            "not included",
+        ),
+        "marginal_entropy": (
+            "marginal entropy of expert usage", "fraction of ln E",
+            "H(u)/ln E of the group's usage distribution u (share of routing slots per expert) — the entropy of "
+            "the average routing, not a per-token entropy",
+        ),
     }
-    out = {"tokens": describe(sums["tokens"].astype(np.int64), "routed tokens", "tokens",
+    out = {"tokens": describe(sums["tokens"], "routed tokens", "tokens",
                               "tokens of the group with at least one valid slot")}
     nan_why = "no token of the group has the metric defined" + (" (top_k = 1)" if k < 2 else "")
     for name in per_token:
@@ -155,30 +268,74 @@ def confidence(routing: xr.Dataset, *, canonical_only: bool = False) -> xr.Datas
             safe_ratio(s.sum("domain"), n.sum("domain")), f"{long_name} (all domains)", units,
             desc + ", every domain pooled", nan_where=nan_why,
         )
+    long_name, units, desc = info["marginal_entropy"]
+    out["marginal_entropy"] = describe(marginal_entropy(count), long_name, units, desc, chance=1.0,
+                                       nan_where="no routed token in the group")
+    out["marginal_entropy_all"] = describe(
+        marginal_entropy(count.sum("domain")), f"{long_name} (all domains)", units, desc + ", every domain pooled",
+        chance=1.0, nan_where="no routed token in the group",
+    )
+
+    for name in HISTOGRAMS:
+        if name not in per_token:
+            continue
+        codes = _hist_codes(per_token[name], hist_bins)
+        hist = bs.per_sample_sums(
+            xr.ones_like(codes, dtype=np.int64), routing, dim="token", by={"bin": (codes, hist_bins)}
+        ).sum("sample")
+        out[f"{name}_hist"] = describe(
+            safe_ratio(hist, hist.sum("bin")), f"histogram of {info[name][0]}", "share of tokens",
+            f"share of the tokens (domains pooled) whose {info[name][0]} ({info[name][1]}) lies in the bin",
+            nan_where="no token has the metric defined at this checkpoint and layer",
+        )
+
+    if n_boot > 0:
+        weights = bs.bootstrap_weights(ps.sizes["sample"], n_boot, seed, strata=groups)
+        reps = bs.resample(ps, weights, groups=groups)
+        for name in per_token:
+            s, n = reps[f"{name}_sum"], reps[f"{name}_n"]
+            for var, num, den in ((name, s, n), (f"{name}_all", s.sum("domain"), n.sum("domain"))):
+                lo, hi = bs.interval(safe_ratio(num, den), ci)
+                bs.add_interval(out, var, lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
+        creps = bs.resample(ps_count, weights, groups=groups)
+        for var, c in (("marginal_entropy", creps), ("marginal_entropy_all", creps.sum("domain"))):
+            lo, hi = bs.interval(marginal_entropy(c), ci)
+            bs.add_interval(out, var, lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
+
     result = xr.Dataset(out)
+    edges = np.linspace(0.0, 1.0, hist_bins + 1)
+    if "bin" in result.dims:
+        result = result.assign_coords(bin_start=("bin", edges[:-1]), bin_end=("bin", edges[1:]))
+    raw = token_var(routing, "expert_ids")
+    bad = ((raw >= E) | (raw < -1)).sum(("token", "k"))
+    result = attach_guard(result, refuse_if(bad, f"expert_ids: slots with ids outside -1..{E - 1} (num_experts={E})"))
     return finalise(
         result, routing, name=NAME,
         definition="per token: H(p)/ln E (p = router probabilities over all E experts, float32), "
-        "H(w/Σw)/ln k over the received top-k weights, and w_1 − w_2; each averaged over the tokens "
-        "of the (checkpoint, layer, domain) group. Ids of -1 (unwritten) are excluded.",
+        "H(w/Σw)/ln k over the received top-k weights, w_1 − w_2, and s_(k) − s_(k+1) on the raw logits; "
+        "each averaged over the tokens of the (checkpoint, layer, domain) group. Marginal entropy: H(u)/ln E "
+        "of the group's usage distribution u (not per token). Histograms: share of tokens per bin of the "
+        "normalised per-token entropies. Ids of -1 (unwritten) are excluded. Intervals: "
+        f"{100 * ci:g} % percentile bootstrap over samples resampled within each domain ({n_boot} replicates).",
         normalisation="entropies divided by their maximum (ln E, ln k): 1 = uniform, 0 = one-hot; "
-        "margin in units of the received weights",
-        chance="no chance level: uniform p gives entropy 1 (its maximum); uniform random routing does not fix "
-        "the weights, so top-k entropy and margin have none either",
-        params={"canonical_only": canonical_only},
+        "margin in units of the received weights; boundary in logit units",
+        chance="marginal entropy: 1 under uniform random routing (slightly less for finite samples); per-token "
+        "entropies have no chance level (uniform p gives 1, the maximum; uniform random routing does not fix "
+        "the weights), nor do margin and boundary",
+        params={"view": view, "hist_bins": hist_bins, "n_boot": n_boot, "ci": float(ci), "seed": int(seed)},
     )
 
 
 _YLABELS = {
-    "entropy": "router entropy H(p) / ln E",
+    "entropy": "per-token entropy H(p) / ln E",
     "topk_entropy": "top-k entropy H(w̃) / ln k",
     "margin": "margin w₁ − w₂ (weight)",
+    "boundary": "boundary s_(k) − s_(k+1) (logit)",
+    "marginal_entropy": "marginal entropy H(usage) / ln E",
 }
 
 
-def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """Curves vs layer, one line per checkpoint coloured by step; rows = metric, columns = domain."""
-    result = result.compute()
+def _curves(result, out_dir, formats) -> list[Path]:
     metrics = [m for m in METRICS if m in result and np.isfinite(result[f"{m}_all"].values).any()]
     groups = [("all domains", None)] + [(plotting.display_label(d), d) for d in result["domain"].values]
     steps = result["step"].values
@@ -189,42 +346,91 @@ def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",))
         for r, m in enumerate(metrics):
             for c, (label, dom) in enumerate(groups):
                 ax = axes[r, c]
-                var = result[f"{m}_all"] if dom is None else result[m].sel(domain=dom)
+                name = f"{m}_all" if dom is None else m
+                var = result[name] if dom is None else result[name].sel(domain=dom)
                 for ci in range(result.sizes["checkpoint"]):
                     ax.plot(layers, var.isel(checkpoint=ci).values, color=colours[ci], marker="o", markersize=2)
-                if m != "margin":
+                    if f"{name}_lo" in result:
+                        lo, hi = (result[f"{name}_{side}"] for side in ("lo", "hi"))
+                        if dom is not None:
+                            lo, hi = lo.sel(domain=dom), hi.sel(domain=dom)
+                        ax.fill_between(layers, lo.isel(checkpoint=ci).values, hi.isel(checkpoint=ci).values,
+                                        color=colours[ci], alpha=0.15, linewidth=0)
+                if m in ("entropy", "topk_entropy", "marginal_entropy"):
                     ax.set_ylim(0, 1.02)
+                if m == "marginal_entropy":
+                    plotting.chance_line(ax, 1.0, label="uniform")
                 if r == 0:
                     ax.set_title(label)
+                if len(layers) <= 16:
+                    ax.set_xticks(layers)
                 plotting.label_axes(ax, "layer (MoE layer index)" if r == len(metrics) - 1 else "",
                                     _YLABELS[m] if c == 0 else "")
         if metrics:
             cbar = fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8)
             cbar.set_label("training step")
-        fig.suptitle("Router confidence by layer")
+        fig.suptitle("Router confidence by layer" + ("; bands: bootstrap CI over samples"
+                                                     if any(k.endswith("_lo") for k in result.data_vars) else ""))
         return plotting.savefig(fig, out_dir, NAME, formats)
 
 
+def _histograms(result, out_dir, formats) -> list[Path]:
+    names = [n for n in HISTOGRAMS if f"{n}_hist" in result and np.isfinite(result[f"{n}_hist"].values).any()]
+    if not names:
+        return []
+    steps = result["step"].values
+    colours, mappable = plotting.ordered_colours(steps)
+    layers = result["layer"].values
+    edges = np.r_[result["bin_start"].values, result["bin_end"].values[-1]]
+    ncols = min(len(layers), 6)
+    rows_per = -(-len(layers) // ncols)  # each metric starts a new block of rows
+    with plotting.style():
+        fig, axes = plotting.new_figure(rows_per * len(names), ncols, panel_size=(2.4, 2.0))
+        for r, n in enumerate(names):
+            block = axes[r * rows_per:(r + 1) * rows_per].ravel()
+            for ax, layer in zip(block, layers):
+                for ci in range(result.sizes["checkpoint"]):
+                    ax.stairs(result[f"{n}_hist"].isel(checkpoint=ci).sel(layer=layer).values, edges,
+                              color=colours[ci])
+                ax.set_title(f"layer {layer}")
+                plotting.label_axes(ax, _YLABELS[n], "share of tokens")
+            plotting.hide_unused(block[None, :], len(layers))
+        cbar = fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8)
+        cbar.set_label("training step")
+        fig.suptitle("Distribution of per-token entropies (1 = uniform over experts / over the k weights)")
+        return plotting.savefig(fig, out_dir, f"{NAME}_histograms", formats)
+
+
+def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+    """Curves vs layer (one line per checkpoint, CI bands; rows = metric, columns = domain) and entropy histograms."""
+    result = result.compute()
+    result = result.isel(checkpoint=np.argsort(result["step"].values, kind="stable"))
+    return _curves(result, out_dir, formats) + _histograms(result, out_dir, formats)
+
+
 def table(result: xr.Dataset) -> pd.DataFrame:
-    """Rows (checkpoint, layer, domain) plus pooled rows with domain 'all'."""
-    cols = [m for m in METRICS if m in result] + ["tokens"]
-    df = tidy(result, cols)
-    pooled = xr.Dataset({m: result[f"{m}_all"] for m in METRICS if m in result})
+    """Rows (checkpoint, layer, domain) plus pooled rows with domain 'all'; metrics and their bounds as columns."""
+    cols = [f"{m}{suffix}" for m in METRICS for suffix in ("", "_lo", "_hi") if f"{m}{suffix}" in result]
+    df = tidy(result, cols + ["tokens"])
+    pooled = xr.Dataset({f"{m}{suffix}": result[f"{m}_all{suffix}"] for m in METRICS
+                         for suffix in ("", "_lo", "_hi") if f"{m}{suffix}" in cols})
     pooled["tokens"] = result["tokens"].sum("domain")
     pooled = pooled.expand_dims(domain=["all"]).transpose("checkpoint", "layer", "domain")
-    dfa = tidy(pooled.assign_coords(step=result["step"]), cols)
+    dfa = tidy(pooled.assign_coords(step=result["step"]), cols + ["tokens"])
     return pd.concat([df, dfa[df.columns]], ignore_index=True)
 
 
 def summary(result: xr.Dataset) -> dict:
-    """Mean over layers of each pooled metric at the first and the last checkpoint."""
-    out = {"first_checkpoint": str(result["checkpoint"].values[0]),
-           "last_checkpoint": str(result["checkpoint"].values[-1])}
+    """Mean over layers of each pooled metric at the earliest and the final checkpoint."""
+    order = np.argsort(result["step"].values, kind="stable")
+    first, last = int(order[0]), int(order[-1])
+    out = {"first_checkpoint": str(result["checkpoint"].values[first]),
+           "last_checkpoint": str(result["checkpoint"].values[last])}
     for m in METRICS:
-        if m in result:
+        if f"{m}_all" in result:
             v = result[f"{m}_all"].compute()
-            out[f"{m}_first"] = json_number(v.isel(checkpoint=0).mean("layer"))
-            out[f"{m}_last"] = json_number(v.isel(checkpoint=-1).mean("layer"))
+            out[f"{m}_first"] = json_number(v.isel(checkpoint=first).mean("layer"))
+            out[f"{m}_last"] = json_number(v.isel(checkpoint=last).mean("layer"))
     return out
 
 
@@ -235,15 +441,20 @@ ANALYSIS = register(
         figure=figure,
         title="Router confidence by layer",
         caption=(
-            "How decided the routers are, per MoE layer (x). Rows: router entropy H(p)/ln E over all experts "
-            "(needs router logits; 1 = uniform over experts, 0 = all mass on one), entropy of the k received "
-            "weights H(w̃)/ln k (1 = equal weights), and the top-1 − top-2 weight margin. Columns: all domains "
-            "pooled, then each domain. One line per checkpoint, coloured by training step (colour bar). "
-            "There is no chance level: uniform routing probabilities give entropy 1, the maximum."
+            "How decided the routers are, per MoE layer (x). Rows: per-token router entropy H(p)/ln E over all "
+            "experts (needs router logits; 1 = uniform over experts, 0 = all mass on one), entropy of the k "
+            "received weights H(w̃)/ln k (1 = equal weights), the top-1 − top-2 weight margin, the selection "
+            "boundary s_(k) − s_(k+1) on the raw logits (how far the last selected expert is from the first "
+            "rejected one), and the marginal entropy H(usage)/ln E — the entropy of the average routing, not of "
+            "single tokens: 1 when every expert gets the same share, which uniform random routing gives (dashed). "
+            "Columns: all domains pooled, then each domain. One line per checkpoint, coloured by training step "
+            "(colour bar), bands = 95 % bootstrap intervals over samples. Per-token entropies have no chance "
+            "level (uniform probabilities give the maximum, 1). Second figure: histograms of the per-token "
+            "entropies per layer."
         ),
         requires=("expert_ids", "expert_weights"),
         optional=("router_logits",),
-        params={"canonical_only": False},
+        params={"view": "all", "hist_bins": 20, "n_boot": 200, "ci": 0.95, "seed": 0},
         table=table,
         summary=summary,
     )

@@ -50,6 +50,10 @@ RESULT_DIMS: tuple[str, ...] = (
     "domain",
     "condition",
     "lag",
+    "view",  # token views: all / canonical / last_canonical (see view_mask)
+    "position_bin",  # buckets of the token position inside its sample
+    "bin",  # histogram bins
+    "expert_next",  # top-1 expert of the next token (temporal transitions)
 )
 RESULT_ATTRS: tuple[str, ...] = ("analysis", "definition", "normalisation", "chance")
 VARIABLE_ATTRS: tuple[str, ...] = ("long_name", "units", "description")
@@ -73,6 +77,9 @@ class Analysis:
     summary : ``result -> dict`` of a few JSON-able headline numbers.
     optional : cube variables used when present (their outputs are left out
         otherwise).
+    artifacts : optional ``(result, out_dir) -> list[Path]`` writing extra files
+        for downstream tools (e.g. JSON mask-point lists) under ``out_dir``
+        (the report passes ``tables/<name>/``) and linking them in the report.
     """
 
     name: str
@@ -85,6 +92,7 @@ class Analysis:
     table: Callable[[xr.Dataset], pd.DataFrame]
     summary: Callable[[xr.Dataset], dict]
     optional: tuple[str, ...] = field(default=())
+    artifacts: Callable[[xr.Dataset, Path], list[Path]] | None = field(default=None)
 
     def __call__(self, routing: xr.Dataset, **params) -> xr.Dataset:
         return run(self.name, routing, **params)
@@ -445,3 +453,52 @@ def tidy(result: xr.Dataset, variables: Sequence[str]) -> pd.DataFrame:
     df = sub.to_dataframe().reset_index()
     keep = list(sub[present[0]].dims) + (["step"] if "step" in df.columns else []) + present
     return df[keep]
+
+
+# Token views shared by analyses that compare token selections (METRICS.md "Views").
+VIEWS: tuple[str, ...] = ("all", "canonical", "last_canonical")
+
+
+def last_canonical_mask(routing: xr.Dataset) -> np.ndarray:
+    """Boolean (token,) numpy mask of the last canonical token of each sample.
+
+    The last canonical token of a sample is its token with the largest index
+    along ``token`` whose ``canonical`` coordinate is True; a sample with no
+    canonical token contributes none. Reads the ``sample`` and ``canonical``
+    coordinates (no cube variable).
+    """
+    for coord in ("sample", "canonical"):
+        if coord not in routing.coords:
+            raise ValueError(f"routing cube: token coordinate '{coord}' is missing (needed by view 'last_canonical')")
+    canonical = np.asarray(routing["canonical"].values, dtype=bool)
+    sample = np.asarray(routing["sample"].values)
+    idx = np.flatnonzero(canonical)
+    last = pd.Series(idx).groupby(sample[idx]).max().to_numpy()
+    mask = np.zeros(canonical.shape, dtype=bool)
+    mask[last] = True
+    return mask
+
+
+def view_mask(routing: xr.Dataset, view: str) -> xr.DataArray | None:
+    """Boolean mask along ``token`` of the tokens of ``view`` (None for 'all').
+
+    Views: ``all`` every token; ``canonical`` tokens whose ``canonical`` flag is
+    set (non-whitespace); ``last_canonical`` the last canonical token of each
+    sample (:func:`last_canonical_mask`).
+    """
+    if view == "all":
+        return None
+    if view == "canonical":
+        return token_mask(routing, True)
+    if view == "last_canonical":
+        return xr.DataArray(last_canonical_mask(routing), dims="token")
+    raise ValueError(f"unknown token view {view!r}; expected one of {VIEWS}")
+
+
+def view_ids(routing: xr.Dataset, view: str) -> xr.DataArray:
+    """``expert_ids`` (checkpoint, layer, token, k) with tokens outside ``view`` set to ``FILL_ID``."""
+    ids = token_var(routing, "expert_ids")
+    mask = view_mask(routing, view)
+    if mask is not None:
+        ids = ids.where(mask, FILL_ID).astype(ids.dtype)
+    return ids

@@ -83,6 +83,18 @@ def _img(path: Path, root: Path) -> str:
     return f'<figure><img src="{html.escape(rel)}" alt="{html.escape(path.stem)}" loading="lazy"></figure>'
 
 
+def _artifact_list(files: list[Path], root: Path) -> str:
+    """Links to an analysis' extra files, grouped by their folder."""
+    if not files:
+        return ""
+    base = os.path.commonpath([str(f.parent) for f in files])
+    items = "".join(
+        f'<li><a href="{html.escape(os.path.relpath(f, root))}">{html.escape(os.path.relpath(f, base))}</a></li>'
+        for f in files
+    )
+    return f'<details class="files" open><summary>Files for other tools ({len(files)})</summary><ul>{items}</ul></details>'
+
+
 def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, dashboard: str = "") -> Path:
     """Render figures, tables, summary.json and index.html for ``analysis_names``."""
     from . import get
@@ -113,10 +125,21 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
     for name in analysis_names:
         a = get(name)
         result = cubes.open_result(layout.analysis(name))
+        if result.attrs.get("skipped"):
+            summary.setdefault("skipped", {})[name] = result.attrs["skipped"]
+            sections.append(
+                f'<section id="{html.escape(name)}"><h2>{html.escape(a.title)}</h2>'
+                f'<p class="caption"><strong>Skipped:</strong> {html.escape(result.attrs["skipped"])}.</p></section>'
+            )
+            continue
         out = layout.figures_dir / name
         files = a.figure(result, out, formats)
         table = a.table(result)
         table.to_csv(layout.tables_dir / f"{name}.csv", index=False)
+        # Extra files for other tools (e.g. mask points for ablation sweeps), linked below.
+        extra = [Path(f) for f in a.artifacts(result, layout.tables_dir / name)] if a.artifacts else []
+        if extra:
+            summary.setdefault("artifacts", {})[name] = [os.path.relpath(f, layout.root) for f in extra]
         headline = a.summary(result)
         summary["analyses"][name] = {
             "definition": result.attrs.get("definition", ""),
@@ -140,6 +163,7 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
   <p class="files">Cube: <code>{html.escape(os.path.relpath(layout.analysis(name), layout.report_dir))}</code>
   · table: <a href="{html.escape(os.path.relpath(layout.tables_dir / f"{name}.csv", layout.report_dir))}">{name}.csv</a>
   {''.join(f' · <a href="{html.escape(os.path.relpath(f, layout.report_dir))}">{html.escape(Path(f).name)}</a>' for f in others)}</p>
+  {_artifact_list(extra, layout.report_dir)}
   <pre class="headline">{html.escape(json.dumps(headline, indent=1, default=_json_default))}</pre>
 </section>"""
         )

@@ -29,6 +29,26 @@ def compute_analysis(routing_path, name: str, params: dict, *, checkpoints=None,
     if missing:
         raise ValueError(f"{routing_path}: analysis {name!r} needs variables {missing}, which the cube does not have")
     result = get(name).func(ds, **params)
-    if client is not None:
-        return client.compute(result).result()
-    return result.compute()
+    return _compute(result, client)
+
+
+def _compute(result: xr.Dataset, client) -> xr.Dataset:
+    """Compute every lazy variable of ``result`` in one graph.
+
+    The variables' dask arrays are computed as a list and put back, rather than
+    handing the Dataset itself to ``client.compute``: distributed loses shared
+    intermediates ("lost dependencies") when one output variable is derived
+    from another through the Dataset collection.
+    """
+    import dask
+    import dask.array as da
+
+    lazy = {k: v for k, v in result.variables.items() if isinstance(v.data, da.Array)}
+    if not lazy:
+        return result
+    arrays = [v.data for v in lazy.values()]
+    values = client.compute(arrays, sync=True) if client is not None else dask.compute(*arrays)
+    out = result.copy(deep=False)
+    for name, value in zip(lazy, values):
+        out.variables[name].data = value
+    return out

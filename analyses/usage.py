@@ -1,8 +1,18 @@
-"""Expert usage: which experts get the routing slots, per layer and domain.
+"""Expert usage: which experts get the routing slots, per layer, domain, token view and position.
 
-usage[c, l, e, d] = (slots of domain d's tokens going to e) / (all valid slots
-of domain d) at checkpoint c, layer l. Every token fills k slots, so the
-denominator is k·tokens and uniform routing gives 1/E.
+usage[c, l, v, d, e] = (slots of domain d's tokens in view v going to e) /
+(all valid slots of those tokens) at checkpoint c, layer l. Every token fills k
+slots, so the denominator is k·tokens and uniform routing gives 1/E.
+
+Token views (dim ``view``, parameter ``views``): ``all`` every token;
+``canonical`` the non-whitespace tokens (``canonical`` coordinate);
+``last_canonical`` the last canonical token of each sample (one token per
+sample, the view a classifier head or a next-token decision reads).
+
+Every number is first reduced to per-sample sums (one flox pass over the
+cube); group totals and bootstrap replicates are sums over samples of those,
+so the 95 % intervals (``<var>_lo`` / ``<var>_hi``) resample samples within
+each domain (:mod:`analyses.bootstrap`) at no extra pass over the tokens.
 """
 
 from __future__ import annotations
@@ -14,57 +24,131 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from . import bootstrap as bs
 from . import plotting
 from .registry import (
+    VIEWS,
     Analysis,
     attach_guard,
     cube_sizes,
     describe,
     finalise,
     json_number,
-    reduce_by_domain,
     refuse_if,
     register,
-    routed_ids,
     safe_ratio,
     tidy,
     token_var,
+    view_ids,
 )
 
 NAME = "usage"
 
 
-def usage(routing: xr.Dataset, *, canonical_only: bool = False) -> xr.Dataset:
-    """Share of routing slots per expert, by checkpoint, layer and domain.
+def check_views(views: Sequence[str]) -> list[str]:
+    """``views`` as a list, refusing unknown or repeated names."""
+    views = [views] if isinstance(views, str) else list(views)
+    bad = [v for v in views if v not in VIEWS]
+    if not views or bad or len(set(views)) != len(views):
+        raise ValueError(f"views {views}: expected distinct names among {VIEWS}")
+    return views
+
+
+def ids_by_view(routing: xr.Dataset, views: Sequence[str]) -> xr.DataArray:
+    """``expert_ids`` stacked over token views: (checkpoint, layer, view, token, k), tokens outside a view = -1."""
+    ids = xr.concat([view_ids(routing, v) for v in views], dim="view")
+    return ids.assign_coords(view=("view", np.asarray(views, dtype=object))).transpose(
+        "checkpoint", "layer", "view", "token", "k"
+    )
+
+
+def position_buckets(routing: xr.Dataset, n_bins: int) -> tuple[xr.DataArray, np.ndarray]:
+    """Bucket code per token from its ``position`` coordinate, and the bucket edges.
+
+    Equal-width integer buckets over 0..max position (fewer than ``n_bins``
+    when positions are fewer). Returns codes (token,) int64 and edges
+    (n + 1,): bucket i holds positions edges[i] <= p < edges[i+1].
+    """
+    if n_bins < 1:
+        raise ValueError(f"position_bins={n_bins}; expected >= 1")
+    if "position" not in routing.coords:
+        raise ValueError("routing cube: token coordinate 'position' is missing (needed by the activation timeline)")
+    pos = np.asarray(routing["position"].values, dtype=np.int64)
+    top = int(pos.max()) + 1 if pos.size else 1
+    edges = np.unique(np.round(np.linspace(0, top, n_bins + 1)).astype(np.int64))
+    codes = np.clip(np.searchsorted(edges, pos, side="right") - 1, 0, len(edges) - 2)
+    return xr.DataArray(codes, dims="token"), edges
+
+
+def usage(
+    routing: xr.Dataset,
+    *,
+    views: Sequence[str] = VIEWS,
+    position_bins: int = 8,
+    n_boot: int = 200,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Share of routing slots per expert, by checkpoint, layer, token view and domain, with bootstrap CIs.
 
     Parameters
     ----------
-    routing : routing cube; uses ``expert_ids`` (checkpoint, layer, token, k)
-        and, when present, ``expert_weights`` (same dims).
-    canonical_only : count only tokens whose ``canonical`` flag is set.
+    routing : routing cube; uses ``expert_ids`` (checkpoint, layer, token, k),
+        ``expert_weights`` (same dims) when present, and the token coordinates
+        ``sample``, ``domain``, ``canonical``, ``position``.
+    views : token views to compute (dim ``view``), among ``all``,
+        ``canonical``, ``last_canonical``.
+    position_bins : number of token-position buckets of the activation timeline.
+    n_boot : bootstrap replicates (resampling samples within each domain);
+        0 leaves the ``_lo``/``_hi`` variables out.
+    ci : level of the percentile intervals.
+    seed : seed of the bootstrap draws.
 
     Returns
     -------
     xr.Dataset
-        count (checkpoint, layer, domain, expert) int64 : slots going to e
-        tokens (checkpoint, layer, domain) int64 : tokens with >= 1 valid slot
-        usage (checkpoint, layer, domain, expert) : count / Σ_e count
-        usage_all (checkpoint, layer, expert) : the same over all domains
+        count (checkpoint, layer, view, domain, expert) int64 : slots going to e
+        tokens (checkpoint, layer, view, domain) int64 : tokens with >= 1 valid slot
+        usage (checkpoint, layer, view, domain, expert) : count / Σ_e count
+        usage_all (checkpoint, layer, view, expert) : the same, every domain pooled
         weighted_usage, weighted_usage_all : Σ w(e) / Σ w (only with weights)
+        usage_by_position (checkpoint, layer, position_bin, expert) : usage of
+            the tokens whose position falls in the bucket (view ``all``, domains
+            pooled); coordinates position_start, position_end (exclusive)
+        position_slots (checkpoint, layer, position_bin) : valid slots per bucket
+        <var>_lo, <var>_hi for usage, usage_all, weighted_usage(_all),
+            usage_by_position : bootstrap percentile interval
 
     Ids of -1 (unwritten) are excluded; an id outside -1..E-1 raises ValueError
     (when the result is computed, for lazy input).
     """
     E, k = cube_sizes(routing)
-    ids = routed_ids(routing, canonical_only=canonical_only)
+    views = check_views(views)
+    n_boot = int(n_boot)
+    ids = ids_by_view(routing, views)
+    groups = bs.sample_groups(routing, "domain")
 
-    count = reduce_by_domain(
-        xr.ones_like(ids, dtype=np.int64), routing, dim=("token", "k"), expert_ids=ids, num_experts=E
+    # one pass over the tokens: everything below is sums over samples
+    parts = {"count": xr.ones_like(ids, dtype=np.int64)}
+    if "expert_weights" in routing:
+        parts["wsum"] = token_var(routing, "expert_weights").astype(np.float64).where(ids >= 0, 0.0)
+    ps = bs.per_sample_sums(xr.Dataset(parts), routing, dim=("token", "k"), by={"expert": (ids, E)})
+    ps_tokens = bs.per_sample_sums((ids >= 0).any("k").astype(np.int64), routing, dim="token")
+    ids_all = view_ids(routing, "all")
+    pos_codes, edges = position_buckets(routing, int(position_bins))
+    ps_pos = bs.per_sample_sums(
+        xr.ones_like(ids_all, dtype=np.int64), routing, dim=("token", "k"),
+        by={"position_bin": (pos_codes, len(edges) - 1), "expert": (ids_all, E)},
     )
-    tokens = reduce_by_domain((ids >= 0).any("k"), routing, dim="token").astype(np.int64)
-    slots = count.sum("expert")
+
+    order = ("checkpoint", "layer", "view", "domain", "expert")
+    count = bs.group_sums(ps["count"], groups).transpose(*order)
+    tokens = bs.group_sums(ps_tokens, groups).transpose(*order[:-1])
+    pos_count = bs.group_sums(ps_pos)
 
     chance = 1.0 / E
+    nan_dom = "a domain has no routed token in this view at this checkpoint and layer"
+    nan_all = "no routed token in this view at this checkpoint and layer"
     out = {
         "count": describe(
             count, "routing slots", "slots",
@@ -72,67 +156,117 @@ def usage(routing: xr.Dataset, *, canonical_only: bool = False) -> xr.Dataset:
         ),
         "tokens": describe(tokens, "routed tokens", "tokens", "tokens of the group with at least one valid slot"),
         "usage": describe(
-            safe_ratio(count, slots), "expert usage", "share of routing slots",
-            "count / (k · tokens) of the domain: share of the domain's routing slots going to the expert",
-            chance=chance, nan_where="a domain has no routed token at this checkpoint and layer",
+            safe_ratio(count, count.sum("expert")), "expert usage", "share of routing slots",
+            "count / (k · tokens) of the domain and view: share of the group's routing slots going to the expert",
+            chance=chance, nan_where=nan_dom,
         ),
         "usage_all": describe(
-            safe_ratio(count.sum("domain"), slots.sum("domain")), "expert usage (all domains)",
-            "share of routing slots", "share of all routing slots going to the expert, every domain pooled",
-            chance=chance, nan_where="no routed token at this checkpoint and layer",
+            safe_ratio(count.sum("domain"), count.sum(("domain", "expert"))), "expert usage (all domains)",
+            "share of routing slots", "share of the view's routing slots going to the expert, every domain pooled",
+            chance=chance, nan_where=nan_all,
+        ),
+        "usage_by_position": describe(
+            safe_ratio(pos_count, pos_count.sum("expert")), "expert usage by token position",
+            "share of routing slots",
+            "share of the routing slots of tokens whose position lies in the bucket going to the expert "
+            "(every token, domains pooled)", chance=chance,
+            nan_where="no routed token in this position bucket at this checkpoint and layer",
+        ),
+        "position_slots": describe(
+            pos_count.sum("expert"), "routing slots per position bucket", "slots",
+            "valid routing slots of the tokens whose position lies in the bucket",
         ),
     }
-    if "expert_weights" in routing:
-        w = token_var(routing, "expert_weights").astype(np.float64)
-        wsum = reduce_by_domain(w, routing, dim=("token", "k"), expert_ids=ids, num_experts=E)
+    if "wsum" in ps:
+        wsum = bs.group_sums(ps["wsum"], groups).transpose(*order)
         out["weighted_usage"] = describe(
             safe_ratio(wsum, wsum.sum("expert")), "weighted expert usage", "share of routing weight",
-            "Σ of the weights the expert receives / Σ of all weights, within the domain",
-            chance=chance, nan_where="a domain has no routed token at this checkpoint and layer",
+            "Σ of the weights the expert receives / Σ of all weights, within the domain and view",
+            chance=chance, nan_where=nan_dom,
         )
         out["weighted_usage_all"] = describe(
             safe_ratio(wsum.sum("domain"), wsum.sum(("domain", "expert"))), "weighted expert usage (all domains)",
             "share of routing weight", "Σ of the weights the expert receives / Σ of all weights, every domain pooled",
-            chance=chance, nan_where="no routed token at this checkpoint and layer",
+            chance=chance, nan_where=nan_all,
         )
-    result = xr.Dataset(out)
 
+    if n_boot > 0:
+        weights = bs.bootstrap_weights(ps.sizes["sample"], n_boot, seed, strata=groups)
+        sources = [("usage", ps["count"])] + ([("weighted_usage", ps["wsum"])] if "wsum" in ps else [])
+        for name, per_sample in sources:
+            reps = bs.resample(per_sample, weights, groups=groups)  # (c, l, view, boot, expert, domain)
+            pooled = reps.sum("domain")  # the same stratified replicates, pooled
+            for var, r in ((name, reps), (f"{name}_all", pooled)):
+                lo, hi = bs.interval(safe_ratio(r, r.sum("expert")), ci)
+                bs.add_interval(out, var, lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
+        reps = bs.resample(ps_pos, weights)
+        lo, hi = bs.interval(safe_ratio(reps, reps.sum("expert")), ci)
+        bs.add_interval(out, "usage_by_position", lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
+
+    result = xr.Dataset(out).assign_coords(
+        position_start=("position_bin", edges[:-1]), position_end=("position_bin", edges[1:])
+    )
     # An id >= E (or < -1) would silently fall out of the groups: refuse instead.
-    bad = ((ids >= E) | (ids < -1)).sum(("token", "k"))
+    raw = token_var(routing, "expert_ids")
+    bad = ((raw >= E) | (raw < -1)).sum(("token", "k"))
     guard = refuse_if(bad, f"expert_ids: slots with ids outside -1..{E - 1} (num_experts={E})")
     result = attach_guard(result, guard)
     return finalise(
         result, routing, name=NAME,
-        definition="usage[c,l,e,d] = #slots of domain d routed to expert e / #valid slots of domain d "
-        "(checkpoint c, layer l); weighted_usage uses the received weights w instead of 1. "
-        "Ids of -1 (unwritten) are excluded.",
-        normalisation="share of routing slots (divide by k·tokens); sums to 1 over experts",
+        definition="usage[c,l,v,d,e] = #slots of domain d's tokens in view v routed to expert e / #valid slots "
+        "of those tokens (checkpoint c, layer l); weighted_usage uses the received weights w instead of 1; "
+        "usage_by_position pools the tokens whose position lies in a bucket (view all). Views: all tokens, "
+        "canonical (non-whitespace) tokens, the last canonical token of each sample. Ids of -1 (unwritten) "
+        f"are excluded. Intervals: {100 * ci:g} % percentile bootstrap over samples resampled within each "
+        f"domain ({n_boot} replicates; none when 0).",
+        normalisation="share of routing slots (divide by k·tokens); sums to 1 over experts. The other common "
+        "normalisation, per-token share (uniform k/E), is usage × k.",
         chance=chance,
-        params={"canonical_only": canonical_only},
+        params={"views": views, "position_bins": int(position_bins), "n_boot": n_boot, "ci": float(ci),
+                "seed": int(seed)},
     )
 
 
-def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """One heatmap per checkpoint: panels per domain ('all' first), layer × expert."""
-    result = result.compute()
+# --------------------------------------------------------------------------- figures
+
+
+def _ordered_checkpoints(result: xr.Dataset) -> list[int]:
+    return list(np.argsort(result["step"].values, kind="stable"))
+
+
+def _main_view(result: xr.Dataset) -> str:
+    views = [str(v) for v in result["view"].values]
+    return "all" if "all" in views else views[0]
+
+
+def _layer_grid(n: int) -> tuple[int, int]:
+    ncols = min(n, 4)
+    return -(-n // ncols), ncols
+
+
+def _heatmaps(result, out_dir, formats, view) -> list[Path]:
+    """Layer × expert heatmaps, panels per domain ('all' first), at the earliest and the final checkpoint."""
     E = result.sizes["expert"]
     chance = 1.0 / E
-    vmax = max(float(np.nanmax(result["usage"].values)) if result["usage"].size else 0.0, 2 * chance)
+    sub = result.sel(view=view)
+    vmax = max(float(np.nanmax(sub["usage"].values)) if np.isfinite(sub["usage"].values).any() else 0.0, 2 * chance)
     norm = plotting.mcolors.TwoSlopeNorm(vcenter=chance, vmin=0.0, vmax=vmax)
-    panels = [("all", result["usage_all"])] + [
-        (plotting.display_label(d), result["usage"].sel(domain=d)) for d in result["domain"].values
+    panels = [("all domains", sub["usage_all"])] + [
+        (plotting.display_label(d), sub["usage"].sel(domain=d)) for d in result["domain"].values
     ]
-    ncols = min(len(panels), 4)
-    nrows = -(-len(panels) // ncols)
+    nrows, ncols = _layer_grid(len(panels))
     L = result.sizes["layer"]
     panel_size = (max(2.4, 0.14 * E + 1.0), max(1.6, 0.16 * L + 0.9))
+    order = _ordered_checkpoints(result)
+    picks = [("earliest", order[0]), ("final", order[-1])] if len(order) > 1 else [("final", order[-1])]
     paths = []
-    for ci, ckpt in enumerate(result["checkpoint"].values):
+    for which, ci in picks:
+        ckpt = result["checkpoint"].values[ci]
         step = int(result["step"].values[ci])
         with plotting.style():
             fig, axes = plotting.new_figure(nrows, ncols, panel_size=panel_size, sharex=True, sharey=True)
             for ax, (label, var) in zip(axes.flat, panels):
-                grid = var.sel(checkpoint=ckpt).transpose("layer", "expert").values
+                grid = var.isel(checkpoint=ci).transpose("layer", "expert").values
                 im = ax.imshow(grid, aspect="auto", cmap=plotting.DIVERGING, norm=norm, interpolation="nearest")
                 ax.set_title(label)
                 ax.grid(False)
@@ -145,41 +279,180 @@ def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",))
             cbar = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.9)
             cbar.set_label("usage (share of routing slots)")
             cbar.ax.axhline(chance, color="k", linewidth=0.8)
-            fig.suptitle(f"Expert usage — checkpoint {ckpt} (step {step}); white = chance 1/E = {chance:.3g}")
-            paths += plotting.savefig(fig, out_dir, f"{NAME}_{ci:03d}_{ckpt}", formats)
+            fig.suptitle(f"Expert usage ({view} tokens) — {which} checkpoint {ckpt} (step {step}); "
+                         f"white = chance 1/E = {chance:.3g}")
+            paths += plotting.savefig(fig, out_dir, f"{NAME}_heatmap_{which}", formats)
     return paths
 
 
+def _domain_heatmaps(result, out_dir, formats, view) -> list[Path]:
+    """Domain × expert heatmap per layer at the final checkpoint."""
+    E, D, L = result.sizes["expert"], result.sizes["domain"], result.sizes["layer"]
+    chance = 1.0 / E
+    ci = _ordered_checkpoints(result)[-1]
+    sub = result["usage"].sel(view=view).isel(checkpoint=ci)
+    vmax = max(float(np.nanmax(sub.values)) if np.isfinite(sub.values).any() else 0.0, 2 * chance)
+    norm = plotting.mcolors.TwoSlopeNorm(vcenter=chance, vmin=0.0, vmax=vmax)
+    nrows, ncols = _layer_grid(L)
+    labels = [plotting.display_label(d) for d in result["domain"].values]
+    with plotting.style():
+        fig, axes = plotting.new_figure(
+            nrows, ncols, panel_size=(max(2.4, 0.14 * E + 1.2), max(1.4, 0.22 * D + 0.9)), sharex=True, sharey=True
+        )
+        for ax, layer in zip(axes.flat, result["layer"].values):
+            im = ax.imshow(sub.sel(layer=layer).transpose("domain", "expert").values, aspect="auto",
+                           cmap=plotting.DIVERGING, norm=norm, interpolation="nearest")
+            ax.set_title(f"layer {layer}")
+            ax.grid(False)
+            ax.set_yticks(np.arange(D))
+            ax.set_yticklabels(labels)
+            if E <= 16:
+                ax.set_xticks(np.arange(E))
+            plotting.label_axes(ax, "expert (index)", "domain")
+        plotting.hide_unused(axes, L)
+        cbar = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.9)
+        cbar.set_label("usage (share of slots)")
+        cbar.ax.axhline(chance, color="k", linewidth=0.8)
+        ckpt, step = result["checkpoint"].values[ci], int(result["step"].values[ci])
+        fig.suptitle(f"Usage by domain ({view} tokens), checkpoint {ckpt} (step {step}); white = 1/E = {chance:.3g}")
+        return plotting.savefig(fig, out_dir, f"{NAME}_domains", formats)
+
+
+def _utilization(result, out_dir, formats) -> list[Path]:
+    """Bars of pooled usage per expert, one panel per layer, one bar colour per view, CI error bars."""
+    E, L = result.sizes["expert"], result.sizes["layer"]
+    chance = 1.0 / E
+    ci = _ordered_checkpoints(result)[-1]
+    views = [str(v) for v in result["view"].values]
+    width = 0.8 / len(views)
+    has_ci = "usage_all_lo" in result
+    nrows, ncols = _layer_grid(L)
+    x = np.arange(E)
+    with plotting.style():
+        fig, axes = plotting.new_figure(nrows, ncols, panel_size=(max(2.8, 0.08 * E * len(views) + 1.2), 2.2),
+                                        sharex=True, sharey=True)
+        for ax, layer in zip(axes.flat, result["layer"].values):
+            for vi, view in enumerate(views):
+                def pick(name):
+                    return result[name].isel(checkpoint=ci).sel(view=view, layer=layer).values
+
+                val = pick("usage_all")
+                yerr = None
+                if has_ci:
+                    lo, hi = pick("usage_all_lo"), pick("usage_all_hi")
+                    yerr = np.clip(np.vstack([val - lo, hi - val]), 0, None)
+                    yerr = np.where(np.isfinite(yerr), yerr, 0.0)
+                ax.bar(x + (vi - (len(views) - 1) / 2) * width, val, width=width, yerr=yerr,
+                       color=plotting.OKABE_ITO[vi % len(plotting.OKABE_ITO)], label=view,
+                       error_kw={"elinewidth": 0.6, "capsize": 0})
+            plotting.chance_line(ax, chance, label="1/E")
+            ax.set_title(f"layer {layer}")
+            if E <= 16:
+                ax.set_xticks(x)
+            plotting.label_axes(ax, "expert (index)", "usage (share of slots)")
+        plotting.hide_unused(axes, L)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right center", frameon=False, title="token view")
+        ckpt, step = result["checkpoint"].values[ci], int(result["step"].values[ci])
+        fig.suptitle(f"Expert utilization, checkpoint {ckpt} (step {step})"
+                     + (f"; bars: {100 * float(result['usage_all_lo'].attrs['ci']):g} % bootstrap CI over samples"
+                        if has_ci else ""))
+        return plotting.savefig(fig, out_dir, f"{NAME}_utilization", formats)
+
+
+def _timeline(result, out_dir, formats) -> list[Path]:
+    """Usage by position bucket per expert, one panel per layer: lines with CI bands (E <= 8) or a heatmap."""
+    E, L = result.sizes["expert"], result.sizes["layer"]
+    chance = 1.0 / E
+    ci = _ordered_checkpoints(result)[-1]
+    var = result["usage_by_position"].isel(checkpoint=ci)
+    start, end = result["position_start"].values, result["position_end"].values
+    centre = (start + end - 1) / 2.0
+    nrows, ncols = _layer_grid(L)
+    lines = E <= len(plotting.OKABE_ITO)
+    with plotting.style():
+        fig, axes = plotting.new_figure(nrows, ncols, panel_size=(2.9, 2.2), sharex=True, sharey=True)
+        for ax, layer in zip(axes.flat, result["layer"].values):
+            v = var.sel(layer=layer).transpose("position_bin", "expert").values
+            if lines:
+                for e in range(E):
+                    ax.plot(centre, v[:, e], color=plotting.OKABE_ITO[e], marker="o", markersize=2, label=f"expert {e}")
+                    if "usage_by_position_lo" in result:
+                        lo = result["usage_by_position_lo"].isel(checkpoint=ci).sel(layer=layer, expert=e).values
+                        hi = result["usage_by_position_hi"].isel(checkpoint=ci).sel(layer=layer, expert=e).values
+                        ax.fill_between(centre, lo, hi, color=plotting.OKABE_ITO[e], alpha=0.15, linewidth=0)
+                plotting.chance_line(ax, chance, label="1/E")
+                plotting.label_axes(ax, "token position (bucket centre)", "usage (share of slots)")
+            else:
+                norm = plotting.mcolors.TwoSlopeNorm(vcenter=chance, vmin=0.0, vmax=max(np.nanmax(v), 2 * chance))
+                im = ax.imshow(v.T, aspect="auto", cmap=plotting.DIVERGING, norm=norm, interpolation="nearest",
+                               extent=(start[0] - 0.5, end[-1] - 0.5, E - 0.5, -0.5))
+                ax.grid(False)
+                plotting.label_axes(ax, "token position", "expert (index)")
+            ax.set_title(f"layer {layer}")
+        plotting.hide_unused(axes, L)
+        if lines:
+            handles, labels = axes.flat[0].get_legend_handles_labels()
+            fig.legend(handles, labels, loc="outside right center", frameon=False)
+        else:
+            cbar = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.9)
+            cbar.set_label("usage (share of slots); white = 1/E")
+        ckpt, step = result["checkpoint"].values[ci], int(result["step"].values[ci])
+        fig.suptitle(f"Activation timeline: usage by token position, checkpoint {ckpt} (step {step})"
+                     + ("; bands: bootstrap CI" if lines and "usage_by_position_lo" in result else ""))
+        return plotting.savefig(fig, out_dir, f"{NAME}_timeline", formats)
+
+
+def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+    """Five figures whatever the number of checkpoints.
+
+    Layer × expert heatmaps at the earliest and final checkpoints, domain ×
+    expert heatmaps per layer, utilization bars per view with CIs, and the
+    activation timeline (usage by position bucket), the last three at the
+    final checkpoint.
+    """
+    result = result.compute()
+    view = _main_view(result)
+    return (
+        _heatmaps(result, out_dir, formats, view)
+        + _domain_heatmaps(result, out_dir, formats, view)
+        + _utilization(result, out_dir, formats)
+        + _timeline(result, out_dir, formats)
+    )
+
+
 def table(result: xr.Dataset) -> pd.DataFrame:
-    """Rows (checkpoint, layer, domain, expert) plus pooled rows with domain 'all'."""
-    per_domain = ["count", "usage", "weighted_usage"]
+    """Rows (checkpoint, layer, view, domain, expert) plus pooled rows with domain 'all'."""
+    per_domain = [v for v in ("count", "usage", "usage_lo", "usage_hi", "weighted_usage", "weighted_usage_lo",
+                              "weighted_usage_hi") if v in result]
     df = tidy(result, per_domain)
-    tokens = result["tokens"].compute().to_dataframe().reset_index()[["checkpoint", "layer", "domain", "tokens"]]
-    df = df.merge(tokens, on=["checkpoint", "layer", "domain"], how="left")
-    pooled = result[[v for v in per_domain if v in result]].sum("domain")
-    pooled["usage"] = result["usage_all"]
-    if "weighted_usage" in result:
-        pooled["weighted_usage"] = result["weighted_usage_all"]
-    pooled["tokens"] = result["tokens"].sum("domain")
-    pooled = pooled.expand_dims(domain=["all"]).transpose("checkpoint", "layer", "domain", "expert")
+    keys = ["checkpoint", "layer", "view", "domain"]
+    tokens = result["tokens"].compute().to_dataframe().reset_index()[keys + ["tokens"]]
+    df = df.merge(tokens, on=keys, how="left")
+    pooled = xr.Dataset({"count": result["count"].sum("domain"), "tokens": result["tokens"].sum("domain")})
+    for v in per_domain[1:]:
+        pooled[v] = result[v.replace("usage", "usage_all", 1)]  # usage_lo -> usage_all_lo, weighted_usage -> ...
+    pooled = pooled.expand_dims(domain=["all"]).transpose("checkpoint", "layer", "view", "domain", "expert")
     dfa = tidy(pooled.assign_coords(step=result["step"]), per_domain + ["tokens"])
     return pd.concat([df, dfa[df.columns]], ignore_index=True)
 
 
 def summary(result: xr.Dataset) -> dict:
-    """Headline numbers at the last checkpoint: spread of pooled usage around 1/E."""
-    last = result["usage_all"].isel(checkpoint=-1).compute()
+    """Headline numbers at the final checkpoint: spread of pooled usage around 1/E per view."""
+    ci = _ordered_checkpoints(result)[-1]
     E = result.sizes["expert"]
-    by_layer_cv = (last.std("expert") / last.mean("expert"))
-    return {
-        "checkpoint": str(result["checkpoint"].values[-1]),
-        "chance": 1.0 / E,
-        "max_usage": json_number(last.max()),
-        "min_usage": json_number(last.min()),
-        "max_ratio_to_chance": json_number(last.max() * E),
-        "mean_cv_over_experts": json_number(by_layer_cv.mean()),
-        "tokens": json_number(result["tokens"].isel(checkpoint=-1).sum("domain").max()),
-    }
+    out = {"checkpoint": str(result["checkpoint"].values[ci]), "chance": 1.0 / E}
+    for view in result["view"].values:
+        last = result["usage_all"].isel(checkpoint=ci).sel(view=view).compute()
+        cv = last.std("expert") / last.mean("expert")
+        out[str(view)] = {
+            "max_usage": json_number(last.max()),
+            "min_usage": json_number(last.min()),
+            "max_ratio_to_chance": json_number(last.max() * E),
+            "mean_cv_over_experts": json_number(cv.mean()),
+            "tokens": json_number(result["tokens"].isel(checkpoint=ci).sel(view=view).sum("domain").max()),
+        }
+    return out
 
 
 ANALYSIS = register(
@@ -187,16 +460,20 @@ ANALYSIS = register(
         name=NAME,
         func=usage,
         figure=figure,
-        title="Expert usage by layer and domain",
+        title="Expert usage by layer, domain, token view and position",
         caption=(
-            "Share of each group's routing slots that go to each expert (count / (k·tokens)), one heatmap per "
-            "checkpoint: rows are MoE layers, columns experts, one panel per domain plus all domains pooled. "
-            "The diverging colour scale is centred on the uniform-routing chance level 1/E (white): red cells "
-            "are used more than uniform, blue less. Rows sum to 1."
+            "Share of each group's routing slots that go to each expert (count / (k·tokens); rows sum to 1). "
+            "Heatmaps (earliest and final checkpoint, all tokens): rows are MoE layers, columns experts, one panel "
+            "per domain plus all domains pooled; the diverging colour scale is centred on the uniform-routing "
+            "chance level 1/E (white): red = used more than uniform, blue less. Domain heatmaps: domain × expert "
+            "per layer at the final checkpoint. Utilization bars: pooled usage per expert and layer for every "
+            "token view (all tokens, canonical non-whitespace tokens, the last canonical token of each sample), "
+            "dashed line at 1/E, error bars = 95 % bootstrap intervals over samples (resampled within domains). "
+            "Activation timeline: usage by token-position bucket (bands = bootstrap intervals)."
         ),
         requires=("expert_ids",),
         optional=("expert_weights",),
-        params={"canonical_only": False},
+        params={"views": list(VIEWS), "position_bins": 8, "n_boot": 200, "ci": 0.95, "seed": 0},
         table=table,
         summary=summary,
     )

@@ -37,8 +37,24 @@ def load_token_tables(paths: list[str]) -> xr.Dataset:
     return ds
 
 
-def routing_inputs_hash(token_paths: list[str]) -> str:
-    return tokens_hash(load_token_tables(token_paths))
+def aligned_token_tables(token_paths: list[str], conditions: tuple[str, str] = ("", "")):
+    """The concatenated token tables with ``aligned_token``/``last_canonical`` set (``capture.align``).
+
+    Returns (tokens, AlignmentStats).
+    """
+    from .align import align_tokens
+
+    a, b = conditions
+    return align_tokens(load_token_tables(token_paths), a, b, where=f"token tables {[str(p) for p in token_paths]}")
+
+
+def routing_inputs_hash(token_paths: list[str], conditions: tuple[str, str] = ("", "")) -> str:
+    """The ``inputs_hash`` a routing cube built from these token tables (and this pairing) carries."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # build_template warns once; checks need not repeat it
+        return tokens_hash(aligned_token_tables(token_paths, conditions)[0])
 
 
 def _versions() -> dict:
@@ -57,15 +73,21 @@ def _versions() -> dict:
     }
 
 
-def build_template(token_paths: list[str], *, checkpoints, keep_logits: bool, trust_remote_code: bool = False):
+def build_template(token_paths: list[str], *, checkpoints, keep_logits: bool, trust_remote_code: bool = False,
+                   conditions: tuple[str, str] = ("", ""), keep_lens: bool = False, keep_js: bool = False):
     """The lazy routing template for these token tables and checkpoints.
 
     Layers, experts, top-k and router semantics come from the first
-    checkpoint's config (no weights are loaded).
+    checkpoint's config (no weights are loaded). Tokens of the two
+    ``conditions`` (A, B) are aligned here (``capture.align``), so the cube
+    carries ``aligned_token`` and ``last_canonical``; ``keep_lens``/``keep_js``
+    add the logit-lens variables.
     """
     from .load import describe_checkpoint
 
-    tokens = load_token_tables(token_paths)
+    if keep_js and not all(conditions):
+        raise ValueError("capture.js_divergence needs the two conditions named in [conditions] (a and b)")
+    tokens, stats = aligned_token_tables(token_paths, conditions)
     info = describe_checkpoint(checkpoints[0].path, trust_remote_code=trust_remote_code)
     versions = _versions()
     attrs = {
@@ -77,6 +99,8 @@ def build_template(token_paths: list[str], *, checkpoints, keep_logits: bool, tr
         "usage_normalisation": "slots: each token contributes k routing slots",
         "software": ", ".join(f"{k} {v}" for k, v in versions.items()),
     }
+    if all(conditions):
+        attrs.update(condition_a=conditions[0], condition_b=conditions[1], alignment=stats.to_json())
     return empty_routing(
         tokens,
         checkpoints=[c.name for c in checkpoints],
@@ -85,6 +109,8 @@ def build_template(token_paths: list[str], *, checkpoints, keep_logits: bool, tr
         num_experts=info.num_experts,
         top_k=info.top_k,
         keep_logits=keep_logits,
+        keep_lens=keep_lens,
+        keep_js=keep_js,
         attrs=attrs,
         lazy=True,
     )
@@ -126,6 +152,7 @@ def capture_into_cube(
         capture_model(
             model, tokens, writer,
             keep_logits="router_logits" in ds, keep_nll="nll" in ds,
+            keep_lens="lens_logprob" in ds, keep_js="lens_js" in ds,
             batch_size=batch_size, progress=progress, desc=f"capture {checkpoint}", where=str(model_dir),
         )
     return {"checkpoint": checkpoint, "tokens": int(ds.sizes["token"]), "model_dir": str(Path(model_dir))}

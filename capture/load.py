@@ -114,11 +114,25 @@ def check_checkpoint_dir(model_dir, *, need_weights: bool) -> Path:
     return d
 
 
+def _pickle_kind(head: bytes) -> str:
+    """What a file that should be safetensors really is, from its first bytes; '' when not a pickle."""
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (the torch.save format, pickle inside)"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a Python pickle"
+    return ""
+
+
 def _check_safetensors(path: Path) -> None:
     """Header sanity check: the file is at least as long as its header says."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
+        # A pickle read as safetensors gives an impossible header length: say what the file really is.
+        kind = _pickle_kind(raw)
+        if kind and (len(raw) < 8 or struct.unpack("<Q", raw)[0] > size - 8):
+            raise ValueError(f"{path}: not a safetensors file but {kind}; refusing to unpickle it. Convert the "
+                             f"weights to safetensors (model.save_pretrained(dir, safe_serialization=True))")
         if len(raw) < 8:
             raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (n,) = struct.unpack("<Q", raw)

@@ -8,6 +8,9 @@ token table (token 0 first, in token order; padding never reaches the sink).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import numpy as np
 import torch
 import xarray as xr
@@ -16,7 +19,7 @@ from .hooks import record_routing
 from .load import ModelInfo, describe_model, load_model
 from .routers import find_routers, sort_slots
 
-__all__ = ["capture_checkpoint", "capture_model", "sample_spans", "batches"]
+__all__ = ["capture_checkpoint", "capture_model", "sample_spans", "batches", "lens_partners", "pair_batches"]
 
 # Rows of (rows, vocab) float32 log-softmax computed at once: bounds the NLL's
 # extra memory to ~128 MiB whatever the vocabulary.
@@ -109,9 +112,78 @@ def _nll(logits: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor) -
     return out[real]
 
 
+def lens_partners(tokens: xr.Dataset, *, where: str = "token table") -> np.ndarray:
+    """For each predicting position, the predicting position of its next token's aligned partner.
+
+    The lens at position p predicts token p+1; when p+1 is aligned with token
+    u (``aligned_token``), the two distributions to compare are those at p and
+    u-1. Both must lie inside their samples (position > 0).
+
+    Returns
+    -------
+    (token,) int64, -1 where the next token is unaligned; symmetric.
+
+    Raises
+    ------
+    ValueError when ``aligned_token`` is missing or not symmetric.
+    """
+    if "aligned_token" not in tokens.coords:
+        raise ValueError(f"{where}: coordinate 'aligned_token' is missing; the JS divergence needs the alignment "
+                         f"(name the two conditions in [conditions])")
+    aligned = np.asarray(tokens["aligned_token"].values).astype(np.int64)
+    position = np.asarray(tokens["position"].values)
+    t = np.flatnonzero(aligned >= 0)
+    u = aligned[t]
+    if (u >= aligned.size).any() or (aligned[u] != t).any():
+        raise ValueError(f"{where}: 'aligned_token' is not symmetric (aligned_token[aligned_token[t]] != t)")
+    ok = (position[t] > 0) & (position[u] > 0)
+    out = np.full(aligned.size, -1, dtype=np.int64)
+    out[t[ok] - 1] = u[ok] - 1
+    return out
+
+
+def pair_batches(spans: np.ndarray, partner: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Groups of sample indices (into ``spans``) that keep each pair of samples in one forward.
+
+    Samples are taken in order; a sample's partner sample (the one holding its
+    tokens' ``partner`` positions) joins it, so a batch may reach
+    ``batch_size + 1`` samples. Returns a list of int64 arrays.
+
+    Raises ValueError when one sample's tokens partner with several samples.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    lengths = spans[:, 1] - spans[:, 0]
+    owner = np.repeat(np.arange(len(spans)), lengths)
+    mate = np.full(len(spans), -1, dtype=np.int64)
+    t = np.flatnonzero(partner >= 0)
+    for i, j in set(zip(owner[t].tolist(), owner[partner[t]].tolist())):
+        if mate[i] not in (-1, j):
+            raise ValueError(f"sample {i} (index along the token table's samples) is aligned with samples "
+                             f"{mate[i]} and {j}; a sample has at most one partner")
+        mate[i] = j
+    groups, current, taken = [], [], np.zeros(len(spans), dtype=bool)
+    for i in range(len(spans)):
+        if taken[i]:
+            continue
+        unit = [i] + ([int(mate[i])] if mate[i] >= 0 and not taken[mate[i]] and mate[i] != i else [])
+        if current and len(current) + len(unit) > batch_size:
+            groups.append(np.asarray(current, dtype=np.int64))
+            current = []
+        current += unit
+        taken[unit] = True
+    if current:
+        groups.append(np.asarray(current, dtype=np.int64))
+    return groups
+
+
+# Token axis of each array handed to the sink.
+_TOKEN_AXIS = {"expert_ids": 1, "expert_weights": 1, "router_logits": 1, "lens_logprob": 1, "lens_js": 1, "nll": 0}
+
+
 def capture_model(model, tokens: xr.Dataset, sink, *, keep_logits: bool = False, keep_nll: bool = True,
-                  batch_size: int = 16, progress: bool = True, desc: str | None = None,
-                  where: str = "model") -> ModelInfo:
+                  keep_lens: bool = False, keep_js: bool = False, batch_size: int = 16, progress: bool = True,
+                  desc: str | None = None, where: str = "model") -> ModelInfo:
     """Capture the routing of an already-loaded model (see ``capture_checkpoint``)."""
     import tqdm
 
@@ -135,19 +207,40 @@ def capture_model(model, tokens: xr.Dataset, sink, *, keep_logits: bool = False,
 
     device = next(iter(model.parameters())).device
     model.eval()
-    groups = batches(spans, batch_size)
+    partner = lens_partners(tokens) if keep_js else None
+    if keep_js:
+        # Both sides of a pair in one forward: the JS needs the two distributions at once.
+        groups = pair_batches(spans, partner, batch_size)
+    else:
+        groups = [np.arange(i, min(i + batch_size, len(spans))) for i in range(0, len(spans), batch_size)]
+    use_lens = keep_lens or keep_js
+    lens_ctx = contextlib.nullcontext(None)
+    last_layer = None
+    if use_lens:
+        from .lens import decoder_layers, record_lens
+
+        last_layer = max(decoder_layers(model, where=where))
+        lens_ctx = record_lens(model, list(info.moe_layers), where=where)
+    pending: dict[int, dict[str, np.ndarray]] = {}
+    emitted = 0  # samples handed to the sink so far
+    lens_check = 0.0  # max |lens at the last layer + model NLL|
     bar = tqdm.tqdm(total=int(lengths.sum()), unit="tok", desc=desc or where, disable=not progress)
     try:
-        with torch.inference_mode(), record_routing(model, sites, keep_logits=keep_logits, where=where) as rec:
+        with torch.inference_mode(), record_routing(model, sites, keep_logits=keep_logits, where=where) as rec, \
+                lens_ctx as lens:
             for group in groups:
-                lens = group[:, 1] - group[:, 0]
-                S = int(lens.max())
+                gspans = spans[group]
+                lens_b = gspans[:, 1] - gspans[:, 0]
+                S = int(lens_b.max())
                 ids = np.zeros((len(group), S), dtype=np.int64)  # pad id 0: any valid id, it is masked
-                for b, (a, z) in enumerate(group):
+                for b, (a, z) in enumerate(gspans):
                     ids[b, : z - a] = token_id[a:z]
                 input_ids = torch.from_numpy(ids).to(device)
-                lens_t = torch.from_numpy(lens).to(device)
+                lens_t = torch.from_numpy(lens_b).to(device)
                 mask = (torch.arange(S, device=device)[None, :] < lens_t[:, None])
+                if lens is not None:
+                    batch_rows = _lens_rows(gspans, S, ids, partner, device)
+                    lens.set_batch(*batch_rows)
                 out = model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False)
                 routed = rec.pop()
                 flat_mask = mask.reshape(-1)
@@ -171,15 +264,90 @@ def capture_model(model, tokens: xr.Dataset, sink, *, keep_logits: bool = False,
                 if keep_nll:
                     arrays["nll"] = _nll(out.logits, input_ids, lens_t).cpu().numpy()
                 del out
-                sink.append(**arrays)
-                bar.update(int(lens.sum()))
+                if lens is not None:
+                    lp, js = _lens_arrays(lens.pop(), info.moe_layers, batch_rows, flat_mask)
+                    if keep_lens:
+                        arrays["lens_logprob"] = lp
+                    if keep_js:
+                        arrays["lens_js"] = js
+                    if keep_nll and last_layer in info.moe_layers:
+                        d = np.abs(lp[info.moe_layers.index(last_layer)] + arrays["nll"])
+                        if np.isfinite(d).any():
+                            lens_check = max(lens_check, float(np.nanmax(d)))
+                # Hand the sink consecutive samples only (pair batches may run a later sample early).
+                bounds = np.r_[0, np.cumsum(lens_b)]
+                for b, i in enumerate(group):
+                    pending[int(i)] = {k: np.take(v, np.arange(bounds[b], bounds[b + 1]), axis=_TOKEN_AXIS[k])
+                                       for k, v in arrays.items()}
+                ready = []
+                while emitted in pending:
+                    ready.append(pending.pop(emitted))
+                    emitted += 1
+                if ready:
+                    sink.append(**{k: np.concatenate([r[k] for r in ready], axis=_TOKEN_AXIS[k]) for k in ready[0]})
+                bar.update(int(lens_b.sum()))
     finally:
         bar.close()
+    if pending or emitted != len(spans):
+        raise RuntimeError(f"{where}: {len(spans) - emitted} samples were captured but never handed to the sink")
+    tol = 1e-3 if info.dtype == "float32" else 5e-2
+    if lens_check > tol:
+        warnings.warn(f"{where}: the logit lens at the last decoder layer differs from the model's own NLL by up to "
+                      f"{lens_check:.3g} nats; the model transforms its logits in a way the lens "
+                      f"(final norm + LM head) does not reproduce", stacklevel=2)
     return info
 
 
+def _lens_rows(gspans: np.ndarray, S: int, ids: np.ndarray, partner: np.ndarray | None, device):
+    """Flat (batch·seq) rows whose next token the lens scores, their targets, and the JS row pairs."""
+    lens_b = gspans[:, 1] - gspans[:, 0]
+    rows = np.concatenate([b * S + np.arange(n - 1) for b, n in enumerate(lens_b)]).astype(np.int64)
+    targets = ids.reshape(-1)[rows + 1]
+    js_a = js_b = None
+    if partner is not None:
+        glob = np.concatenate([np.arange(a, z) for a, z in gspans])
+        flat = np.concatenate([b * S + np.arange(n) for b, n in enumerate(lens_b)]).astype(np.int64)
+        q = partner[glob]
+        order = np.argsort(glob)
+        has = q >= 0
+        pos = np.searchsorted(glob, q[has], sorter=order)
+        pos = np.minimum(pos, len(glob) - 1)
+        found = glob[order[pos]] == q[has]
+        if not found.all():
+            raise RuntimeError("a JS partner position is not in the same forward batch")
+        qrow = flat[order[pos]]
+        prow = flat[has]
+        keep = glob[has] < q[has]  # each pair once
+        js_a = torch.from_numpy(prow[keep]).to(device)
+        js_b = torch.from_numpy(qrow[keep]).to(device)
+    return torch.from_numpy(rows).to(device), torch.from_numpy(targets).to(device), js_a, js_b
+
+
+def _lens_arrays(per_layer: dict, layers: list[int], batch_rows: tuple, flat_mask: torch.Tensor):
+    """(layer, n) log p(next token) and JS of the real tokens of a batch, NaN where undefined.
+
+    ``batch_rows`` is what :func:`_lens_rows` returned for this batch (the rows
+    the recorder scored, in its order).
+    """
+    rows, _, js_a, js_b = batch_rows
+    n_flat = flat_mask.shape[0]
+    lp_out, js_out = [], []
+    for layer in layers:
+        lp, js = per_layer[layer]
+        full = torch.full((n_flat,), float("nan"), dtype=torch.float32, device=lp.device)
+        full[rows] = lp
+        lp_out.append(full[flat_mask])
+        fj = torch.full((n_flat,), float("nan"), dtype=torch.float32, device=lp.device)
+        if js is not None:
+            fj[js_a] = js
+            fj[js_b] = js
+        js_out.append(fj[flat_mask])
+    return torch.stack(lp_out).cpu().numpy(), torch.stack(js_out).cpu().numpy()
+
+
 def capture_checkpoint(model_dir, tokens: xr.Dataset, sink, *, keep_logits: bool = False, keep_nll: bool = True,
-                       batch_size: int = 16, device="cpu", trust_remote_code: bool = False, progress: bool = True,
+                       keep_lens: bool = False, keep_js: bool = False, batch_size: int = 16, device="cpu",
+                       trust_remote_code: bool = False, progress: bool = True,
                        desc: str | None = None) -> ModelInfo:
     """Capture one checkpoint's routing over a token table.
 
@@ -195,9 +363,19 @@ def capture_checkpoint(model_dir, tokens: xr.Dataset, sink, *, keep_logits: bool
         - ``router_logits`` (layer, n, expert) float16, only if ``keep_logits``
         - ``nll`` (n,) float32, the model's next-token NLL in nats, NaN at each
           sample's last position; only if ``keep_nll``
+        - ``lens_logprob`` (layer, n) float32, log p(next token) read out after
+          each MoE layer through final norm + LM head (``capture.lens``), NaN at
+          each sample's last position; only if ``keep_lens``
+        - ``lens_js`` (layer, n) float32, JS divergence (nats) between the lens
+          distributions here and at the partner position (``lens_partners``),
+          NaN where the next token is unaligned; only if ``keep_js``
 
         ``layer`` runs over ``ModelInfo.moe_layers`` in that order.
-    keep_logits, keep_nll : which optional arrays to produce.
+    keep_logits, keep_nll, keep_lens, keep_js : which optional arrays to produce.
+        ``keep_js`` needs the ``aligned_token`` coordinate and runs both samples
+        of a pair in one forward; samples still reach the sink in token order
+        (a sample run early waits in memory until the ones before it are done,
+        so keep pairs close together in the data).
     batch_size : samples per forward (consecutive samples, right-padded).
     device : torch device for the model.
     trust_remote_code : passed to transformers only when True.
@@ -210,8 +388,9 @@ def capture_checkpoint(model_dir, tokens: xr.Dataset, sink, *, keep_logits: bool
     """
     model = load_model(model_dir, device=device, trust_remote_code=trust_remote_code)
     try:
-        return capture_model(model, tokens, sink, keep_logits=keep_logits, keep_nll=keep_nll, batch_size=batch_size,
-                             progress=progress, desc=desc, where=str(model_dir))
+        return capture_model(model, tokens, sink, keep_logits=keep_logits, keep_nll=keep_nll, keep_lens=keep_lens,
+                             keep_js=keep_js, batch_size=batch_size, progress=progress, desc=desc,
+                             where=str(model_dir))
     finally:
         del model
         if torch.device(device).type == "cuda":

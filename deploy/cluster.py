@@ -39,12 +39,15 @@ def client(
     host: str = "127.0.0.1",
     dashboard_port: int = 8787,
     memory_limit: str = "auto",
+    gpus_per_worker: int = 0,
     announce: bool = True,
 ):
     """Return the process-wide Dask client, creating it on first use.
 
     Parameters mirror the experiment's ``[dask]`` table. Workers are processes
-    (capture runs torch, which holds the GIL in places).
+    (capture runs torch, which holds the GIL in places). With ``gpus_per_worker``
+    each local worker advertises a ``GPU`` resource, and capture jobs that ask
+    for one never share a device.
     """
     global _CLIENT, _CLUSTER
     from distributed import Client, LocalCluster
@@ -64,6 +67,7 @@ def client(
             scheduler_port=0,
             dashboard_address=f"{host}:{port}",
             memory_limit=memory_limit,
+            resources={"GPU": gpus_per_worker} if gpus_per_worker else None,
             # Workers inherit this so that torch in a worker does not oversubscribe cores.
             env={"OMP_NUM_THREADS": str(threads_per_worker), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
         )

@@ -32,9 +32,28 @@ class CheckpointSpec:
 
 
 @dataclass(frozen=True)
+class TraceSpec:
+    format: str = ""
+    """Importer name (storage.importers.IMPORTERS): llamacpp_json, llamacpp_bin, moe_trace_csv, libmoe,
+    olmoe_jsonl, megatron, vllm_npy, sglang, router_logits, segments_json."""
+    paths: list[str] = field(default_factory=list)
+    """One trace (file or directory) per checkpoint."""
+    checkpoints: list[str] = field(default_factory=list)
+    """Checkpoint names, one per path (default: from the files)."""
+    steps: list[int] = field(default_factory=list)
+    """Training steps, one per path (default: from the files, else the path's index)."""
+    side_table: str = ""
+    """CSV/JSON mapping sample key -> dataset/domain/condition/pair."""
+    num_experts: int = 0
+    """E when the format does not record it (0 = infer from the largest id)."""
+    options: dict = field(default_factory=dict)
+    """The format's own options ([trace.options]), e.g. semantics/top_k for router logits."""
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     source: str = "demo"
-    """'demo' (train the embedded tiny MoE) or 'checkpoints' (the list below)."""
+    """'demo' (train the embedded tiny MoE), 'checkpoints' (the list below) or 'import' (a [trace])."""
     checkpoints: list[CheckpointSpec] = field(default_factory=list)
     """For source = 'checkpoints': [[model.checkpoints]] tables with name, path, step."""
     tokenizer: str = ""
@@ -50,7 +69,10 @@ class DatasetSpec:
     name: str
     """Label of the dataset (coordinate 'dataset' of the token axis)."""
     path: str
-    """JSONL file, one sample per line: {"id", "text", "domain", optional "condition", "pair"}."""
+    """JSONL file, one sample per line: {"id", "text", "domain", optional "condition", "pair"};
+    or, with format = "pair_tokens", a JSON file of pre-tokenized pairs (capture/pairs.py)."""
+    format: str = "jsonl"
+    """'jsonl' (text, tokenized here) or 'pair_tokens' (token ids of conditions A and B + canonical positions)."""
     text_field: str = "text"
     domain_field: str = "domain"
     max_samples: int = 0
@@ -66,6 +88,19 @@ class CaptureSpec:
     """Samples are truncated to this many tokens."""
     device: str = "cpu"
     dtype: str = "float32"
+    logit_lens: bool = False
+    """Store lens_logprob: log p(next token) read out after every MoE layer (final norm + LM head)."""
+    js_divergence: bool = False
+    """Store lens_js: JS divergence between the two conditions' lens distributions at aligned positions
+    (needs [conditions]; both samples of a pair then run in one forward)."""
+
+
+@dataclass(frozen=True)
+class ConditionsSpec:
+    a: str = ""
+    """Condition A (the 'condition' label of its samples); compared against B, pairs linked by 'pair'."""
+    b: str = ""
+    """Condition B."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +141,10 @@ class Experiment:
     """[[datasets]] tables; may be empty for the demo (its held-out set is used)."""
     model: ModelSpec = field(default_factory=ModelSpec)
     capture: CaptureSpec = field(default_factory=CaptureSpec)
+    trace: TraceSpec = field(default_factory=TraceSpec)
+    """[trace]: routing traces written by another system (model.source = 'import')."""
+    conditions: ConditionsSpec = field(default_factory=ConditionsSpec)
+    """[conditions] a, b: the two conditions whose aligned tokens the paired analyses compare."""
     analyses: AnalysesSpec = field(default_factory=AnalysesSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
     dask: DaskSpec = field(default_factory=DaskSpec)
@@ -191,8 +230,28 @@ def _check(exp: Experiment, file: str) -> None:
     if not _NAME.match(exp.name):
         raise SpecError(f"{file}: 'name' must use letters, digits, '_', '-', '.', got {exp.name!r}")
     m = exp.model
-    if m.source not in ("demo", "checkpoints"):
-        raise SpecError(f"{file}: 'model.source' must be 'demo' or 'checkpoints', got {m.source!r}")
+    if m.source not in ("demo", "checkpoints", "import"):
+        raise SpecError(f"{file}: 'model.source' must be 'demo', 'checkpoints' or 'import', got {m.source!r}")
+    t = exp.trace
+    if m.source == "import":
+        from storage.importers import IMPORTERS, importer_options
+
+        if t.format not in IMPORTERS:
+            raise SpecError(f"{file}: 'trace.format' must be one of {', '.join(sorted(IMPORTERS))}, got {t.format!r}")
+        if not t.paths:
+            raise SpecError(f"{file}: 'trace.paths' is empty; source = 'import' needs at least one trace")
+        for key, values in (("checkpoints", t.checkpoints), ("steps", t.steps)):
+            if values and len(values) != len(t.paths):
+                raise SpecError(f"{file}: 'trace.{key}' has {len(values)} entries, 'trace.paths' {len(t.paths)}")
+        known = set(importer_options(t.format))
+        for key in t.options:
+            if key not in known:
+                raise SpecError(f"{file}: unknown key 'trace.options.{key}' for format {t.format!r}; expected one "
+                                f"of: {', '.join(sorted(known)) or '(none)'}")
+        if m.checkpoints or m.demo:
+            raise SpecError(f"{file}: 'model.checkpoints'/'model.demo' are not used with source = 'import'")
+    elif t != TraceSpec():
+        raise SpecError(f"{file}: '[trace]' is only allowed with model.source = 'import'")
     if m.source == "checkpoints":
         if not m.checkpoints:
             raise SpecError(f"{file}: 'model.checkpoints' is empty; source = 'checkpoints' needs at least one")
@@ -232,6 +291,18 @@ def _check(exp: Experiment, file: str) -> None:
     for d in exp.datasets:
         if not _NAME.match(d.name):
             raise SpecError(f"{file}: dataset name {d.name!r} must use letters, digits, '_', '-', '.'")
+        if d.format not in ("jsonl", "pair_tokens"):
+            raise SpecError(f"{file}: dataset {d.name!r}: 'format' must be 'jsonl' or 'pair_tokens', got {d.format!r}")
+        if d.format == "pair_tokens" and not exp.conditions.a:
+            raise SpecError(f"{file}: dataset {d.name!r} has format 'pair_tokens', which needs [conditions] a and b "
+                            f"(they name the token-id fields)")
+    cond = exp.conditions
+    if bool(cond.a) != bool(cond.b):
+        raise SpecError(f"{file}: '[conditions]' needs both 'a' and 'b' (got a={cond.a!r}, b={cond.b!r})")
+    if cond.a and cond.a == cond.b:
+        raise SpecError(f"{file}: '[conditions]' a and b are both {cond.a!r}; name two different conditions")
+    if exp.capture.js_divergence and not cond.a:
+        raise SpecError(f"{file}: 'capture.js_divergence' needs the two conditions named in [conditions] a and b")
     if exp.capture.batch_size < 1 or exp.capture.max_length < 2:
         raise SpecError(f"{file}: 'capture.batch_size' must be >= 1 and 'capture.max_length' >= 2")
     if exp.capture.dtype not in ("float32", "bfloat16", "float16"):

@@ -18,6 +18,7 @@ store and renamed into place, with a fingerprint of their inputs in the attrs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -144,28 +145,74 @@ def open_routing(path: str | os.PathLike, *, complete_only: bool = True, chunks=
         raise CubeError(f"{path}: no routing cube here (zarr.json missing)")
     try:
         ds = xr.open_zarr(path, consolidated=None, chunks={} if chunks == "auto" else chunks)
+        ds = _plain_strings(ds)  # reads the token coordinates
     except Exception as exc:  # zarr raises many types for damaged stores
-        raise CubeError(f"{path}: cannot open routing cube: {exc}") from exc
-    ds = _plain_strings(ds)
+        raise CubeError(f"{path}: cannot open routing cube (truncated or corrupt store?): {exc}") from exc
     try:
         validate_routing(ds, where=str(path))
     except ValueError as exc:
         raise CubeError(str(exc)) from exc
     if complete_only:
-        done = ds["complete"].values.astype(bool)
+        try:
+            done = ds["complete"].values.astype(bool)
+        except Exception as exc:
+            raise CubeError(f"{path}: cannot read the 'complete' flags: {exc}") from exc
+        for ci, (missing, expected, example) in _missing_chunks(path, np.flatnonzero(done)).items():
+            if missing:
+                raise CubeError(
+                    f"{path}: truncated routing cube: checkpoint {str(ds.checkpoint.values[ci])!r} is marked "
+                    f"complete but {missing} of its {expected} 'expert_ids' chunks are missing (e.g. {example}); "
+                    "copy the store again, or delete it to recapture"
+                )
         ds = ds.isel(checkpoint=np.flatnonzero(done))
         ds = ds.sortby("step")
     return ds
 
 
+def _missing_chunks(path: Path, cis) -> dict[int, tuple[int, int, str]]:
+    """For each checkpoint index in ``cis``: (missing, expected, an example key) of its 'expert_ids' chunk objects.
+
+    Zarr stores no object for a chunk that equals the fill value, but a
+    captured chunk never does (ids are 0..E-1, the fill is -1): a complete
+    checkpoint has every chunk, and a missing one means the store was cut
+    short (an interrupted copy, lost writes) and would read as unwritten.
+    """
+    from zarr.core.sync import sync
+
+    cis = [int(c) for c in cis]
+    if not cis:
+        return {}
+    g = zarr.open_group(str(path), mode="r")
+    if "expert_ids" not in g:  # an imported cube without per-token ids (attrs has_token_ids = False)
+        return {c: (0, 0, "") for c in cis}
+    arr = g["expert_ids"]
+
+    async def _keys():
+        return {k async for k in arr.store.list_prefix(f"{arr.path}/")}
+
+    have = sync(_keys())
+    grid = list(itertools.product(*[range(-(-n // c)) for n, c in zip(arr.shape[1:], arr.chunks[1:])]))
+    out = {}
+    for ci in cis:
+        absent = [k for k in (f"{arr.path}/{arr.metadata.encode_chunk_key((ci, *rest))}" for rest in grid) if k not in have]
+        out[ci] = (len(absent), len(grid), absent[0] if absent else "")
+    return out
+
+
 def completed_checkpoints(path: str | os.PathLike) -> list[str]:
+    """Names of the checkpoints whose region is written and whole, in cube order.
+
+    A checkpoint marked complete whose chunks are missing (a truncated copy)
+    is left out, so the pipeline recaptures it.
+    """
     path = Path(path)
     if not (path / "zarr.json").exists():
         return []
     g = zarr.open_group(str(path), mode="r")
     names = g["checkpoint"][:]
     done = g["complete"][:]
-    return [str(n) for n, d in zip(names, done) if d == 1]
+    whole = _missing_chunks(path, np.flatnonzero(done == 1))
+    return [str(names[ci]) for ci, (missing, _, _) in whole.items() if not missing]
 
 
 class RoutingWriter:
@@ -200,32 +247,58 @@ class RoutingWriter:
         self.group["complete"][self.ci] = 0
 
     def append(self, **arrays: np.ndarray) -> None:
+        """Buffer the next tokens' arrays (see the class docstring); refuse the whole batch if any is invalid.
+
+        Raises
+        ------
+        CubeError naming the cube, checkpoint and layer for a missing variable,
+        token counts that disagree, expert ids outside 0..E-1, or NaN/inf in
+        ``router_logits`` / ``expert_weights``.
+        """
         missing = [v for v in self.vars if v not in arrays or arrays[v] is None]
         if missing:
             raise CubeError(f"{self.path}: capture did not provide {missing} (the cube template has them)")
+        batch = {v: np.asarray(arrays[v]) for v in self.vars}
         n = None
-        for v in self.vars:
-            a = np.asarray(arrays[v])
+        for v, a in batch.items():
             tok_axis = VARIABLES[v].dims.index("token") - 1
             if n is None:
                 n = a.shape[tok_axis]
             if a.shape[tok_axis] != n:
                 raise CubeError(f"{self.path}: '{v}' has {a.shape[tok_axis]} tokens in this batch, expected {n}")
-            if v == "expert_ids":
-                E = int(self.group.attrs["num_experts"])
-                if a.size and (a.min() < 0 or a.max() >= E):
-                    raise CubeError(
-                        f"{self.path}: checkpoint {self.checkpoint!r}: expert id out of range "
-                        f"[{a.min()}, {a.max()}], expected 0..{E - 1}"
-                    )
-            self.buffer[v].append(a)
-        self.buffered += n
-        if self.offset + self.buffered > self.n_tokens:
+        E = int(self.group.attrs["num_experts"])
+        bad = (batch["expert_ids"] < 0) | (batch["expert_ids"] >= E)
+        if bad.any():
+            a = batch["expert_ids"]
             raise CubeError(
-                f"{self.path}: capture produced more tokens ({self.offset + self.buffered}) than the token table "
+                f"{self.path}: checkpoint {self.checkpoint!r}, {self._layer_of(bad)}: expert id out of range "
+                f"[{a.min()}, {a.max()}], expected 0..{E - 1}; not writing this checkpoint"
+            )
+        # Logits first: a NaN/inf router (diverged or corrupt weights, fp16 overflow) shows there first, and
+        # would otherwise reach every analysis as numbers.
+        for v in ("router_logits", "expert_weights"):
+            if v in batch and batch[v].dtype.kind == "f":
+                bad = ~np.isfinite(batch[v])
+                if bad.any():
+                    raise CubeError(
+                        f"{self.path}: checkpoint {self.checkpoint!r}, {self._layer_of(bad)}: {int(bad.sum())} "
+                        f"non-finite (NaN/inf) values in '{v}'; refusing to capture a broken router"
+                    )
+        if self.offset + self.buffered + n > self.n_tokens:
+            raise CubeError(
+                f"{self.path}: capture produced more tokens ({self.offset + self.buffered + n}) than the token table "
                 f"({self.n_tokens})"
             )
+        for v, a in batch.items():
+            self.buffer[v].append(a)
+        self.buffered += n
         self._flush(final=False)
+
+    def _layer_of(self, bad: np.ndarray) -> str:
+        """'layer L' (the model's own index) of the first flagged value of a (layer, token, ...) array."""
+        i = int(np.argwhere(bad)[0][0])
+        layers = self.group["layer"][:] if "layer" in self.group else np.arange(self.n_layers)
+        return f"layer {int(layers[i])}"
 
     def _flush(self, *, final: bool) -> None:
         while self.buffered >= self.chunk or (final and self.buffered > 0):
@@ -279,9 +352,16 @@ def fingerprint(*parts) -> str:
 
 
 def write_result(ds: xr.Dataset, path: str | os.PathLike, *, fingerprint: str) -> None:
-    """Write an (in-memory) analysis result atomically, stamped with its fingerprint."""
+    """Write an (in-memory) analysis result atomically, stamped with its fingerprint.
+
+    Temporaries of earlier writes of the same target that were killed before
+    their rename are removed first (the caller is the only writer of ``path``:
+    pipeline stages hold the run lock, storage/lock.py).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*path.parent.glob(f"{path.name}.tmp-*"), *path.parent.glob(f"{path.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     ds = ds.copy()
     ds.attrs[FINGERPRINT_ATTR] = fingerprint
     for v in ds.variables.values():
@@ -313,7 +393,10 @@ def open_result(path: str | os.PathLike) -> xr.Dataset:
     path = Path(path)
     if not (path / "zarr.json").exists():
         raise CubeError(f"{path}: no result cube here (zarr.json missing)")
-    ds = xr.open_zarr(path, consolidated=None).load()
+    try:
+        ds = xr.open_zarr(path, consolidated=None).load()
+    except Exception as exc:  # zarr/numcodecs raise many types for damaged metadata or chunks
+        raise CubeError(f"{path}: cannot read result cube (truncated or corrupt store?): {type(exc).__name__}: {exc}") from exc
     ds = _plain_strings(ds)
     for n, v in ds.data_vars.items():
         if v.dtype.kind == "T":

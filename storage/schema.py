@@ -54,6 +54,12 @@ VARIABLES: dict[str, VarSpec] = {
         ("checkpoint", "layer", "token"), "float32", np.nan, True,
         "logit lens: log p(next token) read out after this layer (final norm + LM head)",
     ),
+    "lens_js": VarSpec(
+        ("checkpoint", "layer", "token"), "float32", np.nan, True,
+        "logit lens: Jensen-Shannon divergence (nats) between the next-token distribution read out here and the "
+        "one at the partner position (the position before aligned_token of the next token); NaN where the next "
+        "token is not aligned",
+    ),
     "nll": VarSpec(
         ("checkpoint", "token"), "float32", np.nan, True,
         "the model's own next-token NLL in nats (NaN at the last position of a sample)",
@@ -62,7 +68,34 @@ VARIABLES: dict[str, VarSpec] = {
         ("checkpoint",), "int8", 0, False,
         "1 once every variable of this checkpoint's region is written; written last",
     ),
+    # Per-layer aggregates of sources that log no per-token expert ids (LibMoE analyst logs);
+    # only importers write them, in cubes without 'expert_ids' (attrs has_token_ids=False).
+    "agg_entropy_topk": VarSpec(
+        ("checkpoint", "layer"), "float32", np.nan, True,
+        "entropy (nats) of the top-k routing weights as the source logged it, averaged over samples",
+    ),
+    "agg_entropy_all": VarSpec(
+        ("checkpoint", "layer"), "float32", np.nan, True,
+        "entropy (nats) of the router's distribution over all experts as logged, averaged over samples",
+    ),
+    "agg_margin": VarSpec(
+        ("checkpoint", "layer"), "float32", np.nan, True,
+        "top-1 minus top-2 routing weight, averaged over the logged tokens",
+    ),
+    "agg_samples": VarSpec(
+        ("checkpoint", "layer"), "int32", -1, True,
+        "number of samples pooled into this layer's aggregates",
+    ),
+    "agg_top1_counts": VarSpec(
+        ("checkpoint", "layer", "expert"), "int64", -1, True,
+        "tokens whose top-1 expert is this expert, summed over samples (-1 = not logged)",
+    ),
+    "agg_topk_counts": VarSpec(
+        ("checkpoint", "layer", "expert"), "int64", -1, True,
+        "routing slots (all k) assigned to this expert, summed over samples (-1 = not logged)",
+    ),
 }
+AGGREGATE_VARIABLES = tuple(name for name in VARIABLES if name.startswith("agg_"))
 
 # Coordinates along ``token``: name -> (dtype, description)
 TOKEN_COORDS: dict[str, tuple[str, str]] = {
@@ -77,7 +110,13 @@ TOKEN_COORDS: dict[str, tuple[str, str]] = {
     "condition": ("str", "condition label of the sample ('' when unpaired)"),
     "pair": ("str", "pair id linking samples across conditions ('' when unpaired)"),
     "canonical": ("bool", "token span contains non-whitespace characters"),
+    "aligned_token": ("int64", "index along token of the token with the same canonical content in the other "
+                               "condition of the pair (capture.align); -1 when unpaired or unmatched"),
+    "last_canonical": ("bool", "the last canonical token of its sample"),
 }
+# Coordinates added after cubes were first written: a cube without them still opens
+# (they are filled when the template is built; analyses that need them say so).
+OPTIONAL_TOKEN_COORDS = frozenset({"aligned_token", "last_canonical"})
 
 # Attributes a reader needs to trust the numbers.
 REQUIRED_ATTRS = (
@@ -104,11 +143,14 @@ def token_table(
     condition=None,
     pair=None,
     canonical=None,
+    aligned_token=None,
+    last_canonical=None,
 ) -> xr.Dataset:
     """Build the token table: a Dataset with dim ``token`` and only coordinates.
 
     Missing optional columns get neutral defaults ('' for labels, True for
-    ``canonical``, -1 for character offsets).
+    ``canonical``, -1 for character offsets and ``aligned_token``, False for
+    ``last_canonical``).
     """
     n = len(sample)
     def _col(v, dtype, default):
@@ -131,6 +173,8 @@ def token_table(
         "condition": _col(condition, "str", ""),
         "pair": _col(pair, "str", ""),
         "canonical": _col(canonical, "bool", True),
+        "aligned_token": _col(aligned_token, "int64", -1),
+        "last_canonical": _col(last_canonical, "bool", False),
     }
     coords = {name: ("token", values) for name, values in cols.items()}
     coords["token"] = ("token", np.arange(n, dtype=np.int64))
@@ -141,10 +185,19 @@ def token_table(
 
 
 def tokens_hash(tokens: xr.Dataset) -> str:
-    """Hash of the inputs every checkpoint must see identically."""
+    """Hash of the inputs every checkpoint must see identically.
+
+    The alignment across conditions (``aligned_token``) counts once any token is
+    aligned, so a cube never mixes two pairings; unpaired tables hash as before.
+    """
     h = hashlib.sha256()
     for name in ("sample", "position", "token_id"):
         h.update(np.ascontiguousarray(tokens[name].values.astype(np.int64)).tobytes())
+    if "aligned_token" in tokens.coords:
+        aligned = np.asarray(tokens["aligned_token"].values).astype(np.int64)
+        if (aligned >= 0).any():
+            h.update(b"aligned_token")
+            h.update(np.ascontiguousarray(aligned).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -159,6 +212,7 @@ def empty_routing(
     keep_logits: bool = False,
     keep_weights: bool = True,
     keep_lens: bool = False,
+    keep_js: bool = False,
     keep_nll: bool = True,
     attrs: dict | None = None,
     lazy: bool = True,
@@ -182,12 +236,13 @@ def empty_routing(
         "expert_weights": keep_weights,
         "router_logits": keep_logits,
         "lens_logprob": keep_lens,
+        "lens_js": keep_js,
         "nll": keep_nll,
         "complete": True,
     }
     data_vars = {}
     for name, spec in VARIABLES.items():
-        if not wanted[name]:
+        if not wanted.get(name, False):  # aggregate variables are added by their importer
             continue
         shp = tuple(shape[d] for d in spec.dims)
         make = da.full if lazy else np.full
@@ -214,9 +269,18 @@ def empty_routing(
 
 
 def validate_routing(ds: xr.Dataset, *, where: str = "routing cube") -> None:
-    """Raise ValueError naming ``where`` and the field when ``ds`` breaks the schema."""
+    """Raise ValueError naming ``where`` and the field when ``ds`` breaks the schema.
+
+    ``expert_ids`` may be absent only from an imported cube that declares
+    ``attrs["has_token_ids"] = False`` and holds router logits or aggregate
+    variables instead (analyses needing ids then report them missing).
+    """
     if "expert_ids" not in ds:
-        raise ValueError(f"{where}: variable 'expert_ids' is missing (expected dims {ROUTING_DIMS})")
+        ids_free = not ds.attrs.get("has_token_ids", True) and any(
+            v in ds.data_vars for v in ("router_logits", *AGGREGATE_VARIABLES)
+        )
+        if not ids_free:
+            raise ValueError(f"{where}: variable 'expert_ids' is missing (expected dims {ROUTING_DIMS})")
     for name, var in ds.data_vars.items():
         spec = VARIABLES.get(name)
         if spec is None:
@@ -224,7 +288,7 @@ def validate_routing(ds: xr.Dataset, *, where: str = "routing cube") -> None:
         if tuple(var.dims) != spec.dims:
             raise ValueError(f"{where}: variable '{name}' has dims {tuple(var.dims)}, expected {spec.dims}")
     for name in TOKEN_COORDS:
-        if name not in ds.coords:
+        if name not in ds.coords and name not in OPTIONAL_TOKEN_COORDS:
             raise ValueError(f"{where}: token coordinate '{name}' is missing")
     for name in REQUIRED_ATTRS:
         if name not in ds.attrs:
@@ -250,6 +314,8 @@ def mock_cube(
     with_logits: bool = True,
     uniform: bool = False,
     ragged: bool = True,
+    paired: bool = True,
+    with_lens: bool = True,
     seed: int = 0,
 ) -> xr.Dataset:
     """A seeded routing cube in memory, with realistic structure.
@@ -259,6 +325,13 @@ def mock_cube(
     final checkpoint). Routing follows Mixtral semantics: softmax over all
     experts, top-k, renormalised weights. ``uniform=True`` gives i.i.d.
     uniformly random k-subsets in random order (for chance-level tests).
+
+    ``paired``: consecutive samples of a domain form pairs (conditions 'A' and
+    'B', attrs ``condition_a``/``condition_b``); tokens at the same position
+    that are canonical in both are aligned (``aligned_token``). ``with_lens``:
+    ``lens_logprob`` rising with depth to −nll at the last layer, and (with
+    ``paired``) a symmetric ``lens_js`` at the aligned positions. Both use
+    their own random stream, so the routing is the same with or without them.
 
     Returns
     -------
@@ -280,10 +353,30 @@ def mock_cube(
     token_id = (rng.integers(0, vocab // 2, size=T) + dom_idx * 7) % vocab
     canonical = rng.random(T) > 0.15
     text = np.array([f"t{t}" if c else " " for t, c in zip(token_id, canonical)], dtype=object)
+    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    cond = np.full(n_samples, "", dtype=object)
+    pair_id = np.full(n_samples, "", dtype=object)
+    aligned = np.full(T, -1, dtype=np.int64)
+    if paired:
+        for d in domains:
+            members = [i for i in range(n_samples) if sample_domain[i] == d]
+            for a, b in zip(members[0::2], members[1::2]):
+                cond[a], cond[b] = "A", "B"
+                pair_id[a] = pair_id[b] = f"{d}-{a}"
+                n = min(lengths[a], lengths[b])
+                ta, tb = starts[a] + np.arange(n), starts[b] + np.arange(n)
+                both = canonical[ta] & canonical[tb]
+                aligned[ta[both]], aligned[tb[both]] = tb[both], ta[both]
+    last_canonical = np.zeros(T, dtype=bool)
+    for s0, n in zip(starts, lengths):
+        hit = np.flatnonzero(canonical[s0:s0 + n])
+        if hit.size:
+            last_canonical[s0 + hit[-1]] = True
     tokens = token_table(
         sample=sample, position=position, token_id=token_id, token_text=text,
         char_start=position * 2, char_end=position * 2 + 2,
         dataset=np.full(T, "mock", dtype=object), domain=domain, canonical=canonical,
+        condition=cond[sample], pair=pair_id[sample], aligned_token=aligned, last_canonical=last_canonical,
     )
 
     if uniform:
@@ -318,10 +411,13 @@ def mock_cube(
         num_experts=E,
         top_k=K,
         keep_logits=with_logits,
+        keep_lens=with_lens,
+        keep_js=with_lens and paired,
         attrs={
             "model_family": "mock",
             "router_semantics": "softmax over all experts, top-k, renormalised (Mixtral)",
             "source": "mock_cube",
+            **({"condition_a": "A", "condition_b": "B"} if paired else {}),
         },
         lazy=False,
     )
@@ -330,5 +426,19 @@ def mock_cube(
     if with_logits:
         ds["router_logits"].values[...] = logits.astype(np.float16)
     ds["nll"].values[...] = nll
+    if with_lens:
+        lrng = np.random.default_rng([seed, 1])
+        depth = (L - 1 - np.arange(L, dtype=np.float32)) / max(L - 1, 1)  # 1 at the first layer, 0 at the last
+        gap = lrng.gamma(2.0, 1.0, size=(C, L, T)).astype(np.float32) * depth[None, :, None]
+        ds["lens_logprob"].values[...] = -(nll[:, None, :] + gap)
+        if paired:
+            # JS sits at the position before each aligned target, equal on both sides of the pair.
+            tgt = np.flatnonzero((aligned >= 0) & (position > 0))
+            tgt = tgt[(cond[sample[tgt]] == "A") & (position[aligned[tgt]] > 0)]
+            js = np.full((C, L, T), np.nan, dtype=np.float32)
+            vals = lrng.uniform(0.0, np.log(2.0), size=(C, L, tgt.size)) * (0.3 + 0.7 * depth[None, :, None])
+            js[:, :, tgt - 1] = vals
+            js[:, :, aligned[tgt] - 1] = vals
+            ds["lens_js"].values[...] = js
     ds["complete"].values[...] = 1
     return ds

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -50,6 +51,8 @@ def checkpoints(exp: Experiment) -> list[CheckpointSpec]:
     """The experiment's checkpoints; for the demo, the ones its training saves."""
     if exp.model.source == "checkpoints":
         return list(exp.model.checkpoints)
+    if exp.model.source == "import":
+        return []  # the traces name their own checkpoints
     from capture.demo import checkpoint_name
 
     layout = _layout(exp)
@@ -63,10 +66,19 @@ def checkpoints(exp: Experiment) -> list[CheckpointSpec]:
 def datasets(exp: Experiment) -> list[DatasetSpec]:
     if exp.datasets or exp.model.source != "demo":
         return list(exp.datasets)
-    from capture.demo import EVAL_DATASET_NAME
+    from capture.demo import EVAL_DATASET_NAME, PAIRED_DATASET_NAME
 
     # prepare_demo writes its held-out samples here (capture/demo/__init__.py documents the layout).
-    return [DatasetSpec(name=EVAL_DATASET_NAME, path=str(_layout(exp).model_dir / "data" / "eval.jsonl"))]
+    data = _layout(exp).model_dir / "data"
+    out = [DatasetSpec(name=EVAL_DATASET_NAME, path=str(data / "eval.jsonl"))]
+    if exp.conditions.a:
+        # The demo's two-condition set (capture/demo/paired.py), used when the experiment compares conditions.
+        out.append(DatasetSpec(name=PAIRED_DATASET_NAME, path=str(data / "paired.jsonl")))
+    return out
+
+
+def _conditions(exp: Experiment) -> tuple[str, str]:
+    return (exp.conditions.a, exp.conditions.b)
 
 
 def tokenizer_dir(exp: Experiment) -> str:
@@ -75,8 +87,36 @@ def tokenizer_dir(exp: Experiment) -> str:
     return checkpoints(exp)[0].path
 
 
+def _under_run_lock(run):
+    """Wrap a stage's ``run`` in the run directory's lock (storage/lock.py: wait, then give up with a clear error).
+
+    A run that waited re-checks ``complete()``: the other run may have done this stage meanwhile.
+    """
+    import inspect
+
+    if inspect.isgeneratorfunction(run):  # the lock would be released before the generator runs
+        raise TypeError(f"{run.__qualname__}: dynamic dependencies (a generator run) are not supported")
+
+    @functools.wraps(run)
+    def locked(self):
+        from storage.lock import run_lock
+
+        with run_lock(self.layout.lock):
+            if self.complete():
+                logging.getLogger("luigi-interface").info("%s: done by another run while this one waited; skipped", self)
+            else:
+                run(self)
+
+    return locked
+
+
 class _Stage(luigi.Task):
     """A stage of one experiment: identity = (experiment file, stage parameters)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "run" in cls.__dict__:
+            cls.run = _under_run_lock(cls.__dict__["run"])
 
     experiment = luigi.Parameter(description="path of the experiment TOML file")
 
@@ -99,7 +139,9 @@ class PrepareModel(_Stage):
     def fingerprint(self) -> str:
         exp = self.exp
         if exp.model.source == "demo":
-            return cubes.fingerprint("demo", dataclasses.asdict(_demo_config(exp)))
+            from capture.demo.paired import PAIRED_VERSION
+
+            return cubes.fingerprint("demo", dataclasses.asdict(_demo_config(exp)), PAIRED_VERSION)
         return cubes.fingerprint("checkpoints", [dataclasses.asdict(c) for c in exp.model.checkpoints])
 
     def output(self):
@@ -153,6 +195,8 @@ class Tokenize(_Stage):
         d = self._spec()
         return cubes.fingerprint(
             dataclasses.asdict(d), _file_digest(d.path), self.exp.capture.max_length,
+            # pair_tokens files name their id fields after the conditions
+            _conditions(self.exp) if d.format == "pair_tokens" else None,
             # The tokenizer's content, not its path: re-saving an identical tokenizer changes nothing.
             [_file_digest(p) for p in sorted(Path(tokenizer_dir(self.exp)).glob("*.json"))],
         )
@@ -167,6 +211,18 @@ class Tokenize(_Stage):
         from capture.tokenize import tokenize_jsonl
 
         d = self._spec()
+        if d.format == "pair_tokens":
+            from capture.load import load_tokenizer
+            from capture.pairs import read_pair_tokens
+
+            a, b = _conditions(self.exp)
+            table = read_pair_tokens(
+                d.path, condition_a=a, condition_b=b, dataset=d.name, max_length=self.exp.capture.max_length,
+                max_samples=d.max_samples,
+                tokenizer=load_tokenizer(tokenizer_dir(self.exp), trust_remote_code=self.exp.model.trust_remote_code),
+            )
+            cubes.write_result(table, self.output().path, fingerprint=self.fingerprint())
+            return
         table = tokenize_jsonl(
             d.path, tokenizer_dir(self.exp), dataset=d.name, max_length=self.exp.capture.max_length,
             text_field=d.text_field, domain_field=d.domain_field, max_samples=d.max_samples,
@@ -197,7 +253,9 @@ class RoutingTemplate(_Stage):
             return False
         from capture.job import routing_inputs_hash
 
-        return ds.attrs.get("inputs_hash") == routing_inputs_hash([t.output().path for t in self.requires()[1:]])
+        return ds.attrs.get("inputs_hash") == routing_inputs_hash(
+            [t.output().path for t in self.requires()[1:]], _conditions(self.exp)
+        )
 
     def complete(self):
         if not self.inputs_current():
@@ -214,6 +272,9 @@ class RoutingTemplate(_Stage):
             checkpoints=checkpoints(exp),
             keep_logits=exp.capture.keep_router_logits,
             trust_remote_code=exp.model.trust_remote_code,
+            conditions=_conditions(exp),
+            keep_lens=exp.capture.logit_lens,
+            keep_js=exp.capture.js_divergence,
         )
         cubes.clean_temporaries(self.layout.root)
         cubes.prepare_routing(self.layout.routing, template)
@@ -257,9 +318,47 @@ class Capture(_Stage):
             trust_remote_code=exp.model.trust_remote_code,
             key=f"capture-{exp.name}-{c.name}-{time.time_ns()}",
             pure=False,
-            resources=None,
+            # One device per capture job; workers advertise GPU resources (deploy.client, deploy/slurm.py).
+            resources={"GPU": 1} if exp.capture.device.startswith("cuda") else None,
         )
         future.result()
+
+
+class ImportTrace(_Stage):
+    """routing.zarr from traces another system wrote (storage/importers), instead of capture."""
+
+    MARK = "import_fingerprint"
+
+    def fingerprint(self) -> str:
+        t = self.exp.trace
+        return cubes.fingerprint(
+            dataclasses.asdict(t), [_path_stamp(p) for p in t.paths], _path_stamp(t.side_table) if t.side_table else "",
+        )
+
+    def output(self):
+        return luigi.LocalTarget(str(self.layout.routing))
+
+    def complete(self):
+        try:
+            ds = cubes.open_routing(self.layout.routing, complete_only=False)
+        except cubes.CubeError:
+            return False
+        return ds.attrs.get(self.MARK) == self.fingerprint() and bool(cubes.completed_checkpoints(self.layout.routing))
+
+    def run(self):
+        from storage.importers import import_trace
+
+        t = self.exp.trace
+        for p in t.paths:
+            if not Path(p).exists():
+                raise FileNotFoundError(f"{self.exp.source_file}: trace {p} does not exist")
+        import_trace(
+            t.format, list(t.paths), self.layout.routing, checkpoint=list(t.checkpoints) or None,
+            step=list(t.steps) or None, side_table=t.side_table or None, num_experts=t.num_experts or None,
+            overwrite=True, **t.options,
+        )
+        # Written last: an interrupted import is never taken for a finished one.
+        cubes.set_routing_attrs(self.layout.routing, {self.MARK: self.fingerprint()})
 
 
 class Analyse(_Stage):
@@ -268,6 +367,8 @@ class Analyse(_Stage):
     analysis = luigi.Parameter()
 
     def requires(self):
+        if self.exp.model.source == "import":
+            return [ImportTrace(experiment=self.experiment)]
         return [Capture(experiment=self.experiment, checkpoint=c.name) for c in checkpoints(self.exp)]
 
     def params(self) -> dict:
@@ -281,10 +382,11 @@ class Analyse(_Stage):
         from analyses import VERSION
 
         ds = cubes.open_routing(self.layout.routing, complete_only=False)
-        return cubes.fingerprint(
-            self.analysis, self.params(), ds.attrs.get("inputs_hash"),
-            sorted((c.name, c.step) for c in checkpoints(self.exp)), VERSION,
-        )
+        if self.exp.model.source == "import":
+            inputs = [ds.attrs.get(ImportTrace.MARK)]
+        else:
+            inputs = sorted((c.name, c.step) for c in checkpoints(self.exp))
+        return cubes.fingerprint(self.analysis, self.params(), ds.attrs.get("inputs_hash"), inputs, VERSION)
 
     def output(self):
         return luigi.LocalTarget(str(self.layout.analysis(self.analysis)))
@@ -295,12 +397,24 @@ class Analyse(_Stage):
         return cubes.result_fingerprint(self.output().path) == self.fingerprint()
 
     def run(self):
+        import xarray as xr
+
+        from analyses import missing_requirements
         from analyses.runner import compute_analysis
 
-        result = compute_analysis(
-            self.layout.routing, self.analysis, self.params(),
-            checkpoints=[c.name for c in checkpoints(self.exp)], client=_client(self.exp),
-        )
+        missing = missing_requirements(self.analysis, cubes.open_routing(self.layout.routing, complete_only=False))
+        if missing:
+            # Imported traces often lack weights or logits: the report says what was skipped and why.
+            result = xr.Dataset(attrs={
+                "analysis": self.analysis,
+                "skipped": f"the routing cube has no {', '.join(missing)} (source: "
+                           f"{cubes.open_routing(self.layout.routing, complete_only=False).attrs.get('source')})",
+            })
+        else:
+            names = None if self.exp.model.source == "import" else [c.name for c in checkpoints(self.exp)]
+            result = compute_analysis(
+                self.layout.routing, self.analysis, self.params(), checkpoints=names, client=_client(self.exp),
+            )
         cubes.write_result(result, self.output().path, fingerprint=self.fingerprint())
 
 
@@ -347,6 +461,7 @@ def _client(exp: Experiment):
     return deploy.client(
         scheduler=d.scheduler, n_workers=d.n_workers, threads_per_worker=d.threads_per_worker, host=d.host,
         dashboard_port=d.dashboard_port, memory_limit=d.memory_limit,
+        gpus_per_worker=1 if exp.capture.device.startswith("cuda") else 0,
     )
 
 
@@ -369,6 +484,17 @@ def _write_json_atomic(path, obj) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def _path_stamp(path) -> list:
+    """Cheap identity of a trace file or directory (sizes and mtimes; traces can be many GB)."""
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return [p.name, st.st_size, st.st_mtime_ns]
+    if p.is_dir():
+        return sorted([str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns] for f in p.rglob("*") if f.is_file())
+    return ["missing", str(p)]
 
 
 def _file_digest(path) -> str:

@@ -16,6 +16,7 @@ import analyses
 from analyses import plotting
 from analyses.change import change
 from analyses.confidence import confidence, token_entropy
+from analyses.registry import last_canonical_mask
 from analyses.usage import usage
 from conftest import forbid_cube_compute, lazy, punch_holes, small_cube
 from storage.schema import FILL_ID, mock_cube
@@ -115,7 +116,7 @@ def change_reference(ds):
 
 
 def test_usage_matches_reference(cube):
-    r = usage(cube)
+    r = usage(cube, n_boot=0).sel(view="all")
     count, wsum, tokens = usage_reference(cube)
     np.testing.assert_array_equal(r["count"].values, count)
     np.testing.assert_array_equal(r["tokens"].values, tokens)
@@ -130,17 +131,17 @@ def test_usage_matches_reference(cube):
     assert int(r["count"].sum()) == int((cube["expert_ids"].values >= 0).sum())
 
 
-def test_usage_canonical_only_matches_reference(cube):
-    r = usage(cube, canonical_only=True)
+def test_usage_canonical_view_matches_reference(cube):
+    r = usage(cube, views=["all", "canonical"], n_boot=0)
     count, _, tokens = usage_reference(cube, canonical_only=True)
-    np.testing.assert_array_equal(r["count"].values, count)
-    np.testing.assert_array_equal(r["tokens"].values, tokens)
-    assert r["count"].sum() < usage(cube)["count"].sum()
+    np.testing.assert_array_equal(r["count"].sel(view="canonical").values, count)
+    np.testing.assert_array_equal(r["tokens"].sel(view="canonical").values, tokens)
+    assert r["count"].sel(view="canonical").sum() < r["count"].sel(view="all").sum()
 
 
 def test_usage_without_weights(cube):
     r = usage(cube.drop_vars("expert_weights"))
-    assert "weighted_usage" not in r and "usage" in r
+    assert "weighted_usage" not in r and "weighted_usage_lo" not in r and "usage_lo" in r
 
 
 @pytest.mark.parametrize("with_logits", [True, False])
@@ -208,7 +209,7 @@ def _tolerance(p, n):
 
 
 def test_usage_at_chance_on_uniform_routing(uniform_cube):
-    r = usage(uniform_cube)
+    r = usage(uniform_cube, views=["all"], n_boot=0).sel(view="all")
     E, k = 8, 2
     n_min = int(r["tokens"].min()) * k
     assert abs(r["usage"] - 1 / E).max() < _tolerance(1 / E, n_min)
@@ -262,19 +263,23 @@ def test_split_then_combine_equals_whole(seed, n_layers, n_checkpoints, cut, hol
                   with_logits=False),
         seed=seed, frac=hole_frac,
     )
-    whole = usage(ds)
+    def counts(d):
+        return usage(d, views=["all"], n_boot=0)
+
+    whole = counts(ds)
     cut = min(cut, n_layers - 1)
-    by_layer = xr.concat([usage(ds.isel(layer=slice(0, cut))), usage(ds.isel(layer=slice(cut, None)))], "layer")
-    by_ckpt = xr.concat([usage(ds.isel(checkpoint=[c])) for c in range(n_checkpoints)], "checkpoint")
+    by_layer = xr.concat([counts(ds.isel(layer=slice(0, cut))), counts(ds.isel(layer=slice(cut, None)))], "layer")
+    by_ckpt = xr.concat([counts(ds.isel(checkpoint=[c])) for c in range(n_checkpoints)], "checkpoint")
     for part in (by_layer, by_ckpt):
         np.testing.assert_array_equal(part["count"].values, whole["count"].values)
         np.testing.assert_array_equal(part["tokens"].values, whole["tokens"].values)
     # slots add up: Σ_e count = valid slots of the group
     valid = (ds["expert_ids"] >= 0).sum("k")
     per_layer = valid.sum("token").values
-    np.testing.assert_array_equal(whole["count"].sum(("domain", "expert")).values, per_layer)
-    ch_whole = change(ds)
-    ch_split = xr.concat([change(ds.isel(layer=[i])) for i in range(n_layers)], "layer")
+    np.testing.assert_array_equal(whole["count"].sel(view="all").sum(("domain", "expert")).values, per_layer)
+    # the same bootstrap draws (they depend on the samples only), so the intervals split too
+    ch_whole = change(ds, n_boot=20)
+    ch_split = xr.concat([change(ds.isel(layer=[i]), n_boot=20) for i in range(n_layers)], "layer")
     xr.testing.assert_allclose(ch_split, ch_whole)
 
 
@@ -346,3 +351,110 @@ def test_savefig_formats(tmp_path):
     fig, _ = plt.subplots()
     with pytest.raises(ValueError, match="expected some of"):
         plotting.savefig(fig, tmp_path, "x", ("jpg",))
+
+
+# --------------------------------------------------------------------------- issue 3: confidence and change extensions
+
+
+def _entropy_np(p):
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def test_confidence_extensions_match_reference(cube):
+    r = confidence(cube, hist_bins=7, n_boot=0)
+    ids = cube["expert_ids"].values
+    logits = cube["router_logits"].values.astype(np.float32)
+    domains = sorted(set(cube["domain"].values))
+    dom = cube["domain"].values
+    C, L, T, K = ids.shape
+    E = cube.attrs["num_experts"]
+    count, _, _ = usage_reference(cube)
+    for c in range(C):
+        for layer in range(L):
+            # marginal entropy: entropy of the usage distribution itself
+            for d in range(len(domains)):
+                u = count[c, layer, d] / count[c, layer, d].sum()
+                assert r["marginal_entropy"].values[c, layer, d] == pytest.approx(_entropy_np(u) / math.log(E))
+            u = count[c, layer].sum(0) / count[c, layer].sum()
+            assert r["marginal_entropy_all"].values[c, layer] == pytest.approx(_entropy_np(u) / math.log(E))
+            # boundary: k-th minus (k+1)-th largest logit, over tokens with a valid slot and written logits
+            gaps = {d: [] for d in domains}
+            ents = []
+            for t in range(T):
+                if not (ids[c, layer, t] >= 0).any() or np.isnan(logits[c, layer, t]).any():
+                    continue
+                s = sorted(logits[c, layer, t].tolist(), reverse=True)
+                gaps[dom[t]].append(s[K - 1] - s[K])
+                x = logits[c, layer, t]
+                p = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+                ents.append(_entropy_np(p.astype(np.float64)) / math.log(E))
+            for d, name in enumerate(domains):
+                assert r["boundary"].values[c, layer, d] == pytest.approx(np.mean(gaps[name]), rel=1e-5)
+            assert r["boundary_all"].values[c, layer] == pytest.approx(np.mean(sum(gaps.values(), [])), rel=1e-5)
+            # histogram of the normalised per-token entropy over 7 bins of [0, 1]
+            hist, _ = np.histogram(ents, bins=np.linspace(0, 1, 8))
+            np.testing.assert_allclose(r["entropy_hist"].values[c, layer], hist / hist.sum(), atol=1e-12)
+    np.testing.assert_allclose(r["bin_start"].values, np.linspace(0, 1, 8)[:-1])
+    assert (r["boundary_all"] > 0).all()  # mock routers select the top-k logits
+    assert "not a per-token entropy" in r["marginal_entropy"].attrs["description"]
+
+
+def test_confidence_intervals_bracket_and_views(cube):
+    r = confidence(cube, n_boot=50, seed=2)
+    for m in ("entropy", "topk_entropy", "margin", "boundary", "marginal_entropy"):
+        for name in (m, f"{m}_all"):
+            lo, hi = r[f"{name}_lo"].values, r[f"{name}_hi"].values
+            assert (lo <= hi + 1e-12).all(), name
+            # the mean of a ratio estimate lies inside its interval for nearly every cell
+            assert ((lo <= r[name].values + 1e-9) & (r[name].values <= hi + 1e-9)).mean() > 0.8, name
+    last = confidence(cube, view="last_canonical", n_boot=0)
+    mask = last_canonical_mask(cube)
+    expected = ((cube["expert_ids"].values >= 0).any(-1) & mask).sum(-1)
+    np.testing.assert_array_equal(last["tokens"].sum("domain").values, expected)
+
+
+def test_marginal_entropy_and_drift_at_chance_on_uniform_routing(uniform_cube):
+    c = confidence(uniform_cube, n_boot=0)
+    # finite N: E[H] ≈ ln E − (E−1)/(2·k·N); within 1 % of 1 at this size
+    assert float(c["marginal_entropy_all"].min()) > 0.99
+    assert c["marginal_entropy_all"].attrs["chance"] == 1.0
+    ch = change(uniform_cube, n_boot=0)
+    assert float(ch["drift_final"].min()) > 0.98 and float(ch["drift_prev"].isel(checkpoint=slice(1, None)).min()) > 0.98
+
+
+def test_drift_matches_reference(cube):
+    shuffled = cube.isel(checkpoint=[1, 2, 0])
+    r = change(shuffled, n_boot=0)
+    order = np.argsort(shuffled["step"].values)
+    count = usage_reference(shuffled)[0].sum(2)[order]  # (C, L, E), sorted by step
+    C, L, _ = count.shape
+    for c in range(C):
+        for layer in range(L):
+            a, f = count[c, layer], count[-1, layer]
+            assert r["drift_final"].values[c, layer] == pytest.approx(a @ f / np.sqrt((a @ a) * (f @ f)))
+            if c:
+                b = count[c - 1, layer]
+                assert r["drift_prev"].values[c, layer] == pytest.approx(a @ b / np.sqrt((a @ a) * (b @ b)))
+    assert np.isnan(r["drift_prev"].isel(checkpoint=0)).all()
+
+
+def test_change_intervals_are_paired_and_bracket(cube):
+    r = change(cube, n_boot=60, seed=3)
+    for m in ("saturation", "overlap_prev", "position_match_final", "drift_final"):
+        lo, hi = r[f"{m}_lo"].values, r[f"{m}_hi"].values
+        ok = np.isfinite(lo)
+        assert (lo[ok] <= hi[ok] + 1e-12).all(), m
+    # at the final checkpoint every replicate compares it with itself: a zero-width interval at 1
+    np.testing.assert_allclose(r["saturation_lo"].isel(checkpoint=-1).values, 1.0)
+    np.testing.assert_allclose(r["drift_final_hi"].isel(checkpoint=-1).values, 1.0)
+
+
+def test_change_refuses_incomplete_checkpoint(cube):
+    ds = cube.copy(deep=True)
+    ds["complete"].values[1] = 0
+    with pytest.raises(ValueError, match=r"identical inputs.*not completely captured.*checkpoint step100"):
+        change(ds)
+    result = change(lazy(ds))  # lazy: the graph builds, computing refuses
+    with pytest.raises(ValueError, match="not completely captured"):
+        result["drift_final"].compute()

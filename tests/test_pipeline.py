@@ -45,6 +45,13 @@ train_chars_per_domain = 20000
 keep_router_logits = true
 batch_size = 4
 max_length = 64
+logit_lens = true
+js_divergence = true
+[conditions]
+a = "tool_context"
+b = "plain"
+[analyses]
+run = ["usage", "confidence", "change", "divergence", "lens"]
 [dask]
 n_workers = 1
 dashboard_port = {port}
@@ -123,8 +130,40 @@ def test_demo_outputs(demo_run):
     html = (run / "report" / "index.html").read_text()
     assert "<img" in html and "Chance level" in html
     summary = json.loads((run / "summary.json").read_text())
-    assert set(summary["analyses"]) == {"usage", "confidence", "change"}
+    assert set(summary["analyses"]) == {"usage", "confidence", "change", "divergence", "lens"}
     assert any(n.startswith("Capture") for n in ran.names)
+
+
+def test_paired_outputs(demo_run):
+    """The demo's two conditions: alignment in the cube, lens, divergence, mask points, report section."""
+    run = demo_run[0] / "run"
+    ds = xr.open_zarr(run / "routing.zarr")
+    assert ds.attrs["condition_a"] == "tool_context" and ds.attrs["condition_b"] == "plain"
+    assert json.loads(ds.attrs["alignment"])["pairs"] == 3
+    aligned = ds.aligned_token.values
+    t = np.flatnonzero(aligned >= 0)
+    assert t.size and (aligned[aligned[t]] == t).all()
+    text, cond = ds.token_text.values, ds.condition.values
+    assert all("".join(text[a].split()) == "".join(text[aligned[a]].split()) for a in t)
+    plain = (cond == "plain") & ds.canonical.values
+    assert (aligned[plain] >= 0).mean() > 0.9  # the code is the same in both conditions
+    assert ds.last_canonical.values.sum() == len(np.unique(ds["sample"].values))
+    lens, nll = ds.lens_logprob.values, ds.nll.values
+    np.testing.assert_allclose(lens[:, -1], -nll, atol=1e-4)  # lens at the last layer = the model's NLL
+    js = ds.lens_js.values
+    assert np.isfinite(js).any() and np.nanmin(js) >= 0 and np.nanmax(js) <= np.log(2) + 1e-6
+
+    ckpt = str(ds.checkpoint.values[-1])
+    for name in ("divergence", "lens"):
+        assert (run / "tables" / f"{name}.csv").stat().st_size > 0
+        assert list((run / "report" / "figures" / name).glob("*.png"))
+    points = json.loads((run / "tables" / "divergence" / ckpt /
+                         "last_canonical_tool_context_minus_plain_points.json").read_text())
+    assert len(points) == ds.sizes["layer"] * ds.sizes["expert"]
+    assert all(p["value"] >= q["value"] for p, q in zip(points, points[1:]))
+    html = (run / "report" / "index.html").read_text()
+    assert "Routing divergence between two conditions" in html and "Logit lens" in html
+    assert "last_canonical_tool_context_minus_plain_points.json" in html
 
 
 def test_rerun_does_nothing(demo_run):
@@ -169,7 +208,10 @@ dashboard_port = 18797
     assert list(res.step.values) == [0, 6, 12]
     # The same checkpoints captured by the demo run give identical routing.
     a = xr.open_zarr(tmp_path / "real" / "routing.zarr").expert_ids.sel(checkpoint="step_0006").values
-    b = xr.open_zarr(root / "run" / "routing.zarr").expert_ids.sel(checkpoint="step_0006").values
+    demo = xr.open_zarr(root / "run" / "routing.zarr")
+    # the demo cube also holds the paired set, after the evaluation samples
+    b = demo.expert_ids.sel(checkpoint="step_0006").isel(token=np.flatnonzero(demo.dataset.values == "demo_eval"))
+    b = b.values
     np.testing.assert_array_equal(a, b)
 
 

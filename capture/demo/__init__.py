@@ -6,6 +6,8 @@ trains a small Mixtral-style MoE model on the CPU and saves checkpoints along th
 (``train``). Layout under ``out_dir``::
 
     data/eval.jsonl          held-out samples {"id", "text", "domain"}, all domains
+    data/paired.jsonl        held-out code with and without a tool-use context (``paired``):
+                             {"id", "text", "domain", "condition", "pair", "source"}
     tokenizer/               AutoTokenizer-loadable fast tokenizer
     checkpoints/step_0000/   safetensors model + config + tokenizer, one dir per checkpoint
     training_log.json        loss / aux-loss curve, held-out NLL per checkpoint
@@ -22,12 +24,14 @@ import shutil
 from pathlib import Path
 
 from .corpus import DOMAINS, Corpus, build_corpus
+from .paired import CONDITION_A, CONDITION_B, PAIRED_VERSION, build_paired, write_paired_jsonl
 from .train import DemoConfig, checkpoint_name
 
 __all__ = ["DOMAINS", "DemoConfig", "prepare_demo", "load_manifest", "build_corpus", "Corpus", "checkpoint_name"]
 
 MANIFEST = "manifest.json"
 EVAL_DATASET_NAME = "demo_eval"
+PAIRED_DATASET_NAME = "demo_paired"
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -57,6 +61,7 @@ def _remove_previous_outputs(out_dir: Path) -> None:
     rm(out_dir / MANIFEST)
     rm(out_dir / "training_log.json")
     rm(out_dir / "data" / "eval.jsonl")
+    rm(out_dir / "data" / "paired.jsonl")
     rm(out_dir / "tokenizer")
     ckpt = out_dir / "checkpoints"
     if ckpt.is_dir():
@@ -87,6 +92,8 @@ def load_manifest(out_dir: Path) -> dict | None:
     try:
         paths = [c["path"] for c in manifest["checkpoints"]] + [d["path"] for d in manifest["datasets"]]
         paths.append(manifest["tokenizer"])
+        if "paired" in manifest:
+            paths.append(manifest["paired"]["path"])
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: checkpoints/datasets entries must be objects with a 'path' ({exc!r})") from exc
     if not all(Path(p).exists() for p in paths):
@@ -114,6 +121,17 @@ def _fit_to_context(tokenizer, max_tokens: int):
     return fit
 
 
+def _write_paired(out_dir: Path, corpus: Corpus, tokenizer, cfg: DemoConfig) -> dict:
+    """Write data/paired.jsonl (``paired.build_paired``) atomically; its manifest entry."""
+    rows = build_paired(corpus, tokenizer, n_pairs=cfg.eval_samples_per_domain, seq_len=cfg.seq_len)
+    path = out_dir / "data" / "paired.jsonl"
+    tmp = path.with_name(f".paired.jsonl.tmp-{os.getpid()}")
+    write_paired_jsonl(rows, tmp)
+    os.replace(tmp, path)
+    return {"name": PAIRED_DATASET_NAME, "path": str(path), "conditions": [CONDITION_A, CONDITION_B],
+            "pairs": len(rows) // 2, "version": PAIRED_VERSION}
+
+
 def prepare_demo(out_dir: Path, cfg: DemoConfig | None = None, progress: bool = True) -> dict:
     """Build (or reuse) the demo model, tokenizer and evaluation data under ``out_dir``.
 
@@ -130,8 +148,9 @@ def prepare_demo(out_dir: Path, cfg: DemoConfig | None = None, progress: bool = 
     -------
     dict
         The manifest: ``checkpoints`` ([{name, step, path}] in step order), ``datasets``
-        ([{name: "demo_eval", path}]), ``tokenizer`` (path), ``config`` (``cfg`` as a
-        dict), ``training_log`` (path), ``domains``. Paths are absolute.
+        ([{name: "demo_eval", path}]), ``paired`` ({name: "demo_paired", path, conditions,
+        pairs, version}: the two-condition set of ``paired``), ``tokenizer`` (path),
+        ``config`` (``cfg`` as a dict), ``training_log`` (path), ``domains``. Paths are absolute.
 
     Notes
     -----
@@ -151,6 +170,16 @@ def prepare_demo(out_dir: Path, cfg: DemoConfig | None = None, progress: bool = 
     except ValueError:
         existing = None  # a damaged manifest is rebuilt like a missing one
     if existing is not None and existing["config"] == cfg.to_dict():
+        if existing.get("paired", {}).get("version") == PAIRED_VERSION:
+            return existing
+        # A model built before the paired data existed (or by an older builder): add only the data.
+        corpus = build_corpus(cfg.seed, cfg.train_chars_per_domain, cfg.eval_samples_per_domain, cfg.eval_max_chars)
+        from .tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(Path(existing["tokenizer"]))
+        corpus.select_eval(cfg.eval_samples_per_domain, fit=_fit_to_context(tokenizer, cfg.seq_len))
+        existing["paired"] = _write_paired(out_dir, corpus, tokenizer, cfg)
+        _write_json_atomic(out_dir / MANIFEST, existing)
         return existing
 
     from .tokenizer import save_tokenizer, train_tokenizer
@@ -177,6 +206,7 @@ def prepare_demo(out_dir: Path, cfg: DemoConfig | None = None, progress: bool = 
     eval_tmp = data_dir / f".eval.jsonl.tmp-{os.getpid()}"
     corpus.write_eval_jsonl(eval_tmp)
     os.replace(eval_tmp, eval_path)
+    paired = _write_paired(out_dir, corpus, tokenizer, cfg)
 
     eval_texts = {d: [s["text"] for s in corpus.eval_samples if s["domain"] == d] for d in DOMAINS}
     ckpt_dir = out_dir / "checkpoints"
@@ -196,6 +226,7 @@ def prepare_demo(out_dir: Path, cfg: DemoConfig | None = None, progress: bool = 
         ],
         "datasets": [{"name": EVAL_DATASET_NAME, "path": str(eval_path)}],
         "tokenizer": str(tok_dir),
+        "paired": paired,
         "config": cfg.to_dict(),
         "training_log": str(out_dir / "training_log.json"),
         "domains": list(DOMAINS),

@@ -1,0 +1,320 @@
+"""Load balance: how evenly a layer spreads its routing slots over the experts.
+
+Per (checkpoint, layer), from the pooled usage u_e (share of routing slots,
+uniform 1/E):
+
+* CV = std_e(u) / mean_e(u) (population std), 0 at perfect balance; and
+  balance = 1 / (1 + CV), 1 at perfect balance.
+* Switch load-balancing loss E · Σ_e f_e · P_e, f_e = fraction of tokens whose
+  top-1 expert is e, P_e = mean router probability of e (softmax of the
+  logits; normalised sigmoid scores for sigmoid routers); 1 at perfect
+  balance. Needs ``router_logits``.
+* dead experts: u_e < dead_fraction / E; cold experts: u_e < cold_fraction / E
+  (cold includes dead).
+
+Uniform random routing with N tokens is not perfectly balanced: its expected
+CV² is (E − k) / (k · N) (each expert's slot count is binomial), reported per
+cell as ``cv_chance`` so that a small CV can be read against sampling noise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from . import bootstrap as bs
+from . import plotting
+from .confidence import is_sigmoid_router, router_probabilities
+from .registry import (
+    Analysis,
+    attach_guard,
+    cube_sizes,
+    describe,
+    finalise,
+    json_number,
+    refuse_if,
+    register,
+    safe_ratio,
+    tidy,
+    token_var,
+    view_ids,
+    view_mask,
+)
+
+NAME = "balance"
+
+
+def coefficient_of_variation(usage: xr.DataArray, dim: str = "expert") -> xr.DataArray:
+    """std / mean of ``usage`` over ``dim`` (population std); NaN where the mean is 0 or NaN."""
+    return safe_ratio(usage.std(dim, ddof=0, skipna=False), usage.mean(dim, skipna=False))
+
+
+def lb_loss(top1: xr.DataArray, psum: xr.DataArray, n: xr.DataArray, num_experts: int) -> xr.DataArray:
+    """E · Σ_e (top1_e / n) · (psum_e / n) from sums over the same n tokens (dim ``expert``)."""
+    f = safe_ratio(top1, n)
+    p = safe_ratio(psum, n)
+    return num_experts * (f * p).sum("expert", skipna=False)
+
+
+def balance(
+    routing: xr.Dataset,
+    *,
+    view: str = "all",
+    dead_fraction: float = 0.01,
+    cold_fraction: float = 0.25,
+    n_boot: int = 200,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Utilization balance, Switch load-balancing loss, dead and cold experts per (checkpoint, layer).
+
+    Parameters
+    ----------
+    routing : routing cube; uses ``expert_ids`` (checkpoint, layer, token, k)
+        and, when present, ``router_logits`` (checkpoint, layer, token, expert).
+    view : token view (``all``, ``canonical``, ``last_canonical``).
+    dead_fraction, cold_fraction : thresholds as fractions of uniform usage 1/E.
+    n_boot, ci, seed : bootstrap over samples (resampled within each domain);
+        ``n_boot=0`` leaves the interval variables out.
+
+    Returns
+    -------
+    xr.Dataset
+        usage (checkpoint, layer, expert) : share of the view's routing slots
+        cv, balance, cv_chance (checkpoint, layer)
+        lb_loss (checkpoint, layer) : only with router_logits
+        dead, cold (checkpoint, layer, expert) bool
+        dead_count, cold_count, tokens (checkpoint, layer) int64
+        cv_lo/hi, balance_lo/hi, lb_loss_lo/hi : bootstrap percentile intervals
+    """
+    E, k = cube_sizes(routing)
+    if not 0.0 <= dead_fraction <= cold_fraction:
+        raise ValueError(
+            f"balance: dead_fraction={dead_fraction}, cold_fraction={cold_fraction}; expected 0 <= dead <= cold"
+        )
+    n_boot = int(n_boot)
+    ids = view_ids(routing, view)
+    groups = bs.sample_groups(routing, "domain")
+
+    parts = {"count": bs.per_sample_sums(
+        xr.ones_like(ids, dtype=np.int64), routing, dim=("token", "k"), by={"expert": (ids, E)}
+    )}
+    parts["tokens"] = bs.per_sample_sums((ids >= 0).any("k").astype(np.int64), routing, dim="token")
+    with_lb = "router_logits" in routing
+    if with_lb:
+        logits = token_var(routing, "router_logits")
+        mask = view_mask(routing, view)
+        top1 = ids.isel(k=0, drop=True)
+        ok = (top1 >= 0) & logits.notnull().all("expert")
+        if mask is not None:
+            ok = ok & mask
+        p = router_probabilities(logits, sigmoid=is_sigmoid_router(routing)).astype(np.float64)
+        parts["psum"] = bs.per_sample_sums(p.where(ok, 0.0), routing, dim="token")
+        parts["top1"] = bs.per_sample_sums(
+            xr.ones_like(top1, dtype=np.int64), routing, dim="token", by={"expert": (top1.where(ok, -1), E)}
+        )
+        parts["n_lb"] = bs.per_sample_sums(ok.astype(np.int64), routing, dim="token")
+    ps = xr.Dataset(parts)
+    tot = bs.group_sums(ps)
+
+    usage = safe_ratio(tot["count"], tot["count"].sum("expert"))
+    cv = coefficient_of_variation(usage)
+    tokens = tot["tokens"].astype(np.int64)
+    cv_chance = np.sqrt((E - k) / (k * tokens.where(tokens > 0)))
+    dead = usage < dead_fraction / E
+    cold = usage < cold_fraction / E
+    nan_cell = "no routed token in this view at this checkpoint and layer"
+    out = {
+        "usage": describe(usage, "expert usage", "share of routing slots",
+                          "share of the view's routing slots going to the expert (domains pooled)",
+                          chance=1.0 / E, nan_where=nan_cell),
+        "cv": describe(cv, "coefficient of variation of usage", "ratio",
+                       "std over experts / mean over experts of usage (population std); 0 = perfect balance",
+                       ideal=0.0, nan_where=nan_cell),
+        "balance": describe(1.0 / (1.0 + cv), "utilization balance", "ratio", "1 / (1 + CV); 1 = perfect balance",
+                            ideal=1.0, nan_where=nan_cell),
+        "cv_chance": describe(
+            cv_chance, "CV of uniform random routing", "ratio",
+            "sqrt((E − k) / (k · N)), N = routed tokens: the root of the expected CV² when every token picks k "
+            "distinct experts uniformly at random (the expected CV is slightly lower)", nan_where=nan_cell,
+        ),
+        "dead": describe(dead, "dead expert", "boolean",
+                         f"usage < {dead_fraction:g} / E ({100 * dead_fraction:g} % of uniform usage)"),
+        "cold": describe(cold, "cold expert", "boolean",
+                         f"usage < {cold_fraction:g} / E ({100 * cold_fraction:g} % of uniform usage); includes dead"),
+        "dead_count": describe(dead.sum("expert").astype(np.int64), "dead experts", "experts",
+                               f"number of experts with usage < {dead_fraction:g} / E"),
+        "cold_count": describe(cold.sum("expert").astype(np.int64), "cold experts", "experts",
+                               f"number of experts with usage < {cold_fraction:g} / E (dead ones included)"),
+        "tokens": describe(tokens, "routed tokens", "tokens", "tokens of the view with at least one valid slot"),
+    }
+    if with_lb:
+        out["lb_loss"] = describe(
+            lb_loss(tot["top1"], tot["psum"], tot["n_lb"], E), "Switch load-balancing loss", "ratio",
+            "E · Σ_e f_e · P_e, f_e = share of tokens whose top-1 expert is e, P_e = mean router probability of e "
+            "(" + ("normalised sigmoid scores" if is_sigmoid_router(routing) else "softmax of the logits")
+            + "), over tokens with a written top-1 and logits; 1 at perfect balance", ideal=1.0,
+            nan_where="no token with a written top-1 slot and logits at this checkpoint and layer",
+        )
+
+    if n_boot > 0:
+        weights = bs.bootstrap_weights(ps.sizes["sample"], n_boot, seed, strata=groups)
+        reps = bs.resample(ps, weights)
+        cv_r = coefficient_of_variation(safe_ratio(reps["count"], reps["count"].sum("expert")))
+        for name, r in (("cv", cv_r), ("balance", 1.0 / (1.0 + cv_r))):
+            lo, hi = bs.interval(r, ci)
+            bs.add_interval(out, name, lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
+        if with_lb:
+            lo, hi = bs.interval(lb_loss(reps["top1"], reps["psum"], reps["n_lb"], E), ci)
+            bs.add_interval(out, "lb_loss", lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
+
+    result = xr.Dataset(out)
+    raw = token_var(routing, "expert_ids")
+    bad = ((raw >= E) | (raw < -1)).sum(("token", "k"))
+    guard = refuse_if(bad, f"expert_ids: slots with ids outside -1..{E - 1} (num_experts={E})")
+    # every variable, boolean ones included, must depend on the guard (attach_guard
+    # would turn a boolean into int8); a mix of guarded and unguarded variables
+    # also trips the distributed scheduler (one key, two definitions)
+    flags = [n for n, v in result.data_vars.items() if v.dtype == bool]
+    guarded = attach_guard(result.drop_vars(flags), guard)
+    g = guard.drop_vars([c for c in guard.coords if c not in guard.dims]).astype(bool)
+    for n in flags:
+        guarded[n] = (result[n] | g).transpose(*result[n].dims).assign_attrs(result[n].attrs)
+    result = guarded[list(out)]
+    return finalise(
+        result, routing, name=NAME,
+        definition="per (checkpoint, layer), from pooled usage u_e = share of the view's routing slots: "
+        "CV = std_e(u)/mean_e(u) (population std), balance = 1/(1+CV); Switch load-balancing loss "
+        "E·Σ_e f_e·P_e (f_e = share of tokens whose top-1 is e, P_e = mean router probability); dead: "
+        f"u_e < {dead_fraction:g}/E, cold: u_e < {cold_fraction:g}/E (cold includes dead). Intervals: "
+        f"{100 * ci:g} % percentile bootstrap over samples resampled within each domain ({n_boot} replicates).",
+        normalisation="CV is scale-free; balance in (0, 1]; LB loss is 1 at perfect balance and E at collapse "
+        "onto one expert",
+        chance="perfect balance: CV 0, balance 1, LB loss 1. Uniform random routing over N tokens gives "
+        "E[CV²] = (E − k)/(k·N) (variable cv_chance), balance ≈ 1/(1 + cv_chance), LB loss ≈ 1",
+        params={"view": view, "dead_fraction": float(dead_fraction), "cold_fraction": float(cold_fraction),
+                "n_boot": n_boot, "ci": float(ci), "seed": int(seed)},
+    )
+
+
+def _steps_order(result):
+    return np.argsort(result["step"].values, kind="stable")
+
+
+def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+    """CV, balance, LB loss and dead/cold counts vs training step, one line per layer, CI bands."""
+    result = result.compute()
+    result = result.isel(checkpoint=_steps_order(result))
+    steps = result["step"].values
+    layers = result["layer"].values
+    colours, mappable = plotting.series_colours(layers)
+    panels = [("cv", "CV of usage over experts"), ("balance", "balance 1 / (1 + CV)")]
+    if "lb_loss" in result:
+        panels.append(("lb_loss", "Switch LB loss E·Σ f·P"))
+    panels.append(("cold_count", "experts below threshold"))
+    with plotting.style():
+        fig, axes = plotting.new_figure(1, len(panels), panel_size=(2.8, 2.4), sharex=True)
+        handles = []
+        for ax, (var, ylabel) in zip(axes.flat, panels):
+            for li, layer in enumerate(layers):
+                if var == "cold_count":
+                    ax.plot(steps, result["cold_count"].sel(layer=layer).values, color=colours[li], marker="o",
+                            markersize=2.5)
+                    ax.plot(steps, result["dead_count"].sel(layer=layer).values, color=colours[li], marker="x",
+                            markersize=3, linestyle=":")
+                    continue
+                line = ax.plot(steps, result[var].sel(layer=layer).values, color=colours[li], marker="o",
+                               markersize=2.5, label=f"layer {layer}")
+                if var == "cv":
+                    handles += line
+                if f"{var}_lo" in result:
+                    ax.fill_between(steps, result[f"{var}_lo"].sel(layer=layer).values,
+                                    result[f"{var}_hi"].sel(layer=layer).values, color=colours[li], alpha=0.15,
+                                    linewidth=0)
+            if var == "cv":
+                ax.plot(steps, result["cv_chance"].mean("layer").values, **plotting.CHANCE_STYLE)
+                ax.text(0.98, 0.98, "dashed: uniform random routing", transform=ax.transAxes, ha="right",
+                        va="top", fontsize=6.5, color=plotting.CHANCE_STYLE["color"])
+                ax.set_ylim(bottom=0)
+            elif var == "balance":
+                plotting.chance_line(ax, 1.0, label="perfect")
+                ax.set_ylim(0, 1.05)
+            elif var == "lb_loss":
+                plotting.chance_line(ax, 1.0, label="perfect")
+                ax.set_ylim(bottom=0)
+            else:
+                ax.set_ylim(-0.2, result.sizes["expert"] + 0.2)
+                ax.text(0.02, 0.98, "solid: cold (< {:g} % of 1/E)\ndotted: dead (< {:g} % of 1/E)".format(
+                    *[100 * _param(result, key) for key in ("cold_fraction", "dead_fraction")]),
+                    transform=ax.transAxes, ha="left", va="top", fontsize=6.5)
+            plotting.label_axes(ax, "training step", ylabel)
+        if mappable is not None:
+            cbar = fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.85)
+            cbar.set_label("layer (MoE layer index)")
+        else:
+            fig.legend(handles=handles, loc="outside right center", frameon=False)
+        fig.suptitle("Load balance across checkpoints" + ("; bands: bootstrap CI over samples" if "cv_lo" in result
+                                                          else ""))
+        return plotting.savefig(fig, out_dir, NAME, formats)
+
+
+def _param(result: xr.Dataset, key: str) -> float:
+    """A threshold parameter of the result (from its ``params`` attr)."""
+    return float(json.loads(result.attrs["params"])[key])
+
+
+def table(result: xr.Dataset) -> pd.DataFrame:
+    """Rows (checkpoint, layer) with every scalar metric, and the dead / cold expert indices."""
+    cols = [v for v in ("tokens", "cv", "cv_lo", "cv_hi", "cv_chance", "balance", "balance_lo", "balance_hi",
+                        "lb_loss", "lb_loss_lo", "lb_loss_hi", "dead_count", "cold_count") if v in result]
+    df = tidy(result, cols)
+    res = result[["dead", "cold"]].compute()
+    experts = res["expert"].values
+    for flag in ("dead", "cold"):
+        arr = res[flag].transpose("checkpoint", "layer", "expert").values
+        df[f"{flag}_experts"] = [" ".join(str(e) for e in experts[row]) for row in arr.reshape(-1, len(experts))]
+    return df
+
+
+def summary(result: xr.Dataset) -> dict:
+    """Per-layer-mean balance, CV and LB loss at the earliest and final checkpoints, and dead/cold counts."""
+    order = _steps_order(result)
+    out = {}
+    for which, ci in (("first", order[0]), ("last", order[-1])):
+        cell = result.isel(checkpoint=ci).compute()
+        out[f"{which}_checkpoint"] = str(cell["checkpoint"].values)
+        for var in ("cv", "balance", "lb_loss", "cv_chance"):
+            if var in cell:
+                out[f"{var}_{which}"] = json_number(cell[var].mean("layer"))
+        out[f"dead_experts_{which}"] = int(cell["dead_count"].sum())
+        out[f"cold_experts_{which}"] = int(cell["cold_count"].sum())
+    return out
+
+
+ANALYSIS = register(
+    Analysis(
+        name=NAME,
+        func=balance,
+        figure=figure,
+        title="Load balance across checkpoints",
+        caption=(
+            "How evenly each MoE layer (one line per layer) spreads its routing slots over the experts, per "
+            "training step (x). CV: coefficient of variation of usage over experts (0 = perfect balance; the "
+            "dashed curve is what uniform random routing over the same number of tokens gives, sqrt((E−k)/(kN))). "
+            "Balance = 1/(1+CV), 1 = perfect (dashed). Switch load-balancing loss E·Σ f·P (top-1 fractions times "
+            "mean router probabilities; 1 = perfect balance, E = collapse; needs router logits). Last panel: "
+            "experts below 25 % (cold, solid) and 1 % (dead, dotted) of uniform usage 1/E. Bands: 95 % bootstrap "
+            "intervals over samples."
+        ),
+        requires=("expert_ids",),
+        optional=("router_logits",),
+        params={"view": "all", "dead_fraction": 0.01, "cold_fraction": 0.25, "n_boot": 200, "ci": 0.95, "seed": 0},
+        table=table,
+        summary=summary,
+    )
+)

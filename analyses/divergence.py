@@ -1,0 +1,569 @@
+"""Routing divergence between two conditions on aligned tokens.
+
+The same content produced two ways (conditions A and B, samples linked by
+``pair``) is routed at tokens aligned by their canonical content
+(``aligned_token``, see ``capture/align.py``). Two views of the tokens:
+
+``canonical``
+    every aligned token pair (aligned tokens are canonical, i.e. non-whitespace);
+``last_canonical``
+    per pair of samples, the last canonical token of each (one token pair).
+
+Per checkpoint, layer and view: each condition's expert usage (share of its
+routing slots, uniform = 1/E), their difference, the difference thresholded at
+max(percentile_q |Δ|, min_abs), total variation ½ Σ_e |usage_A − usage_B|, and
+over token pairs the Jaccard index |S_A ∩ S_B| / |S_A ∪ S_B| (raw and
+chance-corrected with the exact hypergeometric E[J]) and the intersection
+|S_A ∩ S_B| / k. Intervals resample pairs of samples (not tokens). The mask
+points of the last checkpoint (experts ranked by A−B, B−A and usage_A) are
+written as JSON for ablation sweeps (:func:`artifacts`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from . import bootstrap as bs
+from . import plotting
+from .change import set_intersection
+from .registry import (
+    Analysis,
+    attach_guard,
+    cube_sizes,
+    describe,
+    finalise,
+    is_lazy,
+    json_number,
+    refuse_if,
+    register,
+    safe_ratio,
+    tidy,
+    token_var,
+)
+
+NAME = "divergence"
+VIEWS = ("canonical", "last_canonical")
+
+
+# ---------------------------------------------------------------- token pairs
+
+
+def conditions(routing: xr.Dataset, condition_a: str = "", condition_b: str = "") -> tuple[str, str]:
+    """The two conditions to compare: the parameters, else the cube's attrs, else the only two present.
+
+    Raises ValueError when they cannot be told or are absent from the cube.
+    """
+    a = condition_a or str(routing.attrs.get("condition_a", ""))
+    b = condition_b or str(routing.attrs.get("condition_b", ""))
+    if "condition" not in routing.coords:
+        raise ValueError("routing cube: token coordinate 'condition' is missing")
+    present = sorted(set(np.asarray(routing["condition"].values).astype(str).tolist()) - {""})
+    if not a and not b and len(present) == 2:
+        a, b = present
+    if not a or not b:
+        raise ValueError(f"paired analyses: name the two conditions (params condition_a/condition_b or "
+                         f"[conditions] in the experiment); conditions in the cube: {present or 'none'}")
+    for c in (a, b):
+        if c not in present:
+            raise ValueError(f"paired analyses: condition {c!r} has no token in the cube (present: {present or 'none'})")
+    if a == b:
+        raise ValueError(f"paired analyses: conditions A and B are both {a!r}")
+    return a, b
+
+
+def _last_canonical(routing: xr.Dataset) -> np.ndarray:
+    if "last_canonical" in routing.coords:
+        return np.asarray(routing["last_canonical"].values, dtype=bool)
+    sample = np.asarray(routing["sample"].values)
+    idx = np.flatnonzero(np.asarray(routing["canonical"].values, dtype=bool))
+    out = np.zeros(sample.shape[0], dtype=bool)
+    if idx.size:
+        out[idx[np.r_[sample[idx[1:]] != sample[idx[:-1]], True]]] = True
+    return out
+
+
+def token_pairs(routing: xr.Dataset, a: str, b: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Token pairs (A token, B token) of each view, and the pair of samples each belongs to.
+
+    Reads token coordinates only (condition, pair, aligned_token, canonical,
+    last_canonical, sample).
+
+    Returns
+    -------
+    {view: (tok_a (n,), tok_b (n,), unit (n,))} with ``unit`` an index 0..P-1
+    of the pair of samples (the bootstrap unit), the same in every view.
+
+    Raises
+    ------
+    ValueError when the cube has no alignment or no aligned pair.
+    """
+    if "aligned_token" not in routing.coords:
+        raise ValueError("routing cube: token coordinate 'aligned_token' is missing; the cube was captured without "
+                         "conditions (name them in [conditions] and rebuild the routing cube)")
+    cond = np.asarray(routing["condition"].values).astype(str)
+    pair = np.asarray(routing["pair"].values).astype(str)
+    aligned = np.asarray(routing["aligned_token"].values).astype(np.int64)
+    canonical = np.asarray(routing["canonical"].values, dtype=bool)
+    n = cond.shape[0]
+    t = np.flatnonzero((cond == a) & (aligned >= 0) & canonical)
+    u = aligned[t]
+    if (u >= n).any():
+        raise ValueError(f"routing cube: 'aligned_token' points past the last token ({n})")
+    ok = (cond[u] == b) & canonical[u]
+    t, u = t[ok], u[ok]
+    last = _last_canonical(routing)
+    la = {p: i for p, i in zip(pair[last & (cond == a)], np.flatnonzero(last & (cond == a)))}
+    lb = {p: i for p, i in zip(pair[last & (cond == b)], np.flatnonzero(last & (cond == b)))}
+    names = sorted((set(la) & set(lb)) - {""})
+    if t.size == 0 or not names:
+        raise ValueError(f"paired analyses: no aligned token of condition {a!r} has a partner of condition {b!r} "
+                         f"(check the 'pair' ids and that both conditions hold the same content)")
+    code = {p: i for i, p in enumerate(names)}
+    unit_t = np.array([code.get(p, -1) for p in pair[t]], dtype=np.int64)
+    keep = unit_t >= 0
+    return {
+        "canonical": (t[keep], u[keep], unit_t[keep]),
+        "last_canonical": (np.array([la[p] for p in names]), np.array([lb[p] for p in names]),
+                           np.arange(len(names), dtype=np.int64)),
+    }
+
+
+def per_pair_sums(data: xr.DataArray, unit: np.ndarray, n_units: int, *, dim, by: tuple | None = None) -> xr.DataArray:
+    """Sums of ``data`` over the tokens of each pair of samples (lazy flox groupby-sum).
+
+    Parameters
+    ----------
+    data : dims (..., token[, k]) with ``token`` the token pairs of one view.
+    unit : (token,) pair-of-samples index 0..n_units-1.
+    dim : dims summed away (must include ``token``).
+    by : optional (codes (..., token[, k]) int, n) to group by as well (dim ``expert``).
+
+    Returns
+    -------
+    dims (..., sample[, expert]); ``sample`` indexes the pairs of samples (the
+    bootstrap unit of :mod:`analyses.bootstrap`).
+    """
+    import flox.xarray
+
+    groupers = [xr.DataArray(unit, dims="token", name="_unit")]
+    expected = [np.arange(n_units)]
+    if by is not None:
+        groupers.append(by[0].rename("_expert"))
+        expected.append(np.arange(by[1]))
+    out = flox.xarray.xarray_reduce(data, *groupers, func="sum", dim=dim, expected_groups=tuple(expected),
+                                    fill_value=0)
+    out = out.rename({"_unit": bs.SAMPLE}).assign_coords({bs.SAMPLE: np.arange(n_units)})
+    if by is not None:
+        out = out.rename({"_expert": "expert"}).assign_coords(expert=np.arange(by[1], dtype=np.int32))
+        return out.transpose(..., bs.SAMPLE, "expert")
+    return out.transpose(..., bs.SAMPLE)
+
+
+def expected_jaccard(E: int, k: int) -> float:
+    """E[|S ∩ T| / |S ∪ T|] for independent uniform k-subsets S, T of E experts (exact).
+
+    E[J] = Σ_i P(i)·i/(2k − i), P(i) = C(k,i)·C(E−k,k−i)/C(E,k) (hypergeometric).
+    """
+    total = math.comb(E, k)
+    return sum(math.comb(k, i) * math.comb(E - k, k - i) / total * i / (2 * k - i) for i in range(0, k + 1))
+
+
+# ---------------------------------------------------------------- the analysis
+
+
+def _threshold(diff: xr.DataArray, q: float, min_abs: float) -> xr.DataArray:
+    """max(percentile_q |Δ| over the layer × expert map, min_abs), per remaining dims."""
+    a = abs(diff)
+    if a.chunks is not None:
+        a = a.chunk({"layer": -1, "expert": -1})
+
+    def _pct(x):
+        x = x.reshape(*x.shape[:-2], -1)
+        with np.errstate(all="ignore"):
+            out = np.full(x.shape[:-1], np.nan)
+            ok = np.isfinite(x).any(-1)
+            out[ok] = np.nanpercentile(x[ok], q, axis=-1)
+        return out
+
+    pct = xr.apply_ufunc(_pct, a, input_core_dims=[["layer", "expert"]], dask="parallelized",
+                         output_dtypes=[np.float64])
+    return np.maximum(pct, float(min_abs))
+
+
+def divergence(
+    routing: xr.Dataset,
+    *,
+    condition_a: str = "",
+    condition_b: str = "",
+    percentile: float = 99.0,
+    min_abs: float = 0.005,
+    n_boot: int = 200,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Routing of condition A vs condition B on aligned token pairs.
+
+    Parameters
+    ----------
+    routing : routing cube with ``expert_ids`` (checkpoint, layer, token, k) and
+        the token coordinates condition, pair, aligned_token, canonical
+        (last_canonical used when present).
+    condition_a, condition_b : the conditions ('' = the cube's attrs
+        ``condition_a``/``condition_b``, else the two present, sorted).
+    percentile, min_abs : threshold of the difference map: a cell is kept when
+        |Δ| ≥ max(percentile-th percentile of |Δ| over layers × experts, min_abs).
+    n_boot, ci, seed : bootstrap over pairs of samples (0 = no intervals).
+
+    Returns
+    -------
+    xr.Dataset
+        usage (checkpoint, layer, view, condition, expert) : share of the
+            condition's routing slots (over the view's token pairs) per expert
+        usage_diff, usage_diff_thresholded (checkpoint, layer, view, expert) :
+            A − B, and A − B where |Δ| ≥ threshold else 0
+        threshold (checkpoint, view) : the threshold used
+        total_variation (checkpoint, layer, view) : ½ Σ_e |usage_A − usage_B|
+        jaccard, jaccard_corrected, intersection (checkpoint, layer, view) :
+            means over token pairs of |S_A∩S_B|/|S_A∪S_B|, (J − E[J])/(1 − E[J]),
+            |S_A∩S_B|/k; ``*_lo``/``*_hi`` their bootstrap intervals
+        pairs (checkpoint, layer, view) : token pairs with valid slots on both sides
+        sample_pairs (view) : pairs of samples contributing
+    """
+    E, k = cube_sizes(routing)
+    a, b = conditions(routing, condition_a, condition_b)
+    if not 0.0 <= float(percentile) <= 100.0 or float(min_abs) < 0:
+        raise ValueError(f"divergence: percentile={percentile} must be in [0, 100] and min_abs={min_abs} >= 0")
+    n_boot = int(n_boot)
+    views = token_pairs(routing, a, b)
+    ids = token_var(routing, "expert_ids")
+    ej = expected_jaccard(E, k)
+    n_units = int(views["last_canonical"][2].size)
+    weights = bs.bootstrap_weights(n_units, n_boot, seed) if n_boot else None
+
+    per_view = []
+    bad_total = None
+    for view in VIEWS:
+        ta, tb, unit = views[view]
+        ia, ib = ids.isel(token=ta), ids.isel(token=tb)
+        na, nb = (ia >= 0).sum("k"), (ib >= 0).sum("k")
+        both = (na > 0) & (nb > 0)
+        inter = set_intersection(ia, ib).where(both, 0)
+        union = (na + nb - inter).where(both, 1)
+        parts = xr.Dataset({
+            "inter": (inter / k).astype(np.float64),
+            "jac": (inter / union).where(both, 0.0).astype(np.float64),
+            "n": both.astype(np.int64),
+        })
+        ps = per_pair_sums(parts, unit, n_units, dim="token")
+        counts = [per_pair_sums(xr.ones_like(x, dtype=np.int64), unit, n_units, dim=("token", "k"), by=(x, E))
+                  for x in (ia, ib)]
+        tot = ps.sum(bs.SAMPLE)
+        cnt = [c.sum(bs.SAMPLE) for c in counts]
+        use = [safe_ratio(c, c.sum("expert")) for c in cnt]
+        out = {
+            "usage": xr.concat(use, dim="condition").assign_coords(condition=np.array([a, b], dtype=object)),
+            "usage_diff": use[0] - use[1],
+            "total_variation": 0.5 * abs(use[0] - use[1]).sum("expert", skipna=False),
+            "jaccard": safe_ratio(tot["jac"], tot["n"]),
+            "intersection": safe_ratio(tot["inter"], tot["n"]),
+            "pairs": tot["n"],
+        }
+        out["jaccard_corrected"] = (out["jaccard"] - ej) / (1.0 - ej)
+        if n_boot:
+            for name, part in (("jaccard", "jac"), ("intersection", "inter")):
+                lo, hi = bs.ratio_interval(ps[part], ps["n"], weights, ci=ci)
+                out[f"{name}_lo"], out[f"{name}_hi"] = lo, hi
+            out["jaccard_corrected_lo"] = (out["jaccard_lo"] - ej) / (1.0 - ej)
+            out["jaccard_corrected_hi"] = (out["jaccard_hi"] - ej) / (1.0 - ej)
+            reps = [bs.resample(c, weights) for c in counts]
+            ru = [safe_ratio(r, r.sum("expert")) for r in reps]
+            out["total_variation_lo"], out["total_variation_hi"] = bs.interval(
+                0.5 * abs(ru[0] - ru[1]).sum("expert", skipna=False), ci)
+        per_view.append(xr.Dataset(out))
+        bad = ((ia >= E) | (ia < -1)).sum(("token", "k")) + ((ib >= E) | (ib < -1)).sum(("token", "k"))
+        bad_total = bad if bad_total is None else bad_total + bad
+    res = xr.concat(per_view, dim="view", coords="minimal", compat="override", join="override")
+    res = res.assign_coords(view=np.array(VIEWS, dtype=object))
+    thr = _threshold(res["usage_diff"], float(percentile), float(min_abs))
+    res["threshold"] = thr
+    res["usage_diff_thresholded"] = res["usage_diff"].where(abs(res["usage_diff"]) >= thr, 0.0)
+    res = res.transpose("checkpoint", "layer", "view", "condition", "expert", ...)
+    sample_pairs = xr.DataArray([int(np.unique(views[v][2]).size) for v in VIEWS], dims="view",
+                                coords={"view": np.array(VIEWS, dtype=object)})
+    if is_lazy(routing):
+        sample_pairs = sample_pairs.chunk()  # lazy in, lazy out: every variable
+
+    nan_no_pair = "no token pair of this view has valid slots on both sides at this checkpoint and layer"
+    ci_note = f"{100 * ci:g} % bootstrap interval over {n_boot} replicates resampling pairs of samples (not tokens)"
+    chance_u = 1.0 / E
+    out = {
+        "usage": describe(res["usage"], "expert usage", "share of routing slots",
+                          "share of the condition's routing slots (over the view's token pairs) going to the expert",
+                          chance=chance_u, nan_where=nan_no_pair),
+        "usage_diff": describe(res["usage_diff"], "usage difference A − B", "share of routing slots",
+                               f"usage[{a}] − usage[{b}] on the same token pairs", chance=0.0, nan_where=nan_no_pair),
+        "usage_diff_thresholded": describe(
+            res["usage_diff_thresholded"].fillna(0.0), "thresholded usage difference A − B", "share of routing slots",
+            f"usage[{a}] − usage[{b}] where |Δ| ≥ max(P{percentile:g}(|Δ|) over layers × experts, {min_abs:g}), "
+            "else 0", chance=0.0),
+        "threshold": describe(res["threshold"].fillna(float(min_abs)), "difference threshold",
+                              "share of routing slots",
+                              f"max(P{percentile:g} of |usage_diff| over layers × experts, min_abs={min_abs:g})"),
+        "total_variation": describe(res["total_variation"], "total variation of usage", "share of routing slots",
+                                    "½ Σ_e |usage_A − usage_B|: share of routing mass that would have to move",
+                                    chance="0 for identical routing; finite samples give > 0", nan_where=nan_no_pair),
+        "jaccard": describe(res["jaccard"], "Jaccard index of expert sets", "fraction",
+                            "mean over token pairs of |S_A ∩ S_B| / |S_A ∪ S_B|", chance=ej, nan_where=nan_no_pair),
+        "jaccard_corrected": describe(res["jaccard_corrected"], "chance-corrected Jaccard", "fraction above chance",
+                                      f"(J − E[J]) / (1 − E[J]), E[J] = {ej:.4f} exact for independent uniform "
+                                      f"{k}-of-{E} sets (1 = identical, 0 = chance)", chance=0.0,
+                                      nan_where=nan_no_pair),
+        "intersection": describe(res["intersection"], "shared experts", "fraction of k",
+                                 "mean over token pairs of |S_A ∩ S_B| / k", chance=k / E, nan_where=nan_no_pair),
+        "pairs": describe(res["pairs"], "token pairs compared", "token pairs",
+                          "token pairs of the view with at least one valid slot on both sides"),
+    }
+    if n_boot:
+        for name in ("total_variation", "jaccard", "jaccard_corrected", "intersection"):
+            for side in ("lo", "hi"):
+                v = res[f"{name}_{side}"]
+                out[f"{name}_{side}"] = describe(
+                    v, f"{out[name].attrs['long_name']} ({'lower' if side == 'lo' else 'upper'} bound)",
+                    out[name].attrs["units"], ci_note, nan_where=nan_no_pair + "; or every replicate undefined")
+    # Per (checkpoint, layer) variables carry the guard; the two without those dims are added after.
+    plain = {n: out.pop(n) for n in ("threshold",)}
+    result = attach_guard(xr.Dataset(out), refuse_if(
+        bad_total, f"expert_ids: slots with ids outside -1..{E - 1} (num_experts={E})"))
+    result["threshold"] = plain["threshold"]
+    result["sample_pairs"] = describe(sample_pairs, "pairs of samples", "pairs",
+                                      "pairs of samples with tokens in the view (the bootstrap unit)")
+    result = finalise(
+        result, routing, name=NAME,
+        definition=(
+            f"Conditions A = {a!r}, B = {b!r}; token pairs aligned by canonical content (view 'canonical': every "
+            "aligned pair; 'last_canonical': each pair of samples' last canonical tokens). usage = share of the "
+            "condition's routing slots per expert; usage_diff = A − B; thresholded at max(percentile, min_abs) of "
+            "|Δ|; total_variation = ½ Σ_e |Δ|; jaccard = mean |S_A∩S_B|/|S_A∪S_B|; jaccard_corrected = "
+            "(J − E[J])/(1 − E[J]); intersection = mean |S_A∩S_B|/k. Ids of -1 (unwritten) never count."
+        ),
+        normalisation="usage: share of routing slots (divide by k·tokens), sums to 1 over experts; overlaps per "
+        "token pair, averaged over pairs",
+        chance=f"usage 1/E = {chance_u:.4g}; Jaccard E[J] = {ej:.4g} (exact hypergeometric); intersection k/E = "
+        f"{k / E:.4g}; chance-corrected Jaccard 0",
+        params={"condition_a": condition_a, "condition_b": condition_b, "percentile": percentile,
+                "min_abs": min_abs, "n_boot": n_boot, "ci": ci, "seed": seed},
+    )
+    result.attrs["condition_a"], result.attrs["condition_b"] = a, b
+    return result
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def mask_points(result: xr.Dataset, checkpoint=None, view: str = "last_canonical") -> dict[str, list[dict]]:
+    """Experts ranked for ablation sweeps at one checkpoint (default: the last) and view.
+
+    Returns
+    -------
+    {"<A>_minus_<B>": [...], "<B>_minus_<A>": [...], "<A>": [...]}: lists of
+    {"layer", "expert", "value"} over every (layer, expert), sorted by value
+    descending (ties: layer, then expert, ascending); layer is the model's own
+    layer index.
+    """
+    a, b = result.attrs["condition_a"], result.attrs["condition_b"]
+    sel = result.isel(checkpoint=-1) if checkpoint is None else result.sel(checkpoint=checkpoint)
+    sel = sel.sel(view=view)
+    diff = sel["usage_diff"].transpose("layer", "expert").values
+    ua = sel["usage"].sel(condition=a).transpose("layer", "expert").values
+    layers = [int(x) for x in sel["layer"].values]
+    experts = [int(x) for x in sel["expert"].values]
+
+    def ranked(grid):
+        cells = [(float(grid[i, j]), layers[i], experts[j]) for i in range(len(layers)) for j in range(len(experts))
+                 if np.isfinite(grid[i, j])]
+        cells.sort(key=lambda c: (-c[0], c[1], c[2]))
+        return [{"layer": l, "expert": e, "value": v} for v, l, e in cells]
+
+    return {f"{a}_minus_{b}": ranked(diff), f"{b}_minus_{a}": ranked(-diff), a: ranked(ua)}
+
+
+def artifacts(result: xr.Dataset, out_dir: Path) -> list[Path]:
+    """Mask-point JSON files of the last checkpoint (every view) and the usage maps as CSV.
+
+    Files: ``<checkpoint>/<view>_<A>_minus_<B>_points.json``, ``..._<B>_minus_<A>_points.json``,
+    ``..._<A>_points.json`` (lists of {layer, expert, value}, value descending),
+    and ``usage_maps.csv`` (checkpoint, view, layer, expert, usage per condition,
+    difference, thresholded difference).
+    """
+    result = result.compute()
+    out_dir = Path(out_dir)
+    ckpt = str(result["checkpoint"].values[-1])
+    folder = out_dir / plotting.safe_stem(ckpt)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for view in map(str, result["view"].values):
+        for key, points in mask_points(result, view=view).items():
+            p = folder / f"{view}_{plotting.safe_stem(key)}_points.json"
+            # one point per line: readable, and diffs of two runs line up
+            p.write_text("[\n" + ",\n".join(" " + json.dumps(q) for q in points) + "\n]\n")
+            paths.append(p)
+    a, b = result.attrs["condition_a"], result.attrs["condition_b"]
+    df = result[["usage_diff", "usage_diff_thresholded"]].to_dataframe().reset_index()
+    for c in (a, b):
+        u = result["usage"].sel(condition=c, drop=True).rename(f"usage_{c}").to_dataframe().reset_index()
+        df = df.merge(u[["checkpoint", "view", "layer", "expert", f"usage_{c}"]],
+                      on=["checkpoint", "view", "layer", "expert"])
+    cols = ["checkpoint", "step", "view", "layer", "expert", f"usage_{a}", f"usage_{b}", "usage_diff",
+            "usage_diff_thresholded"]
+    p = out_dir / "usage_maps.csv"
+    df[[c for c in cols if c in df.columns]].to_csv(p, index=False)
+    paths.append(p)
+    return paths
+
+
+METRICS = ("total_variation", "jaccard", "jaccard_corrected", "intersection")
+
+
+def table(result: xr.Dataset) -> pd.DataFrame:
+    """Per-layer metrics: rows (checkpoint, layer, view) with TV, Jaccard (raw, corrected), intersection and CIs."""
+    cols = [m + s for m in METRICS for s in ("", "_lo", "_hi")] + ["pairs"]
+    return tidy(result, [c for c in cols if c in result])
+
+
+def summary(result: xr.Dataset) -> dict:
+    """At the last checkpoint, per view: mean TV / Jaccard / intersection over layers and the most divergent layer."""
+    last = result.isel(checkpoint=-1).compute()
+    out = {"checkpoint": str(last["checkpoint"].values), "condition_a": result.attrs["condition_a"],
+           "condition_b": result.attrs["condition_b"]}
+    for view in map(str, last["view"].values):
+        v = last.sel(view=view)
+        tv = v["total_variation"]
+        out[view] = {
+            "mean_total_variation": json_number(tv.mean()),
+            "most_divergent_layer": json_number(v["layer"].values[int(np.nanargmax(tv.values))])
+            if np.isfinite(tv.values).any() else None,
+            "mean_jaccard": json_number(v["jaccard"].mean()),
+            "mean_jaccard_corrected": json_number(v["jaccard_corrected"].mean()),
+            "mean_intersection": json_number(v["intersection"].mean()),
+            "sample_pairs": json_number(v["sample_pairs"]),
+            "cells_above_threshold": int((v["usage_diff_thresholded"] != 0).sum()),
+        }
+    return out
+
+
+def _heat(ax, grid, norm, layers, E, title):
+    im = ax.imshow(grid, aspect="auto", cmap=plotting.DIVERGING, norm=norm, interpolation="nearest")
+    ax.set_title(title)
+    ax.grid(False)
+    ax.set_yticks(np.arange(len(layers)))
+    ax.set_yticklabels([str(x) for x in layers])
+    if E <= 16:
+        ax.set_xticks(np.arange(E))
+    plotting.label_axes(ax, "expert (index)", "layer (MoE layer index)")
+    return im
+
+
+def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+    """Usage maps (A, B, A − B, thresholded) per checkpoint, and the per-layer divergence curves."""
+    result = result.compute()
+    a, b = result.attrs["condition_a"], result.attrs["condition_b"]
+    E, L = result.sizes["expert"], result.sizes["layer"]
+    layers = [int(x) for x in result["layer"].values]
+    views = [str(v) for v in result["view"].values]
+    chance = 1.0 / E
+    umax = max(float(np.nanmax(result["usage"].values)) if np.isfinite(result["usage"].values).any() else 0.0,
+               2 * chance)
+    unorm = plotting.mcolors.TwoSlopeNorm(vcenter=chance, vmin=0.0, vmax=umax)
+    dmax = float(np.nanmax(np.abs(result["usage_diff"].values))) if np.isfinite(result["usage_diff"].values).any() else 0
+    dnorm = plotting.mcolors.TwoSlopeNorm(vcenter=0.0, vmin=-max(dmax, 1e-6), vmax=max(dmax, 1e-6))
+    panel = (max(2.4, 0.14 * E + 1.0), max(1.6, 0.16 * L + 0.9))
+    paths = []
+    for ci, ckpt in enumerate(result["checkpoint"].values):
+        step = int(result["step"].values[ci])
+        with plotting.style():
+            fig, axes = plotting.new_figure(len(views), 4, panel_size=panel, sharex=True, sharey=True)
+            for r, view in enumerate(views):
+                sel = result.sel(checkpoint=ckpt, view=view)
+                grids = [
+                    (sel["usage"].sel(condition=a), unorm, f"{view}: usage {plotting.display_label(a)}"),
+                    (sel["usage"].sel(condition=b), unorm, f"{view}: usage {plotting.display_label(b)}"),
+                    (sel["usage_diff"], dnorm, f"{view}: {a} − {b}"),
+                    (sel["usage_diff_thresholded"], dnorm,
+                     f"{view}: |Δ| ≥ {float(sel['threshold']):.3g}"),
+                ]
+                for c, (g, norm, title) in enumerate(grids):
+                    im = _heat(axes[r, c], g.transpose("layer", "expert").values, norm, layers, E, title)
+                    if c == 1:
+                        cb = fig.colorbar(im, ax=axes[r, :2].tolist(), shrink=0.9)
+                        cb.set_label("usage (share of slots)")
+                        cb.ax.axhline(chance, color="k", linewidth=0.8)
+                    if c == 3:
+                        fig.colorbar(im, ax=axes[r, 2:].tolist(), shrink=0.9).set_label(f"usage {a} − {b}")
+            fig.suptitle(f"Expert usage by condition — checkpoint {ckpt} (step {step}); "
+                         f"white = chance 1/E = {chance:.3g} (usage) or 0 (difference)")
+            paths += plotting.savefig(fig, out_dir, f"{NAME}_maps_{ci:03d}_{ckpt}", formats)
+
+    ej = expected_jaccard(E, int(result.attrs.get("top_k", 1)))
+    k = int(result.attrs.get("top_k", 1))
+    metrics = [("total_variation", "total variation (share of slots)", None),
+               ("jaccard", "Jaccard |S_A∩S_B| / |S_A∪S_B|", ej),
+               ("jaccard_corrected", "chance-corrected Jaccard", 0.0),
+               ("intersection", "shared experts |S_A∩S_B| / k", k / E)]
+    colours, mappable = plotting.ordered_colours(result["step"].values)
+    with plotting.style():
+        fig, axes = plotting.new_figure(len(views), len(metrics), panel_size=(3.0, 2.4), sharex=True)
+        for r, view in enumerate(views):
+            for c, (name, label, ch) in enumerate(metrics):
+                ax = axes[r, c]
+                for ci, ckpt in enumerate(result["checkpoint"].values):
+                    y = result[name].sel(checkpoint=ckpt, view=view).values
+                    ax.plot(layers, y, marker="o", ms=2.5, color=colours[ci])
+                    if ci == result.sizes["checkpoint"] - 1 and f"{name}_lo" in result:
+                        ax.fill_between(layers, result[f"{name}_lo"].sel(checkpoint=ckpt, view=view).values,
+                                        result[f"{name}_hi"].sel(checkpoint=ckpt, view=view).values,
+                                        color=colours[ci], alpha=0.2, linewidth=0)
+                if ch is not None:
+                    plotting.chance_line(ax, ch)
+                ax.set_title(f"{view}: {name.replace('_', ' ')}")
+                plotting.label_axes(ax, "layer (MoE layer index)", label)
+                ax.set_xticks(layers)
+        cb = fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8)
+        cb.set_label("checkpoint (training step)")
+        fig.suptitle(f"Routing divergence {a} vs {b} on aligned tokens (band: 95 % CI over pairs, last checkpoint)")
+        paths += plotting.savefig(fig, out_dir, f"{NAME}_curves", formats)
+    return paths
+
+
+ANALYSIS = register(
+    Analysis(
+        name=NAME,
+        func=divergence,
+        figure=figure,
+        title="Routing divergence between two conditions",
+        caption=(
+            "Tokens of the same content produced two ways (conditions A and B) are paired by their canonical "
+            "(non-whitespace) characters. Maps, one figure per checkpoint: each condition's expert usage (share "
+            "of its routing slots; white = uniform chance 1/E), the difference A − B and the difference kept only "
+            "where |Δ| reaches max(99th percentile of |Δ|, 0.005); upper row over every aligned token pair, lower "
+            "row over each sample pair's last canonical token. Curves: per layer, total variation ½Σ|Δ| (0 = "
+            "same usage), Jaccard overlap of the selected expert sets per token pair (dashed: exact chance E[J] "
+            "for random top-k sets), its chance-corrected form (0 = chance, 1 = identical) and the shared share "
+            "of the k experts (chance k/E); colour = training step, band = 95 % bootstrap interval over sample "
+            "pairs at the last checkpoint. Mask-point lists (experts ranked by A − B, B − A and usage of A) are "
+            "linked for ablation sweeps."
+        ),
+        requires=("expert_ids",),
+        params={"condition_a": "", "condition_b": "", "percentile": 99.0, "min_abs": 0.005, "n_boot": 200,
+                "ci": 0.95, "seed": 0},
+        table=table,
+        summary=summary,
+        artifacts=artifacts,
+    )
+)

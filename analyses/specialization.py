@@ -1,0 +1,698 @@
+"""Specialization: do experts serve particular domains or particular tokens?
+
+Four views per (checkpoint, layer), always read against the earliest
+checkpoint — an untrained router already looks specialised, because domains
+use different tokens and routing depends on the token:
+
+1. **Domain specialization** per (expert, domain): the domain's usage of the
+   expert (share of its routing slots, chance 1/E) against the pooled usage
+   (``lift``), and a test of whether the difference is larger than chance.
+   The test permutes domain labels across *samples*: tokens of one sample are
+   not independent, so a token-level chi-square would be far too confident.
+   The statistic is the cell's excess count n_de − u_e·n_d (u_e the pooled
+   share); its exact mean (0) and variance under random relabelling of
+   samples are known in closed form (sampling S_d of the S sample totals
+   without replacement), and the two-sided p-value is the normal tail of
+   the standardised excess (the randomisation z-test: continuous p-values
+   that BH can use, at the cost of one pass). Benjamini–Hochberg
+   (``scipy.stats.false_discovery_control``) runs across every cell of the
+   result; ``significant`` = q ≤ ``fdr_q``.
+2. **Mutual information** (bits) between domain and top-1 expert over tokens,
+   with a floor from ``n_shuffle`` random relabellings of samples (mean and
+   95th percentile): the plug-in MI is biased upwards and samples are
+   clustered, so only MI above the floor means anything.
+3. **Vocabulary specialization**: per token type (id), max_e count(id → e)/n_id,
+   averaged over types seen ≥ ``min_count`` times, by input token and by next
+   token (the id at t+1 of the same sample). Uniform reference k/E; the
+   ``*_floor`` variables give the value expected if occurrences were routed
+   independently of their id with the observed per-expert rates q_e
+   (E[max_e Binomial(n_id, q_e)]/n_id, experts treated as independent).
+4. **Specialization score** = mean of three components in [0, 1]:
+   clip((MI − MI_floor_mean) / H(domain), 0, 1), the fraction of (expert,
+   domain) cells with ``significant``, and clip((V − V_floor) / (1 − V_floor),
+   0, 1) with V the input-token vocabulary specialization.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from storage.schema import FILL_ID
+
+from . import plotting
+from .temporal import checkpoint_label, checkpoint_styles
+from .bootstrap import (
+    add_interval,
+    bootstrap_weights,
+    group_sums,
+    interval,
+    per_sample_sums,
+    resample,
+    sample_groups,
+    sample_index,
+)
+from .registry import (
+    Analysis,
+    attach_guard,
+    cube_sizes,
+    describe,
+    finalise,
+    json_number,
+    refuse_if,
+    register,
+    routed_ids,
+    safe_ratio,
+    tidy,
+    token_mask,
+)
+
+NAME = "specialization"
+LOG2 = np.log(2.0)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def mutual_information(counts: xr.DataArray, a: str = "domain", b: str = "expert") -> xr.DataArray:
+    """Plug-in mutual information (bits) of the joint count table over dims ``a`` × ``b``.
+
+    Other dims are kept (checkpoint, layer, boot, shuffle...). NaN where the
+    table is empty.
+    """
+    counts = counts.astype(np.float64)
+    n = counts.sum((a, b))
+    p = counts / n.where(n > 0)
+    pa, pb = p.sum(b), p.sum(a)
+    papb = pa * pb
+    ratio = p / papb.where(papb > 0)
+    terms = (p * np.log(ratio.where(p > 0, 1.0))).where(p > 0, 0.0)
+    return (terms.sum((a, b)) / LOG2).where(n > 0)
+
+
+def entropy_bits(counts: xr.DataArray, dim: str) -> xr.DataArray:
+    """Entropy (bits) of the distribution given by ``counts`` along ``dim``; NaN where empty."""
+    counts = counts.astype(np.float64)
+    n = counts.sum(dim)
+    p = counts / n.where(n > 0)
+    return (-(p * np.log(p.where(p > 0, 1.0))).sum(dim) / LOG2).where(n > 0)
+
+
+def shuffled_mi(counts: np.ndarray, codes: np.ndarray, *, n_groups: int) -> np.ndarray:
+    """MI (bits) between group and expert after relabelling samples, one value per relabelling.
+
+    Parameters
+    ----------
+    counts : (..., sample, expert) per-sample counts (e.g. of top-1 experts).
+    codes : (shuffle, sample) group code of each sample in each relabelling.
+
+    Returns
+    -------
+    (..., shuffle) float64. One bincount per (leading index, relabelling):
+    O(S·E) each, where a one-hot matrix product would cost O(S·D·E).
+    """
+    lead = counts.shape[:-2]
+    S, E = counts.shape[-2:]
+    x = counts.reshape(-1, S, E).astype(np.float64)
+    R = codes.shape[0]
+    out = np.full((x.shape[0], R), np.nan)
+    cells = codes.astype(np.int64)[:, :, None] * E + np.arange(E)  # (shuffle, sample, expert)
+    for g in range(x.shape[0]):
+        for r in range(R):
+            table = np.bincount(cells[r].ravel(), weights=x[g].ravel(), minlength=n_groups * E)
+            out[g, r] = _mi_bits(table.reshape(n_groups, E))
+    return out.reshape(*lead, R)
+
+
+def _mi_bits(table: np.ndarray) -> float:
+    n = table.sum()
+    if n <= 0:
+        return float("nan")
+    p = table / n
+    outer = p.sum(1, keepdims=True) * p.sum(0, keepdims=True)
+    nz = p > 0
+    return float(np.sum(p[nz] * np.log2(p[nz] / outer[nz])))
+
+
+def randomization_test(
+    per_sample: xr.DataArray, labels: xr.DataArray
+) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
+    """Two-sided test of each (group, expert) cell against random relabelling of samples.
+
+    Parameters
+    ----------
+    per_sample : (..., sample, expert) counts of each sample (slots per expert).
+    labels : (sample,) group label of each sample, named by the group dim (e.g. ``domain``).
+
+    Returns
+    -------
+    excess, z, p : (..., expert, group). excess = n_ge − u_e·n_g with u_e the
+    pooled share; z = excess / sd of that excess under random relabelling
+    (S_g of the S samples drawn without replacement); p = 2·Φ(−|z|), and 1
+    where the variance is 0 (nothing varies between samples, so nothing to
+    test). NaN where the (checkpoint, layer) has no slot at all.
+    """
+    from scipy.stats import norm
+
+    x = per_sample.astype(np.float64)
+    S = x.sizes["sample"]
+    name = str(labels.name)
+    n_s = x.sum("expert")
+    u = x.sum("sample") / n_s.sum("sample").where(n_s.sum("sample") > 0)
+    dev = x - u * n_s  # (..., sample, expert); sums to 0 over samples
+    member = xr.DataArray(
+        (np.asarray(labels.values).astype(str)[:, None] == np.unique(np.asarray(labels.values).astype(str))[None, :]),
+        dims=("sample", name), coords={name: np.unique(np.asarray(labels.values).astype(str)).astype(object)},
+    ).astype(np.float64)
+    S_g = member.sum("sample")
+    excess = xr.dot(dev, member, dim="sample")
+    factor = S_g * (S - S_g) / (S * max(S - 1, 1))
+    var = factor * (dev**2).sum("sample")
+    z = excess / np.sqrt(var.where(var > 0))
+    p = xr.apply_ufunc(lambda v: 2.0 * norm.sf(np.abs(v)), z, dask="parallelized", output_dtypes=[np.float64])
+    p = p.where(~((var <= 0) & u.notnull()), 1.0)  # no between-sample variation: nothing to test
+    return excess, z.where(var > 0, 0.0).where(u.notnull()), p
+
+
+def bh_qvalues(p: xr.DataArray) -> xr.DataArray:
+    """Benjamini–Hochberg adjusted p-values over *every* finite cell of ``p`` (NaN stays NaN)."""
+    from scipy.stats import false_discovery_control
+
+    def _bh(values):
+        values = np.asarray(values, dtype=np.float64)
+        out = np.full(values.shape, np.nan)
+        ok = np.isfinite(values)
+        if ok.any():
+            out[ok] = false_discovery_control(np.clip(values[ok], 0.0, 1.0), method="bh")
+        return out
+
+    if p.chunks is not None:
+        p = p.chunk({d: -1 for d in p.dims})  # one family: the adjustment needs every p-value at once
+    return xr.apply_ufunc(_bh, p, input_core_dims=[list(p.dims)], output_core_dims=[list(p.dims)],
+                          dask="parallelized", output_dtypes=[np.float64])
+
+
+def expected_max_share(n: np.ndarray, q: np.ndarray) -> float:
+    """Mean over types of E[max_e Binomial(n_t, q_e)] / n_t (experts treated as independent).
+
+    ``n`` (types,) occurrence counts (types with 0 are skipped), ``q`` (E,)
+    per-token selection rates. Loops over the distinct counts only; the
+    expectation Σ_m P(max > m) is summed over a ±12 sd window around n·max q,
+    outside which P(max ≤ m) is 0 or 1 to double precision.
+    """
+    from scipy.stats import binom
+
+    n = np.asarray(n, dtype=np.int64)
+    n = n[n > 0]
+    q = np.clip(np.asarray(q, dtype=np.float64), 0.0, 1.0)
+    if n.size == 0 or not np.isfinite(q).all():
+        return float("nan")
+    qmax = float(q.max())
+    values, inverse = np.unique(n, return_inverse=True)
+    share = np.empty(len(values))
+    for i, nv in enumerate(values):
+        sd = np.sqrt(nv * qmax * (1.0 - qmax))
+        lo = int(max(0, np.floor(nv * qmax - 12 * sd - 1)))
+        hi = int(min(nv - 1, np.ceil(nv * qmax + 12 * sd + 1)))
+        m = np.arange(lo, hi + 1)
+        p_le = np.prod(binom.cdf(m[:, None], nv, q[None, :]), axis=1)
+        share[i] = (lo + np.sum(1.0 - p_le)) / nv
+    return float(np.mean(share[inverse]))
+
+
+def _type_codes(token_ids: np.ndarray, keep: np.ndarray, min_count: int) -> tuple[np.ndarray, int]:
+    """Code per token of its type among types seen >= min_count times in ``keep`` (-1 otherwise)."""
+    codes = np.full(token_ids.shape, -1, dtype=np.int64)
+    if not keep.any():
+        return codes, 0
+    types, inverse, counts = np.unique(token_ids[keep], return_inverse=True, return_counts=True)
+    frequent = counts >= min_count
+    remap = np.where(frequent, np.cumsum(frequent) - 1, -1)
+    codes[np.flatnonzero(keep)] = remap[inverse]
+    return codes, int(frequent.sum())
+
+
+def vocabulary_specialization(
+    ids: xr.DataArray, type_codes: np.ndarray, n_types: int, *, E: int, min_count: int
+) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
+    """Mean over token types of max_e count(type → e)/n_type, and its independence floor.
+
+    Parameters
+    ----------
+    ids : (checkpoint, layer, token, k) expert ids (-1 = not counted).
+    type_codes : (token,) type of each token, -1 for tokens not counted.
+    n_types : number of type codes.
+
+    Returns
+    -------
+    value, floor, types : (checkpoint, layer); ``types`` = types with at least
+    ``min_count`` routed occurrences at that checkpoint and layer.
+    """
+    import flox.xarray
+
+    codes = xr.DataArray(type_codes, dims="token", name="_type")
+    if n_types == 0:
+        nan = xr.full_like(ids.isel(token=0, k=0, drop=True), np.nan, dtype=np.float64)
+        return nan, nan, xr.zeros_like(nan, dtype=np.int64)
+    counts = flox.xarray.xarray_reduce(
+        xr.ones_like(ids, dtype=np.int32), codes, ids.rename("_expert"), func="sum", dim=("token", "k"),
+        expected_groups=(np.arange(n_types), np.arange(E)), fill_value=0,
+    )  # (checkpoint, layer, _type, _expert)
+    routed = (ids >= 0).any("k").astype(np.int32)
+    n = flox.xarray.xarray_reduce(routed, codes, func="sum", dim="token", expected_groups=np.arange(n_types),
+                                  fill_value=0)  # (checkpoint, layer, _type)
+    ok = n >= min_count
+    share = (counts.max("_expert") / n.where(ok)).astype(np.float64)
+    value = share.mean("_type", skipna=True)
+    q = safe_ratio(counts.where(ok, 0).sum("_type"), n.where(ok, 0).sum("_type"))  # (checkpoint, layer, _expert)
+
+    def _floor(n_t, ok_t, q_e):
+        return expected_max_share(np.where(ok_t, n_t, 0), q_e)
+
+    floor = xr.apply_ufunc(
+        _floor, n, ok, q, input_core_dims=[["_type"], ["_type"], ["_expert"]], vectorize=True,
+        dask="parallelized", output_dtypes=[np.float64],
+    )
+    return value, floor, ok.sum("_type").astype(np.int64)
+
+
+def next_token_ids(routing: xr.Dataset) -> np.ndarray:
+    """(token,) id of the next token of the same sample, -1 at a sample's last token (coordinates only)."""
+    tid = np.asarray(routing["token_id"].values, dtype=np.int64)
+    codes, _ = sample_index(routing)
+    s = codes.values
+    nxt = np.full(tid.shape, -1, dtype=np.int64)
+    same = s[:-1] == s[1:]
+    nxt[:-1] = np.where(same, tid[1:], -1)
+    return nxt
+
+
+# ----------------------------------------------------------------------------- the analysis
+
+
+def specialization(
+    routing: xr.Dataset,
+    *,
+    canonical_only: bool = False,
+    fdr_q: float = 0.05,
+    n_shuffle: int = 200,
+    min_count: int = 10,
+    n_boot: int = 200,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Domain, mutual-information and vocabulary specialization per (checkpoint, layer).
+
+    Parameters
+    ----------
+    routing : routing cube; uses ``expert_ids`` (checkpoint, layer, token, k)
+        and the token coordinates ``sample``, ``domain`` (one per sample),
+        ``token_id`` (and ``canonical`` with ``canonical_only``).
+    canonical_only : use only tokens whose ``canonical`` flag is set.
+    fdr_q : Benjamini–Hochberg level for ``significant``.
+    n_shuffle : relabellings of samples for the MI floor.
+    min_count : a token type enters vocabulary specialization when seen at
+        least this many times (routed) at the checkpoint and layer.
+    n_boot, ci, seed : stratified bootstrap over samples (within domains) for
+        the CIs of ``lift`` and ``mi``; ``seed`` also seeds the shuffles.
+
+    Returns
+    -------
+    xr.Dataset
+        (checkpoint, layer, expert, domain): usage, lift [+_lo/_hi],
+            ratio_to_chance, excess, z, p_value, q_value, significant
+        (checkpoint, layer, expert): usage_all
+        (checkpoint, layer): mi [+_lo/_hi], mi_floor_mean, mi_floor_p95,
+            domain_entropy, mi_component, significant_fraction,
+            vocab_input, vocab_input_floor, vocab_input_types,
+            vocab_next, vocab_next_floor, vocab_next_types, vocab_component, score
+
+    Raises
+    ------
+    ValueError
+        Fewer than two domains, a sample with two domains, bad parameters, or
+        (at compute time for lazy input) ids outside -1..E-1.
+    """
+    E, k = cube_sizes(routing)
+    if not 0.0 < float(fdr_q) < 1.0:
+        raise ValueError(f"specialization: fdr_q={fdr_q}; expected a level strictly between 0 and 1")
+    for pname, v, least in (("n_shuffle", n_shuffle, 1), ("min_count", min_count, 1), ("n_boot", n_boot, 0)):
+        if int(v) < least:
+            raise ValueError(f"specialization: {pname}={v}; expected >= {least}")
+    domains = sample_groups(routing, "domain")  # (sample,), raises on a sample with two domains
+    labels = np.unique(np.asarray(domains.values).astype(str))
+    if len(labels) < 2:
+        raise ValueError(
+            f"specialization: the routing cube has {len(labels)} domain label(s) {labels.tolist()} on coordinate "
+            "'domain'; domain specialization needs at least 2"
+        )
+    domains = domains.astype(str).astype(object)
+    ids = routed_ids(routing, canonical_only=canonical_only)
+    top1 = ids.isel(k=0, drop=True)
+
+    slots_s = per_sample_sums(xr.ones_like(ids, dtype=np.int32), routing, dim=("token", "k"),
+                              by={"expert": (ids, E)}).astype(np.int64)  # (checkpoint, layer, sample, expert)
+    top1_s = per_sample_sums(xr.ones_like(top1, dtype=np.int32), routing, dim="token",
+                             by={"expert": (top1, E)}).astype(np.int64)
+
+    # --- domain specialization ------------------------------------------------------------
+    count = group_sums(slots_s, domains)  # (checkpoint, layer, expert, domain)
+    slots_d = count.sum("expert")
+    usage = safe_ratio(count, slots_d)
+    usage_all = safe_ratio(count.sum("domain"), slots_d.sum("domain"))
+    lift = safe_ratio(usage, usage_all)
+    excess, z, p = randomization_test(slots_s, domains)
+    q = bh_qvalues(p.transpose("checkpoint", "layer", "expert", "domain"))
+
+    # --- mutual information -----------------------------------------------------------------
+    top1_d = group_sums(top1_s, domains)  # (checkpoint, layer, expert, domain)
+    mi = mutual_information(top1_d)
+    h_domain = entropy_bits(top1_d.sum("expert"), "domain")
+    rng = np.random.default_rng([seed, 1])
+    dom_values = np.asarray(domains.values).astype(str)
+    dom_codes = np.searchsorted(labels, dom_values)
+    perms = xr.DataArray(
+        np.stack([rng.permutation(dom_codes) for _ in range(int(n_shuffle))]).astype(np.int32),
+        dims=("shuffle", "sample"),
+    )
+    mi_shuf = xr.apply_ufunc(
+        shuffled_mi, top1_s.drop_vars("sample"), perms, kwargs={"n_groups": len(labels)},
+        input_core_dims=[["sample", "expert"], ["shuffle", "sample"]], output_core_dims=[["shuffle"]],
+        dask="parallelized", output_dtypes=[np.float64],
+    )
+    mi_floor_mean = mi_shuf.mean("shuffle")
+    mi_floor_p95 = mi_shuf.quantile(0.95, dim="shuffle").drop_vars("quantile")
+
+    # --- vocabulary specialization ------------------------------------------------------------
+    mask = token_mask(routing, canonical_only)
+    keep = np.ones(routing.sizes["token"], dtype=bool) if mask is None else mask.values
+    tid = np.asarray(routing["token_id"].values, dtype=np.int64)
+    nxt = next_token_ids(routing)
+    in_codes, n_in = _type_codes(tid, keep, min_count)
+    nx_codes, n_nx = _type_codes(nxt, keep & (nxt >= 0), min_count)
+    v_in, f_in, t_in = vocabulary_specialization(ids, in_codes, n_in, E=E, min_count=min_count)
+    v_nx, f_nx, t_nx = vocabulary_specialization(ids, nx_codes, n_nx, E=E, min_count=min_count)
+
+    chance = 1.0 / E
+    nan_cl = "no routed token at this checkpoint and layer"
+    out = {
+        "usage": describe(
+            usage, "expert usage by domain", "share of routing slots",
+            "slots of the domain's tokens going to the expert / all slots of the domain", chance=chance,
+            nan_where="the domain has no routed token at this checkpoint and layer",
+        ),
+        "usage_all": describe(
+            usage_all.transpose("checkpoint", "layer", "expert"), "expert usage (all domains)",
+            "share of routing slots", "share of all routing slots going to the expert", chance=chance,
+            nan_where=nan_cl,
+        ),
+        "lift": describe(
+            lift, "domain lift", "ratio", "usage by the domain / pooled usage of the expert (1 = no preference)",
+            chance=1.0, nan_where="the expert or the domain has no slot at this checkpoint and layer",
+        ),
+        "ratio_to_chance": describe(
+            usage * E, "usage ratio to chance", "ratio", "usage by the domain × E (1 = uniform routing)",
+            chance=1.0, nan_where="the domain has no routed token at this checkpoint and layer",
+        ),
+        "excess": describe(
+            excess.transpose("checkpoint", "layer", "expert", "domain"), "excess slots", "slots",
+            "n_(domain,expert) − u_expert · n_domain: slots above what the pooled usage predicts", chance=0.0,
+            nan_where=nan_cl,
+        ),
+        "z": describe(
+            z.transpose("checkpoint", "layer", "expert", "domain"), "randomisation z", "standard deviations",
+            "excess / its standard deviation under random relabelling of samples with domains", chance=0.0,
+            nan_where=nan_cl,
+        ),
+        "p_value": describe(
+            p.transpose("checkpoint", "layer", "expert", "domain"), "p-value", "probability",
+            "two-sided p of the excess under random relabelling of samples (normal approximation)",
+            nan_where=nan_cl,
+        ),
+        "q_value": describe(
+            q, "BH q-value", "probability",
+            "Benjamini–Hochberg adjusted p-value across all (checkpoint, layer, expert, domain) cells",
+            nan_where=nan_cl,
+        ),
+        "mi": describe(
+            mi, "mutual information domain–top-1", "bits",
+            "I(domain; top-1 expert) over tokens, plug-in estimate", chance=0.0, nan_where=nan_cl,
+        ),
+        "mi_floor_mean": describe(
+            mi_floor_mean, "MI floor (mean)", "bits",
+            f"mean MI over {int(n_shuffle)} random relabellings of samples with domains", nan_where=nan_cl,
+        ),
+        "mi_floor_p95": describe(
+            mi_floor_p95, "MI floor (95th percentile)", "bits",
+            f"95th percentile of MI over {int(n_shuffle)} random relabellings of samples", nan_where=nan_cl,
+        ),
+        "domain_entropy": describe(
+            h_domain, "domain entropy", "bits", "H(domain) over the tokens with a written top-1 (MI's upper bound)",
+            nan_where=nan_cl,
+        ),
+        "vocab_input": describe(
+            v_in, "vocabulary specialization (input token)", "share of occurrences",
+            f"mean over token types seen >= {min_count} times of max_e count(id → e)/n_id", chance=k / E,
+            nan_where=f"no token type with >= {min_count} routed occurrences",
+        ),
+        "vocab_input_floor": describe(
+            f_in, "vocabulary specialization floor (input token)", "share of occurrences",
+            "the same if occurrences were routed independently of the id with the observed per-expert rates "
+            "(mean over types of E[max_e Binomial(n_id, q_e)]/n_id)", chance=k / E,
+            nan_where=f"no token type with >= {min_count} routed occurrences",
+        ),
+        "vocab_input_types": describe(t_in, "token types (input)", "types",
+                                      f"token types with >= {min_count} routed occurrences"),
+        "vocab_next": describe(
+            v_nx, "vocabulary specialization (next token)", "share of occurrences",
+            f"as vocab_input, grouping token t by the id of token t+1 of the same sample", chance=k / E,
+            nan_where=f"no next-token type with >= {min_count} routed occurrences",
+        ),
+        "vocab_next_floor": describe(
+            f_nx, "vocabulary specialization floor (next token)", "share of occurrences",
+            "independence floor of vocab_next", chance=k / E,
+            nan_where=f"no next-token type with >= {min_count} routed occurrences",
+        ),
+        "vocab_next_types": describe(t_nx, "token types (next)", "types",
+                                     f"next-token types with >= {min_count} routed occurrences"),
+    }
+    if n_boot > 0:
+        weights = bootstrap_weights(domains.sizes["sample"], n_boot, seed, strata=domains)
+        scheme = "resampling samples (not tokens) within each domain"
+        c_r = resample(slots_s, weights, groups=domains)  # (checkpoint, layer, boot, expert, domain)
+        u_r = safe_ratio(c_r, c_r.sum("expert"))
+        ua_r = safe_ratio(c_r.sum("domain"), c_r.sum(("expert", "domain")))
+        lo, hi = interval(safe_ratio(u_r, ua_r), ci)
+        add_interval(out, "lift", lo, hi, ci=ci, n_boot=n_boot, scheme=scheme)
+        # Resampling duplicates samples, which adds to the plug-in MI's upward bias: centre the
+        # replicates on the estimate (subtract their mean bias) before taking percentiles.
+        mi_r = mutual_information(resample(top1_s, weights, groups=domains))
+        lo, hi = interval(mi_r - (mi_r.mean("boot") - mi), ci)
+        lo, hi = lo.clip(0.0, None), hi.clip(0.0, None)  # MI is never negative
+        add_interval(out, "mi", lo, hi, ci=ci, n_boot=n_boot,
+                     scheme=scheme + ", shifted by the replicates' mean bias (mean replicate − estimate)")
+    # Derived variables are built from the intermediates, never from another output variable:
+    # an output whose graph key feeds a second output breaks Dataset computes on distributed
+    # ("lost dependencies", dask 2026.8 / xarray 2026.9).
+    significant = (q <= fdr_q).fillna(False)
+    frac = significant.astype(np.float64).mean(("expert", "domain"))
+    mi_comp = ((mi - mi_floor_mean) / h_domain).clip(0.0, 1.0)
+    vocab_comp = ((v_in - f_in) / (1.0 - f_in)).clip(0.0, 1.0)
+    out["significant_fraction"] = describe(
+        frac, "fraction of significant cells", "share of (expert, domain) cells",
+        f"share of (expert, domain) cells with BH q <= {fdr_q}", chance=float(fdr_q),
+    )
+    out["mi_component"] = describe(
+        mi_comp, "MI above floor / H(domain)", "fraction", "clip((mi − mi_floor_mean) / domain_entropy, 0, 1)",
+        chance=0.0, nan_where=nan_cl,
+    )
+    out["vocab_component"] = describe(
+        vocab_comp, "vocabulary specialization above floor", "fraction",
+        "clip((vocab_input − vocab_input_floor) / (1 − vocab_input_floor), 0, 1)", chance=0.0,
+        nan_where=f"no token type with >= {min_count} routed occurrences",
+    )
+    out["score"] = describe(
+        (mi_comp + frac + vocab_comp) / 3.0, "specialization score", "score in [0, 1]",
+        "mean of mi_component, significant_fraction and vocab_component", chance="≈ fdr_q/3 (null: only false "
+        "discoveries)", nan_where=nan_cl + f", or no token type with >= {min_count} routed occurrences",
+    )
+    result = xr.Dataset(out)
+    bad = ((ids >= E) | (ids < FILL_ID)).sum(("token", "k"))
+    guard = refuse_if(bad, f"specialization: expert_ids has slots with ids outside -1..{E - 1} (num_experts={E})")
+    result = attach_guard(result, guard)
+    # attach_guard would turn a boolean into int8: guard it with a logical and instead
+    result["significant"] = describe(
+        (significant & (guard == 0)).transpose("checkpoint", "layer", "expert", "domain"), "significant cell",
+        "boolean", f"Benjamini–Hochberg q <= {fdr_q} (two-sided; the sign of 'excess' gives the direction)",
+    )
+    return finalise(
+        result, routing, name=NAME,
+        definition="usage[c,l,e,d] = slots of domain d to expert e / slots of d; lift = usage / pooled usage; "
+        "significance: two-sided randomisation test of the excess n_de − u_e·n_d under random relabelling of "
+        "SAMPLES with domains (exact permutation mean and variance, normal tail; tokens of one sample are "
+        "dependent, so a token-level chi-square would be anti-conservative), Benjamini–Hochberg across all "
+        f"cells, significant = q <= {fdr_q}. mi = I(domain; top-1 expert) in bits over tokens, floor from "
+        f"{int(n_shuffle)} sample relabellings (mean, 95th percentile). vocab_* = mean over token types seen "
+        f">= {min_count} times of max_e count(id→e)/n_id, by input token and by next token (same sample). "
+        "score = mean(clip((mi − mi_floor_mean)/H(domain), 0, 1), significant_fraction, "
+        "clip((vocab_input − floor)/(1 − floor), 0, 1)).",
+        normalisation="usage: share of routing slots (1/E uniform); lift and ratio_to_chance: ratios; mi: bits; "
+        "vocab: share of a type's occurrences; score in [0, 1]",
+        chance=f"usage: 1/E = {chance:.4g}; lift, ratio_to_chance: 1; mi: ≈ mi_floor (0 asymptotically); vocab: "
+        f"uniform k/E = {k / E:.4g} (the max over experts sits above it: see vocab_*_floor); "
+        f"significant_fraction: ≤ fdr_q = {fdr_q} under the null",
+        params={"canonical_only": canonical_only, "fdr_q": fdr_q, "n_shuffle": int(n_shuffle),
+                "min_count": int(min_count), "n_boot": int(n_boot), "ci": ci, "seed": seed},
+    )
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+    """Summary curves vs layer (earliest vs final highlighted) and lift heatmaps (earliest vs final)."""
+    result = result.compute()
+    E, k = int(result.attrs["num_experts"]), int(result.attrs["top_k"])
+    layers = result["layer"].values
+    steps = result["step"].values
+    ckpts = result["checkpoint"].values
+    C = len(ckpts)
+    styles = checkpoint_styles(steps)
+    paths = []
+    panels = (
+        ("mi", "MI(domain; top-1) (bits)", "mi_floor_p95"),
+        ("significant_fraction", "significant (expert, domain) cells", None),
+        ("vocab_input", "vocabulary specialization\n(input token, max share)", "vocab_input_floor"),
+        ("vocab_next", "vocabulary specialization\n(next token, max share)", "vocab_next_floor"),
+        ("score", "specialization score", None),
+    )
+    with plotting.style():
+        fig, axes = plotting.new_figure(1, len(panels), panel_size=(2.6, 2.5), sharex=True)
+        for ax, (var, ylabel, floor) in zip(axes.flat, panels):
+            for i in range(C):
+                sel = {"checkpoint": ckpts[i]}
+                st = styles[i]
+                if f"{var}_lo" in result:
+                    ax.fill_between(layers, result[f"{var}_lo"].sel(sel).values, result[f"{var}_hi"].sel(sel).values,
+                                    color=st["color"], alpha=0.15, linewidth=0)
+                ax.plot(layers, result[var].sel(sel).values, markersize=3, label=checkpoint_label(i, C, steps[i]), **st)
+                if floor is not None and (i == 0 or i == C - 1):
+                    ax.plot(layers, result[floor].sel(sel).values, color=st["color"], linestyle=":", linewidth=1)
+            if var.startswith("vocab"):
+                plotting.chance_line(ax, k / E, label="uniform k/E")
+            elif var == "significant_fraction":
+                plotting.chance_line(ax, float(json.loads(result.attrs["params"])["fdr_q"]), label="q")
+            ax.set_xticks(layers)
+            plotting.label_axes(ax, "layer (MoE layer index)", ylabel)
+        axes.flat[0].legend(frameon=False, fontsize=6)
+        fig.suptitle("Specialization per layer: earliest checkpoint (grey dashed) vs final (black)\nDotted: "
+                     "shuffled-label floor (MI, 95th pct) / independence floor (vocabulary); "
+                     "bands: 95 % CI over samples")
+        paths += plotting.savefig(fig, out_dir, f"{NAME}_summary", formats)
+
+    # lift heatmaps: earliest and final, one column per domain, significant cells dotted
+    show = [0, C - 1] if C > 1 else [0]
+    domains = result["domain"].values
+    D = len(domains)
+    # an expert a domain never uses has lift 0: show it as the strongest blue, not as a blank
+    cap = 5.0
+    log_lift = np.log2(result["lift"].clip(2.0**-cap, None))
+    finite = np.abs(log_lift.values[np.isfinite(log_lift.values)])
+    vmax = min(max(float(finite.max()) if finite.size else 1.0, 0.5), cap)
+    norm = plotting.mcolors.TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax)
+    cmap = plotting.plt.get_cmap(plotting.DIVERGING).with_extremes(bad="0.6")
+    L = len(layers)
+    panel = (min(max(2.2, 0.16 * E + 1.0), 4.5), min(max(1.5, 0.16 * L + 0.9), 4.5))
+    ncols = min(D, 4)  # many domains wrap onto several rows per checkpoint
+    rows_per = -(-D // ncols)
+    with plotting.style():
+        fig, axes = plotting.new_figure(len(show) * rows_per, ncols, panel_size=panel, sharex=True, sharey=True)
+        im = None
+        for r, ci in enumerate(show):
+            for j, dom in enumerate(domains):
+                ax = axes[r * rows_per + j // ncols, j % ncols]
+                grid = log_lift.sel(checkpoint=ckpts[ci], domain=dom).transpose("layer", "expert").values
+                im = ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+                sig = result["significant"].sel(checkpoint=ckpts[ci], domain=dom).transpose("layer", "expert").values
+                yy, xx = np.nonzero(sig)
+                ax.scatter(xx, yy, s=4, c="k", marker="o", linewidths=0)
+                ax.grid(False)
+                which = "earliest" if (ci == 0 and C > 1) else "final"
+                ax.set_title(f"{plotting.display_label(dom)} · {which} (step {steps[ci]})")
+                if L <= 32:
+                    ax.set_yticks(np.arange(L))
+                    ax.set_yticklabels([str(v) for v in layers])
+                if E <= 16:
+                    ax.set_xticks(np.arange(E))
+                plotting.label_axes(ax, "expert (index)", "layer")
+            for j in range(D, rows_per * ncols):
+                axes[r * rows_per + j // ncols, j % ncols].set_visible(False)
+        cbar = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.85)
+        cbar.set_label(f"log2 lift (domain / pooled usage), clipped at ±{vmax:.2g}")
+        fig.suptitle("Domain preference of each expert, earliest vs final checkpoint\n(white = no preference, "
+                     "the chance level; dots = significant after BH; grey = undefined)")
+        paths += plotting.savefig(fig, out_dir, f"{NAME}_lift", formats)
+    return paths
+
+
+def table(result: xr.Dataset) -> pd.DataFrame:
+    """Rows (checkpoint, layer, expert, domain) with the cell statistics, and the per-layer metrics merged in."""
+    cells = tidy(result, ["usage", "lift", "lift_lo", "lift_hi", "ratio_to_chance", "excess", "z", "p_value",
+                          "q_value", "significant"])
+    per_layer = tidy(result, ["mi", "mi_lo", "mi_hi", "mi_floor_mean", "mi_floor_p95", "domain_entropy",
+                              "significant_fraction", "vocab_input", "vocab_input_floor", "vocab_next",
+                              "vocab_next_floor", "score"]).drop(columns=["step"], errors="ignore")
+    return cells.merge(per_layer, on=["checkpoint", "layer"], how="left")
+
+
+def summary(result: xr.Dataset) -> dict:
+    """Earliest vs final checkpoint (means over layers): MI and its floor, significant cells, vocabulary, score."""
+    names = ["mi", "mi_floor_mean", "mi_floor_p95", "significant_fraction", "vocab_input", "vocab_input_floor",
+             "vocab_next", "vocab_next_floor", "score"]
+    res = result[names + ["significant"]].compute()
+
+    def at(i):
+        row = {"checkpoint": str(res["checkpoint"].values[i]), "step": int(res["step"].values[i])}
+        for n in names:
+            row[n] = json_number(res[n].isel(checkpoint=i).mean("layer"))
+        row["significant_cells"] = int(res["significant"].isel(checkpoint=i).sum())
+        return row
+
+    def diff(name):
+        a, b = at(0)[name], at(-1)[name]
+        return None if a is None or b is None else b - a
+
+    return {"earliest": at(0), "final": at(-1), "mi_final_minus_earliest": diff("mi"),
+            "score_final_minus_earliest": diff("score")}
+
+
+ANALYSIS = register(
+    Analysis(
+        name=NAME,
+        func=specialization,
+        figure=figure,
+        title="Expert specialization by domain and by token",
+        caption=(
+            "Always compare with the earliest checkpoint (grey dashed): an untrained router already looks "
+            "specialised because domains use different tokens. Summary figure, per layer: mutual information "
+            "between domain and top-1 expert (bits; dotted = 95th percentile of MI with domain labels shuffled "
+            "across samples, the chance level), the share of (expert, domain) cells whose usage differs from the "
+            "pooled usage (randomisation test across samples, Benjamini–Hochberg q ≤ fdr_q; dashed = q, the "
+            "expected share under the null), vocabulary specialization by input and next token (mean max share "
+            "of a token type's occurrences on one expert; dashed = uniform k/E, dotted = floor if routing ignored "
+            "the token id), and the score = mean(clip((MI − floor)/H(domain)), significant share, "
+            "clip((vocab − floor)/(1 − floor))). Lift figure: log2(usage by domain / pooled usage) per layer × "
+            "expert for the earliest and final checkpoint (white = no preference, chance), dots = significant."
+        ),
+        requires=("expert_ids",),
+        params={"canonical_only": False, "fdr_q": 0.05, "n_shuffle": 200, "min_count": 10, "n_boot": 200,
+                "ci": 0.95, "seed": 0},
+        table=table,
+        summary=summary,
+    )
+)

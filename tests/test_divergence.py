@@ -1,0 +1,214 @@
+"""Routing divergence and the logit lens by condition, against brute-force loops over token pairs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+import analyses
+from analyses.divergence import expected_jaccard, mask_points, token_pairs
+from conftest import punch_holes, small_cube
+from storage.schema import mock_cube
+
+
+@pytest.fixture(scope="module")
+def cube():
+    return punch_holes(small_cube(n_checkpoints=2, seed=11), seed=4)
+
+
+def _pairs_bruteforce(ds):
+    """{view: [(a_token, b_token, pair id)]} from the coordinates, by explicit loops."""
+    cond, pair = ds["condition"].values, ds["pair"].values
+    aligned, canonical, sample = ds["aligned_token"].values, ds["canonical"].values, ds["sample"].values
+    canon = [(t, int(aligned[t]), pair[t]) for t in range(cond.size)
+             if cond[t] == "A" and aligned[t] >= 0 and canonical[t] and cond[aligned[t]] == "B"]
+    last = {}
+    for t in range(cond.size):
+        if canonical[t] and cond[t] in ("A", "B"):
+            last[(pair[t], cond[t])] = t  # the last canonical token seen of that sample wins
+    pairs = sorted({p for p, _ in last})
+    return {"canonical": canon,
+            "last_canonical": [(last[(p, "A")], last[(p, "B")], p) for p in pairs if (p, "B") in last]}
+
+
+def _bruteforce(ds, c, layer):
+    E, k = ds.sizes["expert"], ds.sizes["k"]
+    ids = ds["expert_ids"].values[c, layer]
+    out = {}
+    for view, pairs in _pairs_bruteforce(ds).items():
+        counts = np.zeros((2, E))
+        jac, inter, n = [], [], 0
+        for a, b, _ in pairs:
+            sa, sb = {int(x) for x in ids[a] if x >= 0}, {int(x) for x in ids[b] if x >= 0}
+            for side, s in ((0, ids[a]), (1, ids[b])):
+                for x in s:
+                    if x >= 0:
+                        counts[side, x] += 1
+            if sa and sb:
+                n += 1
+                jac.append(len(sa & sb) / len(sa | sb))
+                inter.append(len(sa & sb) / k)
+        usage = counts / counts.sum(1, keepdims=True)
+        out[view] = {"usage": usage, "tv": 0.5 * np.abs(usage[0] - usage[1]).sum(), "jaccard": np.mean(jac),
+                     "intersection": np.mean(inter), "pairs": n}
+    return out
+
+
+def test_expected_jaccard_is_exact():
+    for E, k in ((8, 2), (6, 3), (10, 1), (5, 5)):
+        subsets = [set(s) for s in itertools.combinations(range(E), k)]
+        brute = np.mean([len(a & b) / len(a | b) for a in subsets for b in subsets])
+        assert expected_jaccard(E, k) == pytest.approx(brute, abs=1e-12)
+    assert expected_jaccard(8, 2) == pytest.approx(5 / 28)
+    shortcut = (4 / 8) / (4 - 4 / 8)  # the ratio of expectations METRICS.md warns about
+    assert expected_jaccard(8, 2) - shortcut > 0.03
+
+
+def test_divergence_equals_bruteforce(cube):
+    res = analyses.run("divergence", cube, n_boot=0)
+    for c in range(cube.sizes["checkpoint"]):
+        for layer in range(cube.sizes["layer"]):
+            ref = _bruteforce(cube, c, layer)
+            for view, r in ref.items():
+                sel = res.isel(checkpoint=c, layer=layer).sel(view=view)
+                np.testing.assert_allclose(sel["usage"].sel(condition="A").values, r["usage"][0], atol=1e-12)
+                np.testing.assert_allclose(sel["usage"].sel(condition="B").values, r["usage"][1], atol=1e-12)
+                np.testing.assert_allclose(sel["usage_diff"].values, r["usage"][0] - r["usage"][1], atol=1e-12)
+                assert float(sel["total_variation"]) == pytest.approx(r["tv"])
+                assert float(sel["jaccard"]) == pytest.approx(r["jaccard"])
+                assert float(sel["intersection"]) == pytest.approx(r["intersection"])
+                ej = expected_jaccard(8, 2)
+                assert float(sel["jaccard_corrected"]) == pytest.approx((r["jaccard"] - ej) / (1 - ej))
+                assert int(sel["pairs"]) == r["pairs"]
+    assert res["sample_pairs"].sel(view="last_canonical") == len(_pairs_bruteforce(cube)["last_canonical"])
+
+
+def test_threshold_and_intervals(cube):
+    res = analyses.run("divergence", cube, percentile=90.0, min_abs=0.01, n_boot=50)
+    for c in range(res.sizes["checkpoint"]):
+        for view in res["view"].values:
+            d = res["usage_diff"].isel(checkpoint=c).sel(view=view).values
+            thr = max(np.percentile(np.abs(d), 90.0), 0.01)
+            assert float(res["threshold"].isel(checkpoint=c).sel(view=view)) == pytest.approx(thr)
+            kept = res["usage_diff_thresholded"].isel(checkpoint=c).sel(view=view).values
+            np.testing.assert_array_equal(kept, np.where(np.abs(d) >= thr, d, 0.0))
+    assert (analyses.run("divergence", cube, min_abs=1.0, n_boot=0)["usage_diff_thresholded"] == 0).all()
+    for name in ("jaccard", "intersection", "total_variation"):
+        v, lo, hi = (res[f"{name}{s}"].values for s in ("", "_lo", "_hi"))
+        ok = np.isfinite(v) & np.isfinite(lo)
+        assert ok.any() and (lo[ok] <= hi[ok]).all()
+        assert ((lo[ok] <= v[ok] + 1e-9) & (v[ok] <= hi[ok] + 1e-9)).mean() > 0.9
+
+
+@pytest.mark.parametrize("view", ["canonical", "last_canonical"])
+def test_identical_routing_in_both_conditions(view):
+    ds = small_cube(n_checkpoints=1, seed=2)
+    ids = ds["expert_ids"].values
+    for a, b, _ in _pairs_bruteforce(ds)[view]:
+        ids[:, :, b] = ids[:, :, a][:, :, ::-1]  # same set, other slot order
+    res = analyses.run("divergence", ds, n_boot=0).sel(view=view)
+    np.testing.assert_allclose(res["total_variation"].values, 0.0, atol=1e-12)
+    np.testing.assert_allclose(res["jaccard"].values, 1.0)
+    np.testing.assert_allclose(res["jaccard_corrected"].values, 1.0)
+    np.testing.assert_allclose(res["intersection"].values, 1.0)
+    assert (res["usage_diff_thresholded"].values == 0).all()
+
+
+def test_uniform_random_routing_sits_at_chance():
+    ds = mock_cube(uniform=True, n_checkpoints=1, n_layers=6, num_experts=8, top_k=2, n_samples=120, seq_len=40,
+                   seed=5)
+    res = analyses.run("divergence", ds, n_boot=100).sel(view="canonical")
+    # ~1100 token pairs per layer: the standard error of the intersection is ~0.009, of J ~0.007
+    assert np.abs(res["jaccard"].values - 5 / 28).max() < 0.03
+    assert np.abs(res["intersection"].values - 2 / 8).max() < 0.035
+    assert np.abs(res["jaccard_corrected"].values).max() < 0.04
+    # 95 % intervals over ~60 sample pairs: most of the 6 layers' intervals hold the exact chance level
+    covered = (res["jaccard_lo"].values <= 5 / 28) & (5 / 28 <= res["jaccard_hi"].values)
+    assert covered.sum() >= 4
+    assert (res["jaccard_hi"] - res["jaccard_lo"]).values.max() < 0.05
+
+
+def test_mask_points_and_artifacts(cube, tmp_path):
+    ds = cube.assign_coords(layer=[1, 5, 9])  # the model's own (non-contiguous) layer indices
+    res = analyses.run("divergence", ds, n_boot=0)
+    pts = mask_points(res)
+    assert set(pts) == {"A_minus_B", "B_minus_A", "A"}
+    last = res.isel(checkpoint=-1).sel(view="last_canonical")
+    for key, values in (("A_minus_B", last["usage_diff"]), ("B_minus_A", -last["usage_diff"]),
+                        ("A", last["usage"].sel(condition="A"))):
+        lst = pts[key]
+        assert len(lst) == 3 * 8 and {(p["layer"], p["expert"]) for p in lst} == {(l, e) for l in (1, 5, 9)
+                                                                                     for e in range(8)}
+        assert all(lst[i]["value"] >= lst[i + 1]["value"] for i in range(len(lst) - 1))
+        for p in lst:
+            assert p["value"] == pytest.approx(float(values.sel(layer=p["layer"], expert=p["expert"])))
+    files = analyses.get("divergence").artifacts(res, tmp_path)
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in files)
+    ck = str(res["checkpoint"].values[-1])
+    assert f"{ck}/last_canonical_A_minus_B_points.json" in names and "usage_maps.csv" in names
+    assert json.loads((tmp_path / ck / "last_canonical_A_minus_B_points.json").read_text()) == pts["A_minus_B"]
+    assert len(files) == 2 * 3 + 1
+    df = analyses.get("divergence").table(res)
+    assert {"checkpoint", "layer", "view", "total_variation", "jaccard", "jaccard_corrected", "intersection"} <= set(df)
+    assert len(df) == res.sizes["checkpoint"] * 3 * 2
+
+
+def _lens_bruteforce(ds, c, layer):
+    lp = ds["lens_logprob"].values[c, layer].astype(np.float64)
+    js, nll = ds["lens_js"].values[c, layer].astype(np.float64), ds["nll"].values[c]
+    pos, aligned = ds["position"].values, ds["aligned_token"].values
+    out = {}
+    for view, pairs in _pairs_bruteforce(ds).items():
+        a_vals, b_vals, js_vals = [], [], []
+        for a, b, _ in pairs:
+            if pos[a] == 0 or pos[b] == 0 or np.isnan(lp[a - 1]) or np.isnan(lp[b - 1]):
+                continue
+            a_vals.append(-lp[a - 1])
+            b_vals.append(-lp[b - 1])
+            if aligned[a] == b and not np.isnan(js[a - 1]):
+                js_vals.append(js[a - 1])
+        out[view] = (np.mean(a_vals), np.mean(b_vals), np.mean(np.subtract(a_vals, b_vals)),
+                     np.mean(js_vals) if js_vals else np.nan, len(a_vals))
+    return out
+
+
+def test_lens_by_condition_equals_bruteforce(cube):
+    res = analyses.run("lens", cube, n_boot=30)
+    for c in range(cube.sizes["checkpoint"]):
+        for layer in range(cube.sizes["layer"]):
+            for view, (na, nb, d, js, n) in _lens_bruteforce(cube, c, layer).items():
+                sel = res.isel(checkpoint=c, layer=layer).sel(view=view)
+                assert float(sel["lens_nll"].sel(condition="A")) == pytest.approx(na)
+                assert float(sel["lens_nll"].sel(condition="B")) == pytest.approx(nb)
+                assert float(sel["lens_nll_diff"]) == pytest.approx(d)
+                assert int(sel["targets"]) == n
+                if np.isfinite(js):
+                    assert float(sel["js"]) == pytest.approx(js)
+    # the mock's lens at the last layer is −nll: the model NLL the analysis reports on the same targets
+    last = res.isel(layer=-1)
+    np.testing.assert_allclose(last["lens_nll"].values, last["model_nll"].values, rtol=1e-6)
+    df = analyses.get("lens").table(res)
+    assert {"lens_nll_A", "lens_nll_B", "lens_nll_diff", "js", "model_nll_A"} <= set(df)
+
+
+def test_errors_say_what_is_missing():
+    with pytest.raises(ValueError, match="name the two conditions"):
+        analyses.run("divergence", mock_cube(paired=False, n_checkpoints=1))
+    ds = small_cube(n_checkpoints=1)
+    with pytest.raises(ValueError, match="'aligned_token' is missing"):
+        analyses.run("divergence", ds.drop_vars("aligned_token"))
+    with pytest.raises(ValueError, match="condition 'C' has no token"):
+        analyses.run("divergence", ds, condition_a="A", condition_b="C")
+    with pytest.raises(ValueError, match="needs cube variable"):
+        analyses.run("lens", mock_cube(with_lens=False, n_checkpoints=1))
+    # conditions named the other way round swap the signs
+    ab = analyses.run("divergence", ds, n_boot=0)
+    ba = analyses.run("divergence", ds, condition_a="B", condition_b="A", n_boot=0)
+    assert math.isfinite(float(ab["total_variation"].sum()))
+    assert set(token_pairs(ds, "A", "B")) == {"canonical", "last_canonical"}
+    np.testing.assert_allclose(ab["usage_diff"].values, -ba["usage_diff"].values)
+    np.testing.assert_allclose(ab["jaccard"].values, ba["jaccard"].values)
