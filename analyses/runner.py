@@ -29,7 +29,12 @@ def compute_analysis(routing_path, name: str, params: dict, *, checkpoints=None,
     if missing:
         raise ValueError(f"{routing_path}: analysis {name!r} needs variables {missing}, which the cube does not have")
     result = get(name).func(ds, **params)
-    return _compute(result, client)
+    try:
+        return _compute(result, client)
+    except (ValueError, cubes.CubeError):
+        raise  # the analyses' own refusals already name what is wrong
+    except Exception as exc:  # codec / IO errors from a damaged chunk surface only now
+        raise cubes.CubeError(f"{routing_path}: reading the routing cube failed during {name!r}: {exc}") from exc
 
 
 def _compute(result: xr.Dataset, client) -> xr.Dataset:

@@ -24,6 +24,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -43,38 +45,65 @@ RUNNING = re.compile(r"\) running\s+(\w+)\((.*)\)\s*$")
 DONE = re.compile(r"\) done\s+(\w+)\((.*)\)\s*$")
 FAILED = re.compile(r"\) failed\s+(\w+)\((.*)\)\s*$")
 
-# Small enough for a smoke test, same shape as the demo (tests/test_pipeline.py uses the like).
+# Small enough for a smoke test; the demo model of tests/test_pipeline.py's TINY_DEMO, one analysis.
 TINY_DEMO = """
 name = "tiny"
 output_dir = "runs/tiny"
 [model]
 source = "demo"
 [model.demo]
-steps = 6
-checkpoint_steps = [0, 3, 6]
+steps = 12
+checkpoint_steps = [0, 6, 12]
 hidden_size = 32
 intermediate_size = 64
 num_layers = 2
 num_heads = 2
 num_experts = 4
 top_k = 2
-vocab_size = 320
-seq_len = 32
-batch_size = 4
+vocab_size = 384
+seq_len = 64
+batch_size = 8
 lr = 0.01
-warmup_steps = 1
-eval_samples_per_domain = 2
-eval_max_chars = 150
-train_chars_per_domain = 6000
+warmup_steps = 2
+eval_samples_per_domain = 3
+eval_max_chars = 300
+train_chars_per_domain = 20000
 [capture]
 keep_router_logits = true
 batch_size = 4
-max_length = 32
+max_length = 64
 [analyses]
 run = ["usage"]
 [dask]
 n_workers = 1
 """
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise ValueError(f"cannot write {type(v).__name__} {v!r} as a TOML value")
+
+
+def to_toml(table: dict, prefix: str = "") -> list[str]:
+    """Lines of TOML for ``table`` (scalars, lists, sub-tables, arrays of tables), what tomllib reads back."""
+    def is_tables(v):
+        return isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
+
+    lines = [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict) and not is_tables(v)]
+    for k, v in table.items():
+        if isinstance(v, dict):
+            lines += [f"[{prefix}{k}]"] + to_toml(v, f"{prefix}{k}.")
+        elif is_tables(v):
+            for item in v:
+                lines += [f"[[{prefix}{k}]]"] + to_toml(item, f"{prefix}{k}.")
+    return lines
 
 
 def task_label(name: str, params: str) -> str:
@@ -124,17 +153,30 @@ def luigi_run(clone: Path, env: dict, experiment: str | None, log_file: Path) ->
             "log": str(log_file)}
 
 
-def checkpoints_toml(name: str, out_dir: Path, ckpts: list[tuple[str, Path, int]], data: Path, base: dict) -> str:
-    """An experiment on existing checkpoints, with the demo's capture and analyses settings."""
-    lines = [f'name = "{name}"', f'output_dir = "{out_dir}"', "[model]", 'source = "checkpoints"']
-    for cname, path, step in ckpts:
-        lines += ["[[model.checkpoints]]", f'name = "{cname}"', f'path = "{path}"', f"step = {step}"]
-    lines += ["[[datasets]]", 'name = "demo_eval"', f'path = "{data}"']
-    lines += ["[capture]", f"keep_router_logits = {str(base['keep_logits']).lower()}",
-              f"batch_size = {base['batch_size']}", f"max_length = {base['max_length']}"]
-    lines += ["[analyses]", "run = [" + ", ".join(f'"{a}"' for a in base["analyses"]) + "]"]
-    lines += ["[dask]", f"n_workers = {base['n_workers']}"]
-    return "\n".join(lines) + "\n"
+def checkpoints_experiment(demo: dict, demo_out: Path, out_dir: Path, ckpts: list[tuple[str, Path, int]]) -> str:
+    """The demo experiment turned into a user's: ``source = "checkpoints"`` naming ``ckpts``.
+
+    Everything but the model, the datasets, the name and the output directory
+    is kept (capture options, conditions, analyses, report, dask), and the
+    datasets are the demo's own held-out files, as ``tasks.datasets`` picks
+    them for the demo (the paired file only when the experiment has conditions).
+    """
+    from capture.demo import EVAL_DATASET_NAME
+
+    exp = {k: v for k, v in demo.items() if k not in ("name", "description", "output_dir", "model", "datasets")}
+    data = demo_out / "model" / "data"
+    datasets = [{"name": EVAL_DATASET_NAME, "path": str(data / "eval.jsonl")}]
+    if demo.get("conditions", {}).get("a"):
+        from capture.demo import PAIRED_DATASET_NAME
+
+        datasets.append({"name": PAIRED_DATASET_NAME, "path": str(data / "paired.jsonl")})
+    head = {"name": "checkpoints", "output_dir": str(out_dir),
+            "model": {"source": "checkpoints",
+                      "checkpoints": [{"name": n, "path": str(p), "step": s} for n, p, s in ckpts]},
+            "datasets": datasets}
+    # top-level scalars first: TOML puts everything after a table header into that table
+    return "\n".join(to_toml({**{k: v for k, v in head.items() if k != "model" and k != "datasets"},
+                              "model": head["model"], "datasets": datasets, **exp})) + "\n"
 
 
 def main(argv=None) -> int:
@@ -183,7 +225,8 @@ def main(argv=None) -> int:
         # The demo's own experiment file says where its run lives and how it captures.
         from experiments.spec import load_experiment
 
-        exp = load_experiment(str(clone / (experiment or "experiments/demo.toml")))
+        demo_file = clone / (experiment or "experiments/demo.toml")
+        exp = load_experiment(str(demo_file))
         demo_out = clone / exp.output_dir  # relative paths are taken from luigi's cwd, the clone
         if not demo_out.resolve().is_relative_to(root.resolve()):
             raise RuntimeError(f"the demo experiment writes to {demo_out}, outside the benchmark's directory {root}")
@@ -192,16 +235,14 @@ def main(argv=None) -> int:
             raise RuntimeError(f"{demo_out}: expected >= 3 demo checkpoints, found {[c.name for c in ckpt_dirs]}")
         ckpts = [(c.name, c, int(c.name.split("_")[1])) for c in ckpt_dirs]
         left_out = ckpts[len(ckpts) // 2]
-        base = {"keep_logits": exp.capture.keep_router_logits, "batch_size": exp.capture.batch_size,
-                "max_length": exp.capture.max_length, "analyses": list(exp.analyses.run),
-                "n_workers": exp.dask.n_workers}
-        data = demo_out / "model" / "data" / "eval.jsonl"
+        demo = tomllib.loads(demo_file.read_text())
         real = root / "checkpoints.toml"
         out_dir = root / "checkpoints-run"
-        real.write_text(checkpoints_toml("checkpoints", out_dir, [c for c in ckpts if c != left_out], data, base))
+        real.write_text(checkpoints_experiment(demo, demo_out, out_dir, [c for c in ckpts if c != left_out]))
+        load_experiment(str(real))  # the spec's validator reads it back before Luigi does
         log(f"3/4 checkpoints experiment without {left_out[0]}")
         runs["checkpoints_minus_one"] = luigi_run(clone, env, str(real), root / "3-minus-one.log")
-        real.write_text(checkpoints_toml("checkpoints", out_dir, ckpts, data, base))
+        real.write_text(checkpoints_experiment(demo, demo_out, out_dir, ckpts))
         log(f"4/4 checkpoint {left_out[0]} added")
         runs["add_one_checkpoint"] = luigi_run(clone, env, str(real), root / "4-add-one.log")
         doc["checkpoints"] = [c[0] for c in ckpts]

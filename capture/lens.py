@@ -155,37 +155,48 @@ def target_logprob(head: LensHead, h: torch.Tensor, targets: torch.Tensor, *,
     V = head.lm_head.weight.shape[0] if hasattr(head.lm_head, "weight") else None
     step = _rows_per_chunk(V or 1, chunk_elems)
     for i in range(0, h.shape[0], step):
-        lp = torch.log_softmax(head.logits(h[i:i + step]), dim=-1)
-        out[i:i + step] = lp.gather(1, targets[i:i + step, None]).squeeze(1)
+        z = head.logits(h[i:i + step])
+        # z[target] − logsumexp(z): the log-softmax of one entry, without writing all V of them
+        out[i:i + step] = z.gather(1, targets[i:i + step, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
     return out
 
 
-def js_divergence(head: LensHead, ha: torch.Tensor, hb: torch.Tensor, *,
-                  chunk_elems: int = CHUNK_ELEMS) -> torch.Tensor:
+def js_divergence(head: LensHead, ha: torch.Tensor, hb: torch.Tensor, *, targets_a: torch.Tensor | None = None,
+                  targets_b: torch.Tensor | None = None, chunk_elems: int = CHUNK_ELEMS):
     """Jensen-Shannon divergence (nats, in [0, ln 2]) between the lens distributions of row pairs.
 
     Parameters
     ----------
     ha, hb : (p, hidden) layer outputs of the two sides of each pair.
+    targets_a, targets_b : optional (p,) next-token ids; their log-probabilities
+        then come out of the same read-out (no second pass over the LM head).
 
     Returns
     -------
-    (p,) float32: ½ KL(P‖M) + ½ KL(Q‖M), M = (P + Q) / 2.
+    (p,) float32: ½ KL(P‖M) + ½ KL(Q‖M), M = (P + Q) / 2; with targets, also
+    the (p,) log p(target) of each side: ``(js, logprob_a, logprob_b)``.
     """
     out = torch.empty(ha.shape[0], dtype=torch.float32, device=ha.device)
+    with_targets = targets_a is not None
+    if with_targets:
+        lp_a = torch.empty_like(out)
+        lp_b = torch.empty_like(out)
     V = head.lm_head.weight.shape[0] if hasattr(head.lm_head, "weight") else None
     step = _rows_per_chunk(V or 1, chunk_elems, per_row=2)
     ln2 = math.log(2.0)
     for i in range(0, ha.shape[0], step):
         la = torch.log_softmax(head.logits(ha[i:i + step]), dim=-1)
         lb = torch.log_softmax(head.logits(hb[i:i + step]), dim=-1)
+        if with_targets:
+            lp_a[i:i + step] = la.gather(1, targets_a[i:i + step, None]).squeeze(1)
+            lp_b[i:i + step] = lb.gather(1, targets_b[i:i + step, None]).squeeze(1)
         lm = torch.logaddexp(la, lb) - ln2
         pa, pb = la.exp(), lb.exp()
         # 0 · log 0 = 0: a probability that underflowed contributes nothing
         ta = torch.where(pa > 0, pa * (la - lm), torch.zeros_like(pa))
         tb = torch.where(pb > 0, pb * (lb - lm), torch.zeros_like(pb))
         out[i:i + step] = (0.5 * (ta.sum(-1) + tb.sum(-1))).clamp(0.0, ln2)
-    return out
+    return (out, lp_a, lp_b) if with_targets else out
 
 
 class LensRecorder:
@@ -201,12 +212,30 @@ class LensRecorder:
         self.chunk_elems = chunk_elems
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self._rows = self._targets = self._js_a = self._js_b = None
+        self._solo = self._ia = self._ib = None
         self._out: dict[int, list] = {i: [] for i in self.layers}
 
     def set_batch(self, rows: torch.Tensor, targets: torch.Tensor, js_a: torch.Tensor | None = None,
                   js_b: torch.Tensor | None = None) -> None:
-        """rows, targets : (m,) flat positions and their next-token ids; js_a, js_b : (p,) row pairs."""
+        """rows, targets : (m,) flat positions (ascending) and their next-token ids; js_a, js_b : (p,) row pairs.
+
+        Every JS row must be among ``rows`` (a position whose next token is aligned has a next token).
+        """
         self._rows, self._targets, self._js_a, self._js_b = rows, targets, js_a, js_b
+        self._solo = self._ia = self._ib = None
+        if js_a is not None and js_a.numel():
+            # Rows on a JS pair get log p(target) from the pair's read-out: the LM head runs once per row.
+            n = rows.numel()
+            ia, ib = torch.searchsorted(rows, js_a), torch.searchsorted(rows, js_b)
+            ok = bool(((ia < n) & (ib < n)).all())
+            if ok:
+                ok = bool(((rows[ia] == js_a) & (rows[ib] == js_b)).all())
+            if not ok:
+                raise ValueError("JS rows must be among the rows whose next token the lens scores")
+            solo = torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
+            solo[ia] = False
+            solo[ib] = False
+            self._solo, self._ia, self._ib = solo, ia, ib
 
     def _hook(self, layer: int):
         def hook(module, args, output):
@@ -215,10 +244,17 @@ class LensRecorder:
                 raise RuntimeError(f"decoder layer {layer} returned {type(h).__name__}; the lens expects a "
                                    f"(batch, seq, hidden) tensor")
             flat = h.reshape(-1, h.shape[-1])
-            lp = target_logprob(self.head, flat[self._rows], self._targets, chunk_elems=self.chunk_elems)
             js = None
-            if self._js_a is not None and self._js_a.numel():
-                js = js_divergence(self.head, flat[self._js_a], flat[self._js_b], chunk_elems=self.chunk_elems)
+            if self._solo is None:
+                lp = target_logprob(self.head, flat[self._rows], self._targets, chunk_elems=self.chunk_elems)
+            else:
+                lp = torch.empty(self._rows.numel(), dtype=torch.float32, device=flat.device)
+                solo = self._solo
+                lp[solo] = target_logprob(self.head, flat[self._rows[solo]], self._targets[solo],
+                                          chunk_elems=self.chunk_elems)
+                js, lp[self._ia], lp[self._ib] = js_divergence(
+                    self.head, flat[self._js_a], flat[self._js_b], targets_a=self._targets[self._ia],
+                    targets_b=self._targets[self._ib], chunk_elems=self.chunk_elems)
             self._out[layer].append((lp, js))
             return None
 

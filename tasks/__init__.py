@@ -141,7 +141,9 @@ class PrepareModel(_Stage):
         if exp.model.source == "demo":
             from capture.demo.paired import PAIRED_VERSION
 
-            return cubes.fingerprint("demo", dataclasses.asdict(_demo_config(exp)), PAIRED_VERSION)
+            # With [conditions] the run needs the paired set: re-check it when conditions are added.
+            return cubes.fingerprint("demo", dataclasses.asdict(_demo_config(exp)), PAIRED_VERSION,
+                                     *(["paired"] if exp.conditions.a else []))
         return cubes.fingerprint("checkpoints", [dataclasses.asdict(c) for c in exp.model.checkpoints])
 
     def output(self):
@@ -157,6 +159,10 @@ class PrepareModel(_Stage):
             from capture.demo import prepare_demo
 
             info["manifest"] = prepare_demo(self.layout.model_dir, _demo_config(exp), progress=True)
+            paired = info["manifest"].get("paired", {})
+            if exp.conditions.a and not paired.get("path"):
+                raise ValueError(f"{exp.source_file}: [conditions] compares the demo's paired set, which this "
+                                 f"model.demo config cannot build: {paired.get('error', 'no paired data')}")
         else:
             from capture.load import check_checkpoint_dir, describe_checkpoint
 

@@ -233,3 +233,25 @@ def test_rank_alignment_without_offsets():
     bad = tokens.assign_coords(canonical=("token", np.r_[can_a, [False, True, True, True, True, False]]))
     with pytest.raises(ValueError, match="3 canonical tokens, 'B' has 4"):
         align_tokens(bad, "A", "B")
+
+
+def test_demo_paired_set_is_the_same_code_with_and_without_a_tool_call():
+    from capture.demo import build_corpus
+    from capture.demo.paired import CONDITION_A, CONDITION_B, build_paired
+
+    corpus = build_corpus(0, 8_000, 3, 300)
+    tokenizer = train_tokenizer(corpus.iter_train_text(), 384)
+    rows = build_paired(corpus, tokenizer, n_pairs=3, seq_len=64)
+    assert [r["condition"] for r in rows] == [CONDITION_A, CONDITION_B] * 3
+    haystack = "\x00".join(t for docs in corpus.train.values() for t in docs)
+    for a, b in zip(rows[0::2], rows[1::2]):
+        assert a["pair"] == b["pair"] and a["text"].endswith(b["text"]) and a["text"] != b["text"]
+        assert '"tool"' in a["text"] or "# tool:" in a["text"]
+        assert b["text"] not in haystack and b["source"] not in corpus.eval_sources["code"]
+        assert len(tokenizer(a["text"])["input_ids"]) <= 64
+    tokens = tokenize_records([{**r, "line": i + 1} for i, r in enumerate(rows)], tokenizer, dataset="p",
+                              max_length=64)
+    aligned, stats = align_tokens(tokens, CONDITION_A, CONDITION_B)
+    assert stats.pairs == 3 and stats.aligned >= 0.9 * stats.canonical_b
+    with pytest.raises(ValueError, match="held-out code samples are left"):
+        build_paired(corpus, tokenizer, n_pairs=10_000, seq_len=64)

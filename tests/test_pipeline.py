@@ -270,3 +270,26 @@ def test_malformed_experiment(tmp_path):
     ok, ran, out = _bad(tmp_path, "[capture]\nkeep_router_logits = 3\n")
     assert not ok
     assert not out.exists()
+
+
+def test_demo_built_before_the_paired_set_gets_it_without_retraining(demo_run, tmp_path):
+    import shutil
+
+    from capture.demo import DemoConfig, load_manifest, prepare_demo
+
+    src = demo_run[0] / "run" / "model"
+    out = tmp_path / "model"
+    shutil.copytree(src, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    cfg = DemoConfig(**manifest["config"])
+    # a model directory written before data/paired.jsonl existed (paths in it point at the copy)
+    old = json.loads(json.dumps(manifest).replace(str(src), str(out)))
+    del old["paired"]
+    (out / "manifest.json").write_text(json.dumps(old))
+    (out / "data" / "paired.jsonl").unlink()
+    weights = out / "checkpoints" / "step_0012" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    again = prepare_demo(out, cfg, progress=False)
+    assert weights.stat().st_mtime_ns == before  # no retraining
+    assert (out / "data" / "paired.jsonl").read_text() == (src / "data" / "paired.jsonl").read_text()
+    assert load_manifest(out)["paired"]["pairs"] == again["paired"]["pairs"] == 3

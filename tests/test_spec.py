@@ -50,7 +50,7 @@ def test_good_spec(tmp_path):
         (GOOD.replace("step = 0", 'step = "zero"'), "model.checkpoints[0].step", "an integer"),
         (GOOD.replace("[capture]", "[capture]\nbatchsize = 3"), "capture.batchsize", "unknown key"),
         (GOOD + "\n[analyses]\nrun = ['nope']\n", "analyses.run", "unknown analysis"),
-        (GOOD.replace('source = "checkpoints"', 'source = "hub"'), "model.source", "'demo' or 'checkpoints'"),
+        (GOOD.replace('source = "checkpoints"', 'source = "hub"'), "model.source", "'demo', 'checkpoints' or 'import'"),
         (GOOD + "\n[model.demo]\nsteps = 3\n", "model.demo", "only allowed"),
         ('name = "x"\noutput_dir = "o"\n[model.demo]\nbogus = 1\n', "model.demo.bogus", "unknown key"),
         ('name = "x"\noutput_dir = "o"\n[model.demo]\nsteps = "many"\n', "model.demo.steps", "an integer"),

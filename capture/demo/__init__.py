@@ -92,7 +92,7 @@ def load_manifest(out_dir: Path) -> dict | None:
     try:
         paths = [c["path"] for c in manifest["checkpoints"]] + [d["path"] for d in manifest["datasets"]]
         paths.append(manifest["tokenizer"])
-        if "paired" in manifest:
+        if manifest.get("paired", {}).get("path"):
             paths.append(manifest["paired"]["path"])
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: checkpoints/datasets entries must be objects with a 'path' ({exc!r})") from exc
@@ -122,9 +122,18 @@ def _fit_to_context(tokenizer, max_tokens: int):
 
 
 def _write_paired(out_dir: Path, corpus: Corpus, tokenizer, cfg: DemoConfig) -> dict:
-    """Write data/paired.jsonl (``paired.build_paired``) atomically; its manifest entry."""
-    rows = build_paired(corpus, tokenizer, n_pairs=cfg.eval_samples_per_domain, seq_len=cfg.seq_len)
+    """Write data/paired.jsonl (``paired.build_paired``) atomically; its manifest entry.
+
+    A config whose context is too short for code after a tool call gets no
+    paired set: the entry then says why (``error``) and has no ``path``; only
+    experiments that compare conditions need it (tasks.PrepareModel checks).
+    """
     path = out_dir / "data" / "paired.jsonl"
+    try:
+        rows = build_paired(corpus, tokenizer, n_pairs=cfg.eval_samples_per_domain, seq_len=cfg.seq_len)
+    except ValueError as exc:
+        path.unlink(missing_ok=True)
+        return {"name": PAIRED_DATASET_NAME, "error": str(exc), "version": PAIRED_VERSION}
     tmp = path.with_name(f".paired.jsonl.tmp-{os.getpid()}")
     write_paired_jsonl(rows, tmp)
     os.replace(tmp, path)

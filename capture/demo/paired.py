@@ -119,7 +119,8 @@ def build_paired(corpus, tokenizer, *, n_pairs: int, seq_len: int) -> list[dict]
                          "pair": f"code-pair-{i:03d}", "source": source})
     if len(rows) < 2 * n_pairs:
         raise ValueError(f"demo paired data: only {len(rows) // 2} held-out code samples are left for pairs, "
-                         f"{n_pairs} requested (eval_samples_per_domain)")
+                         f"{n_pairs} requested (eval_samples_per_domain), with at least {MIN_CODE_CHARS} "
+                         f"characters of code after the tool call within seq_len={seq_len} tokens")
     return rows
 
 
