@@ -118,7 +118,10 @@ def luigi_run(clone: Path, env: dict, experiment: str | None, log_file: Path) ->
     Luigi's log lines carry no time, so each line is stamped as it arrives; a
     task's seconds run from its "running" line to its "done" line.
     """
-    cmd = [str(Path(sys.executable).parent / "luigi"), "--module", "tasks", "FullReport"]
+    # A private lock directory: Luigi refuses to start while the same command line runs elsewhere
+    # (another user's `luigi --module tasks FullReport` on this machine would stop the benchmark).
+    cmd = [str(Path(sys.executable).parent / "luigi"), "--module", "tasks", "FullReport",
+           "--lock-pid-dir", str(log_file.parent / "luigi-lock")]
     if experiment:
         cmd += ["--experiment", experiment]
     started: dict[str, float] = {}
@@ -249,6 +252,8 @@ def main(argv=None) -> int:
         doc["left_out_then_added"] = left_out[0]
         doc["add_one_captured_only_it"] = [t for t in runs["add_one_checkpoint"]["tasks_ran"]
                                            if t.startswith("Capture")] == [f"Capture:{left_out[0]}"]
+    except Exception as exc:  # still print what was measured, and why it stopped
+        doc["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         doc["machine_end"] = machine()
         if args.keep:
@@ -256,7 +261,7 @@ def main(argv=None) -> int:
         else:
             shutil.rmtree(root, ignore_errors=True)
     emit(doc)
-    return 0 if all(r["ok"] for r in doc.get("runs", {}).values()) and doc.get("runs") else 1
+    return 0 if "error" not in doc and all(r["ok"] for r in doc["runs"].values()) else 1
 
 
 if __name__ == "__main__":

@@ -180,3 +180,30 @@ def test_e2e_tiny():
     assert [t for t in runs["add_one_checkpoint"]["tasks_ran"] if t.startswith("Capture")] == [f"Capture:{added}"]
     assert doc["add_one_captured_only_it"] is True
     assert doc["code_from"].endswith("clone/tasks/__init__.py")
+
+
+def test_checkpoints_experiment_keeps_the_demo_settings(tmp_path):
+    """The e2e benchmark's user experiment: the demo's tables, its model and datasets swapped, valid TOML."""
+    import tomllib
+
+    from bench.e2e import checkpoints_experiment
+    from experiments.spec import load_experiment
+
+    demo = {"name": "demo", "description": "x", "output_dir": "runs/demo", "model": {"source": "demo", "demo": {"seed": 0}},
+            "capture": {"keep_router_logits": True, "batch_size": 16, "logit_lens": True},
+            "conditions": {"a": "tool_context", "b": "plain"},
+            "analyses": {"run": ["usage", "lens"]}, "dask": {"n_workers": 2}}
+    ckpts = [("step_0000", tmp_path / "c0", 0), ("step_0300", tmp_path / "c3", 300)]
+    text = checkpoints_experiment(demo, tmp_path / "demo", tmp_path / "out", ckpts)
+    exp = tomllib.loads(text)
+    assert exp["model"] == {"source": "checkpoints", "checkpoints": [
+        {"name": "step_0000", "path": str(tmp_path / "c0"), "step": 0},
+        {"name": "step_0300", "path": str(tmp_path / "c3"), "step": 300}]}
+    assert [d["path"] for d in exp["datasets"]] == [str(tmp_path / "demo" / "model" / "data" / "eval.jsonl"),
+                                                   str(tmp_path / "demo" / "model" / "data" / "paired.jsonl")]
+    for table in ("capture", "conditions", "analyses", "dask"):
+        assert exp[table] == demo[table]
+    assert exp["output_dir"] == str(tmp_path / "out") and "description" not in exp
+    f = tmp_path / "x.toml"
+    f.write_text(text)
+    assert load_experiment(str(f)).model.checkpoints[1].step == 300  # the project's validator accepts it
