@@ -66,9 +66,49 @@ def sample_index(routing: xr.Dataset) -> tuple[xr.DataArray, np.ndarray]:
     """
     if "sample" not in routing.coords:
         raise ValueError("routing cube: token coordinate 'sample' is missing (needed for the bootstrap over samples)")
-    raw = np.asarray(routing["sample"].values).astype(np.int64)
+    raw = np.asarray(routing["sample"].values)
+    codes, labels = _memo(raw, "sample_index", lambda: _factorize_ints(raw))
+    return xr.DataArray(codes, dims="token"), labels
+
+
+_MEMO: dict = {}
+
+
+def _memo(values: np.ndarray, what: str, compute):
+    """``compute()`` remembered for as long as the coordinate array ``values`` lives.
+
+    Token coordinates of an opened cube are read once and kept (see
+    ``storage.cube.open_routing``), so the same array object comes back on
+    every access; an analysis asks for the sample codes several times.
+    """
+    import weakref
+
+    key = (id(values), what)
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0]() is values:
+        return hit[1]
+    try:
+        ref = weakref.ref(values)
+    except TypeError:
+        return compute()
+    result = compute()
+    _MEMO[key] = (ref, result)
+    weakref.finalize(values, _MEMO.pop, key, None)
+    return result
+
+
+def _factorize_ints(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes into the sorted distinct values, those values) of an integer array.
+
+    Tokens of a sample are contiguous and samples usually stored in id order:
+    then one comparison with the neighbour gives the codes (no sort).
+    """
+    raw = raw.astype(np.int64, copy=False)
+    if raw.size and np.all(raw[1:] >= raw[:-1]):
+        starts = np.concatenate([[True], raw[1:] != raw[:-1]])
+        return np.cumsum(starts) - 1, raw[starts]
     labels, codes = np.unique(raw, return_inverse=True)
-    return xr.DataArray(codes.astype(np.int64), dims="token"), labels
+    return codes.astype(np.int64), labels
 
 
 def sample_groups(routing: xr.Dataset, coord: str = "domain") -> xr.DataArray:
@@ -80,17 +120,22 @@ def sample_groups(routing: xr.Dataset, coord: str = "domain") -> xr.DataArray:
     if coord not in routing.coords:
         raise ValueError(f"routing cube: token coordinate '{coord}' is missing")
     codes, labels = sample_index(routing)
-    values = pd.Series(np.asarray(routing[coord].values).astype(str))
-    per = values.groupby(codes.values).agg(["first", "nunique"])
-    mixed = per.index[per["nunique"].to_numpy() > 1]
+    raw = np.asarray(routing[coord].values)
+
+    def per_sample():
+        # hash-factorise the labels (fast on object arrays), then compare codes per sample
+        lab_codes, uniques = pd.factorize(pd.Series(raw).astype(str), sort=True)
+        per = pd.Series(lab_codes).groupby(codes.values).agg(["min", "max"])
+        return per["min"].to_numpy(), per["max"].to_numpy(), np.asarray(uniques, dtype=object)
+
+    lo, hi, uniques = _memo(raw, f"sample_groups:{id(codes.values)}", per_sample)
+    mixed = np.flatnonzero(lo != hi)
     if len(mixed):
         raise ValueError(
             f"routing cube: coordinate '{coord}' is not constant within sample(s) {labels[mixed[:5]].tolist()}; "
             "expected one label per sample"
         )
-    return xr.DataArray(
-        per["first"].to_numpy().astype(object), dims=SAMPLE, coords={SAMPLE: labels}, name=coord
-    )
+    return xr.DataArray(uniques[lo].astype(object), dims=SAMPLE, coords={SAMPLE: labels}, name=coord)
 
 
 def per_sample_sums(
@@ -100,7 +145,15 @@ def per_sample_sums(
     dim: str | tuple[str, ...] = "token",
     by: Mapping[str, tuple[xr.DataArray, int]] | None = None,
 ) -> xr.Dataset | xr.DataArray:
-    """Sums of ``data`` over each sample's tokens: a lazy flox groupby-sum.
+    """Sums of ``data`` over each sample's tokens, optionally split by integer codes.
+
+    One pass over the tokens: every (checkpoint, layer, token-chunk) block is
+    reduced with a single ``np.bincount`` over a combined (row, sample, group)
+    index, restricted to the samples the block touches (tokens of a sample are
+    contiguous in the cube, so a block holds a short range of samples). The
+    partial sums are then added into a result chunked along ``sample``, so no
+    task ever holds a (sample × group) array per block. All variables of a
+    Dataset share the index computation.
 
     Parameters
     ----------
@@ -115,28 +168,267 @@ def per_sample_sums(
     Returns
     -------
     ``data`` with ``dim`` replaced by ``sample`` (coordinate: every sample id of
-    the cube, sorted, so empty samples hold 0) and then the ``by`` dims.
+    the cube, sorted, so empty samples hold 0) and then the ``by`` dims. Integer
+    and boolean data give int64 sums, floating data float64 (NaN propagates).
+    Lazy (dask, chunked along ``sample``) when any input is.
     """
     dims = (dim,) if isinstance(dim, str) else tuple(dim)
     if "token" not in dims:
         raise ValueError(f"per_sample_sums: dim {dims} must include 'token'")
     codes, labels = sample_index(routing)
-    groupers = [codes.rename("_sample")]
-    expected = [np.arange(len(labels))]
-    names = []
-    for name, (grp, n) in (by or {}).items():
-        groupers.append(_drop_token_coords(grp).rename(f"_{name}"))
-        expected.append(np.arange(int(n)))
-        names.append(name)
-    import flox.xarray
+    if isinstance(data, xr.Dataset):
+        names = list(data.data_vars)
+        arrays = [_drop_token_coords(data[n]) for n in names]
+    else:
+        names, arrays = None, [_drop_token_coords(data)]
+    groupers = [(name, _drop_token_coords(grp), int(n)) for name, (grp, n) in (by or {}).items()]
+    sums = _grouped_sums(arrays, codes.values, len(labels), groupers, dims)
+    group_coords = {name: np.arange(n, dtype=np.int32) for name, _, n in groupers}
+    out = [
+        s.assign_coords({SAMPLE: labels, **group_coords}).transpose(..., SAMPLE, *group_coords) for s in sums
+    ]
+    if names is None:
+        return out[0].rename(data.name) if data.name is not None else out[0]
+    return xr.Dataset(dict(zip(names, out)), attrs=data.attrs)
 
-    out = flox.xarray.xarray_reduce(
-        _drop_token_coords(data), *groupers, func="sum", dim=dims, expected_groups=tuple(expected), fill_value=0
+
+def _grouped_sums(arrays, sample_codes, n_samples, groupers, dims):
+    """The engine of :func:`per_sample_sums`: a list of DataArrays (…, sample, *groups)."""
+    import dask.array as da
+
+    token_level = [(name, g, n) for name, g, n in groupers if g.dims == ("token",)]
+    full = [(name, g, n) for name, g, n in groupers if g.dims != ("token",)]
+    values = [a for a in arrays if a.dims != ("token",)]
+    if len(values) not in (0, len(arrays)):  # mixed: broadcast the token-only ones with the rest
+        values = arrays
+    bcast = xr.broadcast(*arrays, *[g for _, g, _ in full]) if (values or full) else list(arrays)
+    missing = [d for d in dims if d not in bcast[0].dims]
+    if missing:
+        raise ValueError(f"per_sample_sums: dims {missing} are in neither the data nor the groupers "
+                         f"(dims {bcast[0].dims})")
+    lead = [d for d in bcast[0].dims if d not in dims]
+    order = lead + list(dims)
+    bcast = [b.transpose(*order) for b in bcast]
+    data, fullg = bcast[: len(arrays)], bcast[len(arrays):]
+    tok_axis = len(lead) + list(dims).index("token")
+    ns = tuple(n for _, _, n in full) + tuple(n for _, _, n in token_level)
+    kinds = tuple("i" if a.dtype.kind in "biu" else "f" for a in data)
+    if any(k == "f" for k in kinds) and not all(a.dtype.kind in "biuf" for a in data):
+        raise ValueError(f"per_sample_sums: data dtypes {[a.dtype for a in data]}; expected numbers or booleans")
+    sample_codes = np.asarray(sample_codes, dtype=np.int64)
+    kernel_kw = dict(n_vars=len(data), n_full=len(full), ns=ns, lead_ndim=len(lead), tok_axis=tok_axis, kinds=kinds)
+    lead_coords = {c: v for c, v in bcast[0].coords.items() if set(v.dims) <= set(lead)}
+    lead_shape = tuple(bcast[0].sizes[d] for d in lead)
+    out_dims = (*lead, SAMPLE, *[f"_g{i}" for i in range(len(ns))])
+    group_names = [name for name, _, _ in full] + [name for name, _, _ in token_level]
+
+    def wrap(arr, i):
+        da_ = xr.DataArray(arr, dims=out_dims, coords=lead_coords)
+        return da_.rename({f"_g{j}": name for j, name in enumerate(group_names)})
+
+    lazy = any(isinstance(a.data, da.Array) for a in bcast)
+    if not lazy:
+        block = _sums_kernel(
+            *[np.asarray(a.values) for a in data], *[np.asarray(g.values) for g in fullg],
+            sample_codes, *[np.asarray(g.values) for _, g, _ in token_level], **kernel_kw,
+        )
+        lo = int(sample_codes.min()) if sample_codes.size else 0
+        result = np.zeros((len(data), *lead_shape, n_samples, *ns), dtype=block.dtype)
+        result[(slice(None),) * (1 + len(lead)) + (slice(lo, lo + block.shape[1 + len(lead)]),)] = block
+        return [wrap(result[i], i) for i in range(len(data))]
+
+    ref = next(a.data for a in bcast if isinstance(a.data, da.Array))
+    token_chunks = ref.chunks[tok_axis]
+    chunks = {ax: c for ax, c in enumerate(ref.chunks) if ax < len(lead) or ax == tok_axis}
+    for ax in range(len(order)):
+        if ax >= len(lead) and ax != tok_axis:
+            chunks[ax] = -1  # summed dims other than token (top-k slots) in one piece
+    dask_arrays = [
+        (a.data if isinstance(a.data, da.Array) else da.from_array(np.asarray(a.values), chunks=1)).rechunk(
+            tuple(chunks[ax] for ax in range(len(order))))
+        for a in bcast
+    ]
+    # token-level codes travel inside the graph: the narrowest integer type keeps it small
+    tok_arrays = [da.from_array(_narrow(sample_codes, n_samples), chunks=(token_chunks,))] + [
+        da.from_array(_narrow(np.asarray(g.values), n), chunks=(token_chunks,)) for _, g, n in token_level
+    ]
+    # each token chunk's sample range, as the kernel will find it
+    bounds = np.cumsum((0,) + token_chunks)
+    lo = np.array([sample_codes[a:b].min() for a, b in zip(bounds[:-1], bounds[1:])], dtype=np.int64)
+    hi = np.array([sample_codes[a:b].max() for a, b in zip(bounds[:-1], bounds[1:])], dtype=np.int64)
+    idx = [f"l{i}" for i in range(len(lead))]
+    full_idx = tuple(idx + [("t" if ax == tok_axis else f"r{ax}") for ax in range(len(lead), len(order))])
+    gidx = tuple(f"g{i}" for i in range(len(ns)))
+    out_idx = ("v", *idx, "t", *gidx)
+    args = []
+    for arr in dask_arrays:
+        args += [arr, full_idx]
+    for arr in tok_arrays:
+        args += [arr, ("t",)]
+    dtype = np.int64 if all(k == "i" for k in kinds) else np.float64
+    partial = da.blockwise(
+        _sums_kernel, out_idx, *args, dtype=dtype, concatenate=True,
+        new_axes={"v": len(data), **{g: n for g, n in zip(gidx, ns)}},
+        adjust_chunks={"t": tuple(int(h - l + 1) for l, h in zip(lo, hi))},
+        **kernel_kw,
     )
-    out = out.rename({"_sample": SAMPLE}).assign_coords({SAMPLE: labels})
-    for name, (_, n) in (by or {}).items():
-        out = out.rename({f"_{name}": name}).assign_coords({name: np.arange(int(n), dtype=np.int32)})
-    return out.transpose(..., SAMPLE, *names)
+    total = _overlap_add(partial, lo, hi, n_samples, axis=1 + len(lead))
+    return [wrap(total[i], i) for i in range(len(data))]
+
+
+def _narrow(codes: np.ndarray, n: int) -> np.ndarray:
+    """``codes`` (integers meant to lie in -1..n) in the narrowest signed type that holds them."""
+    codes = np.asarray(codes)
+    if codes.dtype.kind not in "iub" or codes.size == 0:
+        return codes
+    lo, hi = int(codes.min()), int(codes.max())
+    for dtype in (np.int8, np.int16, np.int32, np.int64):
+        info = np.iinfo(dtype)
+        if info.min <= min(lo, -1) and max(hi, n) <= info.max:
+            return codes.astype(dtype, copy=False)
+    return codes
+
+
+def _sums_kernel(*blocks, n_vars, n_full, ns, lead_ndim, tok_axis, kinds):
+    """Per-sample (and per-group) sums of one block: (n_vars, *lead, samples lo..hi, *ns).
+
+    ``blocks``: the n_vars data blocks and the n_full grouper blocks (all of
+    one shape: lead dims, then the summed dims), then the sample codes and the
+    token-level grouper codes (1-D along the token axis). One bincount per
+    variable over a flat (row, sample − lo, group...) index; entries whose
+    group code is out of range go to one extra bin that is dropped (cheaper
+    than compressing every array with a mask).
+    """
+    data, fullg = blocks[:n_vars], blocks[n_vars:n_vars + n_full]
+    sample, tokg = blocks[n_vars + n_full], blocks[n_vars + n_full + 1:]
+    shape = np.broadcast_shapes(*(np.shape(b) for b in data + fullg))
+    ndim = len(shape)
+    along = [1] * ndim
+    along[tok_axis] = -1
+    sample = np.asarray(sample)
+    lo = int(sample.min()) if sample.size else 0
+    n_local = int(sample.max()) - lo + 1 if sample.size else 0
+    P = int(np.prod(ns, dtype=np.int64))
+    lead_shape = shape[:lead_ndim]
+    R = int(np.prod(lead_shape, dtype=np.int64))
+    size = R * n_local * P
+    # the (row, sample) part of the index is small (no top-k axis): build it first
+    rows = np.arange(R, dtype=np.intp).reshape(lead_shape + (1,) * (ndim - lead_ndim)) * n_local
+    base = (rows + (sample.astype(np.intp) - lo).reshape(along)) * P
+    strides = np.cumprod((1,) + tuple(ns[::-1]), dtype=np.int64)[::-1][1:]  # group strides within P
+    comb = base
+    bad = None
+    for code, n, stride in zip(list(fullg) + [np.asarray(t).reshape(along) for t in tokg], ns, strides):
+        code = np.asarray(code)
+        out_of_range = (code < 0) | (code >= n)
+        bad = out_of_range if bad is None else (bad | out_of_range)
+        comb = comb + (code.astype(np.intp) * int(stride) if stride != 1 else code.astype(np.intp))
+    comb = np.broadcast_to(comb, shape)
+    if bad is not None and bad.any():
+        comb = np.where(bad, size, comb)  # one dump bin past the end
+    comb = comb.ravel()
+    out_dtype = np.int64 if all(k == "i" for k in kinds) else np.float64
+    out = np.empty((n_vars, size), dtype=out_dtype)
+    for i, (values, kind) in enumerate(zip(data, kinds)):
+        values = np.asarray(values)
+        if kind == "i" and _all_ones(values):
+            counts = np.bincount(comb, minlength=size + 1)  # counting: no weights to convert
+        else:
+            weights = np.broadcast_to(values, shape).ravel().astype(np.float64, copy=False)
+            counts = np.bincount(comb, weights=weights, minlength=size + 1)
+        counts = counts[:size]
+        out[i] = np.rint(counts) if (kind == "i" and counts.dtype.kind == "f") else counts
+    return out.reshape((n_vars, *lead_shape, n_local, *ns))
+
+
+def _all_ones(values: np.ndarray) -> bool:
+    if values.dtype == bool:
+        return bool(values.all())
+    # a broadcast constant (e.g. ones_like through dask) has zero strides: one element says it all
+    if values.size and all(s == 0 for s in values.strides):
+        return bool(values.flat[0] == 1)
+    return bool(np.all(values == 1))
+
+
+MERGED_CHUNK_BYTES = 128 * 2**20  # target size of a per-sample-sums chunk once the lead blocks are merged
+
+
+def _overlap_add(partial, lo, hi, n_samples: int, axis: int):
+    """Add per-token-chunk partial sums over sample ranges [lo_j, hi_j] into (…, n_samples, …).
+
+    ``partial`` is chunked along ``axis`` with chunk j holding samples lo_j..hi_j.
+    The result is chunked along ``axis`` at the distinct lo_j; each output chunk
+    adds the overlapping parts of the partials (usually one, plus the sample
+    that straddles a chunk edge). The blocks of the leading axes (checkpoint,
+    layer, ...) are merged into one chunk as far as a chunk stays under
+    :data:`MERGED_CHUNK_BYTES` (first the axes after the first, then all): what
+    follows a token pass works on small arrays, where one task per (checkpoint,
+    layer) would cost more in scheduling than in arithmetic.
+    """
+    import itertools
+
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph
+
+    edges = np.unique(np.concatenate([[0], lo, [n_samples]]))
+    edges = edges[(edges >= 0) & (edges <= n_samples)]
+    out_sample_chunks = tuple(int(b - a) for a, b in zip(edges[:-1], edges[1:]))
+    itemsize = np.dtype(partial.dtype).itemsize
+    rest_bytes = itemsize * max(out_sample_chunks, default=0) * int(
+        np.prod([sum(c) for ax, c in enumerate(partial.chunks) if ax > axis], dtype=np.int64))
+
+    def lead_chunks(merge_from):
+        return [c if (ax == 0 or ax < merge_from) else (sum(c),) for ax, c in enumerate(partial.chunks[:axis])]
+
+    for merge_from in (1, 2, axis):
+        chunks_lead = lead_chunks(merge_from)
+        if rest_bytes * int(np.prod([max(c) for c in chunks_lead], dtype=np.int64)) <= MERGED_CHUNK_BYTES:
+            break
+    name = "per-sample-sums-" + _tokenize(partial.name, tuple(lo), tuple(hi), n_samples, merge_from)
+    src_offsets = [np.cumsum((0,) + c) for c in partial.chunks[:axis]]
+    out_offsets = [np.cumsum((0,) + tuple(c)) for c in chunks_lead]
+    layer = {}
+    for out_lead in itertools.product(*[range(len(c)) for c in chunks_lead]):
+        # the source blocks inside this output block, along every lead axis
+        src_ranges = []
+        for ax, o in enumerate(out_lead):
+            a, b = out_offsets[ax][o], out_offsets[ax][o + 1]
+            src_ranges.append([j for j in range(len(partial.chunks[ax])) if src_offsets[ax][j] >= a
+                               and src_offsets[ax][j + 1] <= b])
+        for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+            spans, keys = [], []
+            for src_lead in itertools.product(*src_ranges):
+                dst_lead = [slice(int(src_offsets[ax][j] - out_offsets[ax][o]),
+                                  int(src_offsets[ax][j + 1] - out_offsets[ax][o]))
+                            for ax, (j, o) in enumerate(zip(src_lead, out_lead))]
+                for j in range(len(lo)):
+                    if lo[j] < b and hi[j] >= a:
+                        s0, s1 = max(lo[j], a), min(hi[j] + 1, b)
+                        spans.append((tuple(dst_lead), (int(s0 - a), int(s1 - a)), (int(s0 - lo[j]), int(s1 - lo[j]))))
+                        keys.append((partial.name, *src_lead, j, *[0] * (partial.ndim - axis - 1)))
+            shape = tuple(chunks_lead[ax][o] for ax, o in enumerate(out_lead)) + (int(b - a),) + tuple(
+                sum(c) for c in partial.chunks[axis + 1:])
+            layer[(name, *out_lead, i, *[0] * (partial.ndim - axis - 1))] = (
+                _place, shape, partial.dtype, spans, keys,
+            )
+    chunks = tuple(tuple(c) for c in chunks_lead) + (out_sample_chunks,) + tuple(
+        (sum(c),) for c in partial.chunks[axis + 1:])
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[partial])
+    return da.Array(graph, name, chunks=chunks, dtype=partial.dtype)
+
+
+def _place(shape, dtype, spans, blocks):
+    """Sum ``blocks`` into zeros of ``shape``: span = (lead slices, (dst0, dst1), (src0, src1)) on the sample axis."""
+    out = np.zeros(shape, dtype=dtype)
+    for (lead, (d0, d1), (s0, s1)), block in zip(spans, blocks):
+        out[(*lead, slice(d0, d1))] += block[(*(slice(None),) * len(lead), slice(s0, s1))]
+    return out
+
+
+def _tokenize(*args) -> str:
+    from dask.base import tokenize
+
+    return tokenize(*args)
 
 
 def _drop_token_coords(obj):
@@ -222,18 +514,76 @@ def resample(
     Returns
     -------
     ``per_sample`` with ``sample`` replaced by ``boot`` (in the same position),
-    plus the group dim when ``groups`` is given. Lazy when the input is.
+    plus the group dim when ``groups`` is given. Lazy when the input is. One
+    matrix product (BLAS, float64: exact for counts below 2^53) per chunk of
+    samples; integer inputs and integer weights give int64 sums.
     """
     if isinstance(per_sample, xr.Dataset):
         return per_sample.map(resample, weights=weights, groups=groups)
     w = _weights_array(weights, per_sample)
     order = [BOOT if d == SAMPLE else d for d in per_sample.dims]
+    integer = per_sample.dtype.kind in "biu" and w.dtype.kind in "biu"
+    wv = np.asarray(w.values)
     if groups is None:
-        return xr.dot(w, per_sample, dim=SAMPLE).transpose(*order)
-    name, labels, members = _group_members(groups, per_sample)
-    parts = [xr.dot(w.isel({SAMPLE: idx}), per_sample.isel({SAMPLE: idx}), dim=SAMPLE) for idx in members]
-    out = xr.concat(parts, dim=name, coords="minimal", compat="override", join="override")
-    return out.assign_coords({name: labels}).transpose(*order, name)
+        name, labels, gcodes = None, None, np.zeros(wv.shape[1], dtype=np.int8)
+    else:
+        name, labels, members = _group_members(groups, per_sample)
+        gcodes = np.zeros(wv.shape[1], dtype=np.int32)
+        for g, idx in enumerate(members):
+            gcodes[idx] = g
+    n_groups = 1 if labels is None else len(labels)
+    x = per_sample.transpose(..., SAMPLE)
+    lead = list(x.dims[:-1])
+    if x.chunks is None:
+        prod = _resample_block(np.asarray(x.values), wv, gcodes, n_groups=n_groups)
+    else:
+        import dask.array as da
+
+        # the (boot, sample) counts and the group codes travel in the graph, chunked like the
+        # per-sample sums; each chunk of samples gives its (…, group, boot) partial sums
+        if wv.dtype.kind in "iu" and (wv.size == 0 or np.abs(wv).max() < 2**31):
+            wv = wv.astype(np.int32)
+        wd = da.from_array(wv, chunks=(-1, x.chunks[-1]))
+        gd = da.from_array(_narrow(gcodes, n_groups), chunks=(x.chunks[-1],))
+        lead_idx = tuple(f"l{i}" for i in range(len(lead)))
+        parts = da.blockwise(
+            _resample_block, (*lead_idx, "s", "g", "b"), x.data, (*lead_idx, "s"), wd, ("b", "s"), gd, ("s",),
+            n_groups=n_groups, keepdims=True, dtype=np.float64, concatenate=True,
+            new_axes={"g": n_groups}, adjust_chunks={"s": 1},
+        )
+        prod = parts.sum(axis=len(lead))
+    if integer:
+        prod = np.rint(prod).astype(np.int64) if not hasattr(prod, "dask") else da.rint(prod).astype(np.int64)
+    out = xr.DataArray(prod, dims=(*lead, "_group", BOOT),
+                       coords={c: v for c, v in x.coords.items() if set(v.dims) <= set(lead)})
+    out = out.assign_coords({BOOT: np.arange(w.sizes[BOOT])})
+    if groups is None:
+        return out.isel(_group=0, drop=True).transpose(*order)
+    return out.rename({"_group": name}).assign_coords({name: labels}).transpose(*order, name)
+
+
+def _resample_block(x: np.ndarray, w: np.ndarray, codes: np.ndarray, *, n_groups: int,
+                    keepdims: bool = False) -> np.ndarray:
+    """Σ over the samples of each group of w[b, s] · x[..., s]: (..., group, boot) float64.
+
+    ``x`` (..., sample), ``w`` (boot, sample), ``codes`` (sample,) group of each
+    sample. One matrix product per group over that group's samples only (a
+    one-hot (group, boot, sample) weight tensor would multiply the work by the
+    number of groups). ``keepdims`` keeps a size-1 axis where ``sample`` was.
+    """
+    x = np.asarray(x)
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    w = np.asarray(w)
+    codes = np.asarray(codes)
+    out = np.zeros((rows.shape[0], n_groups, w.shape[0]), dtype=np.float64)
+    for g in range(n_groups):
+        sel = np.flatnonzero(codes == g) if n_groups > 1 else slice(None)
+        if n_groups > 1 and not len(sel):
+            continue
+        out[:, g, :] = rows[:, sel].astype(np.float64) @ w[:, sel].astype(np.float64).T
+    out = out.reshape(*lead, n_groups, w.shape[0])
+    return out[..., None, :, :] if keepdims else out
 
 
 def group_sums(
@@ -246,14 +596,9 @@ def group_sums(
     """
     if groups is None:
         return per_sample.sum(SAMPLE)
-    name, labels, members = _group_members(groups, per_sample)
-    onehot = np.zeros((per_sample.sizes[SAMPLE], len(labels)), dtype=np.int64)
-    for j, idx in enumerate(members):
-        onehot[idx, j] = 1
-    onehot = xr.DataArray(onehot, dims=(SAMPLE, name), coords={name: labels})
-    if isinstance(per_sample, xr.Dataset):
-        return per_sample.map(lambda v: xr.dot(v, onehot, dim=SAMPLE).transpose(..., name))
-    return xr.dot(per_sample, onehot, dim=SAMPLE).transpose(..., name)
+    # the same product as one bootstrap replicate that draws every sample once
+    ones = np.ones((1, per_sample.sizes[SAMPLE]), dtype=np.int32)
+    return resample(per_sample, ones, groups=groups).isel({BOOT: 0}, drop=True)
 
 
 def interval(replicates: xr.DataArray, ci: float = 0.95, dim: str = BOOT) -> tuple[xr.DataArray, xr.DataArray]:

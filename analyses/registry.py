@@ -262,9 +262,16 @@ def domain_codes(routing: xr.Dataset) -> tuple[xr.DataArray, np.ndarray]:
     """
     if "domain" not in routing.coords:
         raise ValueError("routing cube: token coordinate 'domain' is missing")
-    raw = np.asarray(routing["domain"].values).astype(str)
-    labels, codes = np.unique(raw, return_inverse=True)
-    return xr.DataArray(codes.astype(np.int64), dims="token"), labels.astype(object)
+    from .bootstrap import _memo
+
+    raw = np.asarray(routing["domain"].values)
+
+    def factorize():
+        codes, labels = pd.factorize(pd.Series(raw).astype(str), sort=True)  # hashing, not sorting strings
+        return codes.astype(np.int64), np.asarray(labels, dtype=object)
+
+    codes, labels = _memo(raw, "domain_codes", factorize)
+    return xr.DataArray(codes, dims="token"), labels
 
 
 def reduce_by_domain(
@@ -356,6 +363,9 @@ def refuse_if(bad: xr.DataArray, what: str) -> xr.DataArray:
 def attach_guard(result: xr.Dataset, guard: xr.DataArray) -> xr.Dataset:
     """Make every data variable of ``result`` depend on ``guard`` (zeros), keeping dtypes and attrs."""
     guard = guard.drop_vars([c for c in guard.coords if c not in guard.dims])
+    # reduced to one zero: a guard chunked like the cube, added to results chunked
+    # otherwise, would rechunk every variable; a 0-d sum still runs every check
+    guard = guard.astype(np.int64).sum()
     out = result.copy()
     for name, var in result.data_vars.items():
         g = guard.astype(var.dtype) if var.dtype.kind in "iuf" else guard
@@ -502,3 +512,35 @@ def view_ids(routing: xr.Dataset, view: str) -> xr.DataArray:
     if mask is not None:
         ids = ids.where(mask, FILL_ID).astype(ids.dtype)
     return ids
+
+
+def view_classes(routing: xr.Dataset, views: Sequence[str]) -> tuple[xr.DataArray, xr.DataArray]:
+    """Token classes that partition the tokens so that every view is a union of classes.
+
+    The views are nested (last_canonical ⊂ canonical ⊂ all), so three classes
+    suffice: 0 not canonical, 1 canonical but not the last of its sample, 2 the
+    last canonical token of its sample. A token pass grouped by class (one pass,
+    3 × the bins) then gives every view by summing classes, instead of one
+    masked pass per view.
+
+    Returns
+    -------
+    codes : DataArray (token,) int8, the class of each token (numpy: reads the
+        ``canonical`` and ``sample`` coordinates)
+    member : DataArray (view, view_class) int64, 1 where the class belongs to the view
+    """
+    views = list(views)
+    bad = [v for v in views if v not in VIEWS]
+    if bad:
+        raise ValueError(f"unknown token view(s) {bad}; expected among {VIEWS}")
+    codes = np.zeros(routing.sizes["token"], dtype=np.int8)
+    if any(v != "all" for v in views):
+        canonical = np.asarray(token_mask(routing, True).values)
+        codes[canonical] = 1
+        if "last_canonical" in views:
+            codes[last_canonical_mask(routing)] = 2
+    member = np.array([[1, 1, 1], [0, 1, 1], [0, 0, 1]], dtype=np.int64)[[VIEWS.index(v) for v in views]]
+    return (
+        xr.DataArray(codes, dims="token"),
+        xr.DataArray(member, dims=("view", "view_class"), coords={"view": np.asarray(views, dtype=object)}),
+    )

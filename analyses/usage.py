@@ -39,6 +39,7 @@ from .registry import (
     safe_ratio,
     tidy,
     token_var,
+    view_classes,
     view_ids,
 )
 
@@ -125,16 +126,23 @@ def usage(
     E, k = cube_sizes(routing)
     views = check_views(views)
     n_boot = int(n_boot)
-    ids = ids_by_view(routing, views)
-    groups = bs.sample_groups(routing, "domain")
-
-    # one pass over the tokens: everything below is sums over samples
-    parts = {"count": xr.ones_like(ids, dtype=np.int64)}
-    if "expert_weights" in routing:
-        parts["wsum"] = token_var(routing, "expert_weights").astype(np.float64).where(ids >= 0, 0.0)
-    ps = bs.per_sample_sums(xr.Dataset(parts), routing, dim=("token", "k"), by={"expert": (ids, E)})
-    ps_tokens = bs.per_sample_sums((ids >= 0).any("k").astype(np.int64), routing, dim="token")
     ids_all = view_ids(routing, "all")
+    groups = bs.sample_groups(routing, "domain")
+    classes, member = view_classes(routing, views)
+
+    # One pass over the tokens, grouped by token class (views are unions of classes) and
+    # expert: everything below is sums over samples and classes.
+    parts = {"count": xr.ones_like(ids_all, dtype=np.int64)}
+    if "expert_weights" in routing:
+        parts["wsum"] = token_var(routing, "expert_weights").astype(np.float64).where(ids_all >= 0, 0.0)
+    by_class = {"view_class": (classes, 3)}
+    ps = bs.per_sample_sums(xr.Dataset(parts), routing, dim=("token", "k"), by={**by_class, "expert": (ids_all, E)})
+    ps_tokens = bs.per_sample_sums((ids_all >= 0).any("k").astype(np.int64), routing, dim="token", by=by_class)
+
+    def by_view(x):
+        # group sums and bootstrap replicates are linear in the per-sample sums, so the
+        # classes are combined into views only on their (small) results
+        return xr.dot(member, x, dim="view_class").transpose("checkpoint", "layer", "view", ...)
     pos_codes, edges = position_buckets(routing, int(position_bins))
     ps_pos = bs.per_sample_sums(
         xr.ones_like(ids_all, dtype=np.int64), routing, dim=("token", "k"),
@@ -142,8 +150,8 @@ def usage(
     )
 
     order = ("checkpoint", "layer", "view", "domain", "expert")
-    count = bs.group_sums(ps["count"], groups).transpose(*order)
-    tokens = bs.group_sums(ps_tokens, groups).transpose(*order[:-1])
+    count = by_view(bs.group_sums(ps["count"], groups)).transpose(*order)
+    tokens = by_view(bs.group_sums(ps_tokens, groups)).transpose(*order[:-1])
     pos_count = bs.group_sums(ps_pos)
 
     chance = 1.0 / E
@@ -178,7 +186,7 @@ def usage(
         ),
     }
     if "wsum" in ps:
-        wsum = bs.group_sums(ps["wsum"], groups).transpose(*order)
+        wsum = by_view(bs.group_sums(ps["wsum"], groups)).transpose(*order)
         out["weighted_usage"] = describe(
             safe_ratio(wsum, wsum.sum("expert")), "weighted expert usage", "share of routing weight",
             "Σ of the weights the expert receives / Σ of all weights, within the domain and view",
@@ -194,7 +202,7 @@ def usage(
         weights = bs.bootstrap_weights(ps.sizes["sample"], n_boot, seed, strata=groups)
         sources = [("usage", ps["count"])] + ([("weighted_usage", ps["wsum"])] if "wsum" in ps else [])
         for name, per_sample in sources:
-            reps = bs.resample(per_sample, weights, groups=groups)  # (c, l, view, boot, expert, domain)
+            reps = by_view(bs.resample(per_sample, weights, groups=groups))  # (c, l, view, boot, expert, domain)
             pooled = reps.sum("domain")  # the same stratified replicates, pooled
             for var, r in ((name, reps), (f"{name}_all", pooled)):
                 lo, hi = bs.interval(safe_ratio(r, r.sum("expert")), ci)

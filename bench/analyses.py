@@ -425,6 +425,23 @@ def _bincount_seconds(ids_flat: np.ndarray, E: int) -> float:
     return dt
 
 
+def _read_and_bincount_seconds(cube: Path, E: int) -> float:
+    """Read every ``expert_ids`` chunk from the store (zarr's own decoding) and bincount them.
+
+    The floor for an analysis that reads the ids from disk: what one numpy pass
+    over the same data costs once decompression is included.
+    """
+    import zarr
+
+    t = time.perf_counter()
+    ids = zarr.open_array(str(Path(cube) / "expert_ids"), mode="r")[...]
+    counts = np.bincount(ids.reshape(-1), minlength=E)
+    dt = time.perf_counter() - t
+    if counts.sum() != ids.size:
+        raise RuntimeError("bincount lost slots")
+    return dt
+
+
 def run_benchmark(cube: Path, warm_cube: Path | None, *, repeats: int, only: list[str] | None = None) -> dict:
     """Time bincount and every applicable registered analysis on ``cube``; see module doc.
 
@@ -490,10 +507,12 @@ def run_benchmark(cube: Path, warm_cube: Path | None, *, repeats: int, only: lis
                         log(f"warm-up {name} on {nw} worker(s): {time.perf_counter() - t:.1f}s")
         timed = [n for n in runnable if n not in errors]
         bincount_s: list[float] = []
+        read_s: list[float] = []
         open_s: list[float] = []
         times = {n: {1: [], 2: []} for n in timed}
         for r in range(repeats):
             bincount_s.append(_bincount_seconds(ids, E))
+            read_s.append(_read_and_bincount_seconds(cube, E))
             t = time.perf_counter()
             cubes.open_routing(cube).close()
             open_s.append(time.perf_counter() - t)
@@ -535,6 +554,7 @@ def run_benchmark(cube: Path, warm_cube: Path | None, *, repeats: int, only: lis
             "workers_2": {**summary(times[name][2]), "decisions_per_s": decisions / t2},
             "slowdown_vs_bincount_1_worker": t1 / base,
             "slowdown_vs_bincount_2_workers": t2 / base,
+            "slowdown_vs_read_and_bincount_2_workers": t2 / statistics.median(read_s),
             "speedup_2_over_1_workers": t1 / t2,
             "speedup_2_over_1_per_repeat": [a / b for a, b in zip(times[name][1], times[name][2])],
             "graph_tasks": graph[name]["tasks"],
@@ -549,6 +569,11 @@ def run_benchmark(cube: Path, warm_cube: Path | None, *, repeats: int, only: lis
             "load_ids_into_memory_s": load_s,
             "what": "np.bincount(expert_ids.ravel(), minlength=E) over the whole cube's ids held in memory "
                     "(int16, converted to intp by numpy); load not timed",
+        },
+        "read_and_bincount": {
+            **summary(read_s),
+            "over_bincount": statistics.median(read_s) / base,
+            "what": "read expert_ids from the store with zarr (decompression included), then the same bincount",
         },
         "open_routing": summary(open_s),
         "cube_blocks": blocks,
@@ -576,6 +601,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="directory for the cube (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the cube (the temporary directory is removed otherwise)")
     p.add_argument("--tiny", action="store_true", help="a cube of a few thousand decisions, 1 repeat (smoke test)")
+    p.add_argument("--cube", default=None,
+                   help="time this existing routing cube (e.g. one kept with --keep) instead of writing one; "
+                        "it is never deleted")
+    p.add_argument("--write-only", action="store_true", help="write (and keep) the cube, time nothing")
     args = p.parse_args(argv)
     if args.tiny:
         args.decisions, args.checkpoints, args.layers, args.experts, args.repeats = 4000, 2, 2, 8, 1
@@ -593,19 +622,45 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cube = out / "routing.zarr"
     doc = {"benchmark": "analyses", "issue": 3, "machine_start": machine(), "argv": sys.argv[1:] if argv is None else argv}
+    if args.write_only:
+        args.keep = True
+    given = Path(args.cube) if args.cube else None
+    if given is not None:
+        from storage import cube as cubes
+
+        cube = given
+        args.keep = True  # never delete a cube we did not write
+        ds = cubes.open_routing(cube)
+        args.checkpoints, args.layers = ds.sizes["checkpoint"], ds.sizes["layer"]
+        args.experts, args.top_k, n_tokens = int(ds.attrs["num_experts"]), int(ds.attrs["top_k"]), ds.sizes["token"]
+        args.logits, args.no_lens = "router_logits" in ds, "lens_logprob" not in ds
+        ds.close()
     try:
-        if cube.exists():
-            shutil.rmtree(cube)
-        log(f"writing {args.checkpoints}×{args.layers}×{n_tokens} decisions to {cube}")
-        doc["cube"] = write_synthetic_cube(
-            cube, n_checkpoints=args.checkpoints, n_layers=args.layers, n_tokens=n_tokens,
-            num_experts=args.experts, top_k=args.top_k, keep_logits=args.logits, keep_lens=not args.no_lens,
-            seed=args.seed,
-        )
+        if given is not None:
+            doc["cube"] = {
+                "path": str(cube), "given": True, "checkpoints": args.checkpoints, "layers": args.layers,
+                "tokens": n_tokens, "num_experts": args.experts, "top_k": args.top_k,
+                "decisions": args.checkpoints * args.layers * n_tokens, "bytes_on_disk": dir_bytes(cube),
+            }
+        else:
+            if cube.exists():
+                shutil.rmtree(cube)
+            log(f"writing {args.checkpoints}×{args.layers}×{n_tokens} decisions to {cube}")
+            doc["cube"] = write_synthetic_cube(
+                cube, n_checkpoints=args.checkpoints, n_layers=args.layers, n_tokens=n_tokens,
+                num_experts=args.experts, top_k=args.top_k, keep_logits=args.logits, keep_lens=not args.no_lens,
+                seed=args.seed,
+            )
+        if args.write_only:
+            doc["kept"] = str(cube)
+            emit(doc)
+            return 0
         doc["definitions"] = {
             "decision": "one token routed at one MoE layer of one checkpoint (fills top_k slots)",
             "decisions_per_s": "cube decisions / median wall seconds of compute_analysis (open + graph + compute)",
             "slowdown_vs_bincount": "median analysis seconds / median seconds of one np.bincount over all ids in memory",
+            "slowdown_vs_read_and_bincount": "median analysis seconds / median seconds of reading expert_ids from "
+                                             "the store with zarr and bincounting them",
             "speedup_2_over_1_workers": "median seconds on a 1-worker LocalCluster / on a 2-worker one "
                                         "(threads_per_worker=1, processes)",
         }
@@ -631,6 +686,8 @@ def main(argv=None) -> int:
             if not args.out:
                 shutil.rmtree(out, ignore_errors=True)
         doc["kept"] = str(cube) if args.keep else None
+        if given is not None and not args.out:
+            shutil.rmtree(out, ignore_errors=True)  # only held the warm-up cube
     emit(doc)
     return 0
 

@@ -134,6 +134,35 @@ def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
     return ds.assign_coords(fix) if fix else ds
 
 
+def _lazy_coords(ds: xr.Dataset, lazy: xr.Dataset) -> xr.Dataset:
+    """Non-index coordinates of ``ds`` read on first use, then kept in memory.
+
+    Opened with dask chunks, every token coordinate (domain, sample, text, ...)
+    would be re-read from the store at each ``.values``; read eagerly, opening
+    a cube of 10^7 tokens would cost seconds of string decoding that most
+    analyses never need. ``lazy`` is the same store opened without dask, whose
+    variables xarray loads once on first access. Text (numpy StringDType in
+    zarr 3) is handed out as object arrays, as in a cube built in memory.
+    """
+    from xarray.coding.variables import lazy_elemwise_func
+    from xarray.core import indexing
+
+    fix = {}
+    for name, var in ds.coords.items():
+        if name in ds.indexes or name not in lazy.coords:
+            continue
+        src = lazy[name].variable
+        data = src._data
+        if src.dtype.kind == "T":
+            data = lazy_elemwise_func(data, _as_object, np.dtype(object))
+        fix[name] = xr.Variable(src.dims, indexing.MemoryCachedArray(data), src.attrs)
+    return ds.assign_coords(fix) if fix else ds
+
+
+def _as_object(values) -> np.ndarray:
+    return np.asarray(values).astype(object)
+
+
 def open_routing(path: str | os.PathLike, *, complete_only: bool = True, chunks="auto") -> xr.Dataset:
     """Open the routing cube lazily (dask arrays, one checkpoint × layer per chunk).
 
@@ -145,7 +174,7 @@ def open_routing(path: str | os.PathLike, *, complete_only: bool = True, chunks=
         raise CubeError(f"{path}: no routing cube here (zarr.json missing)")
     try:
         ds = xr.open_zarr(path, consolidated=None, chunks={} if chunks == "auto" else chunks)
-        ds = _plain_strings(ds)  # reads the token coordinates
+        ds = _lazy_coords(ds, xr.open_zarr(path, consolidated=None, chunks=None))
     except Exception as exc:  # zarr raises many types for damaged stores
         raise CubeError(f"{path}: cannot open routing cube (truncated or corrupt store?): {exc}") from exc
     try:
@@ -164,8 +193,11 @@ def open_routing(path: str | os.PathLike, *, complete_only: bool = True, chunks=
                     f"complete but {missing} of its {expected} 'expert_ids' chunks are missing (e.g. {example}); "
                     "copy the store again, or delete it to recapture"
                 )
-        ds = ds.isel(checkpoint=np.flatnonzero(done))
-        ds = ds.sortby("step")
+        keep = np.flatnonzero(done)
+        # one isel by step order: ``sortby`` reindexes through a deep copy of every
+        # coordinate, which for the object-dtype token table costs seconds per 10^7 tokens
+        keep = keep[np.argsort(np.asarray(ds["step"].values)[keep], kind="stable")]
+        ds = ds.isel(checkpoint=keep)
     return ds
 
 
