@@ -32,7 +32,7 @@ from .registry import (
     safe_ratio,
     tidy,
     token_var,
-    view_ids,
+    view_mask,
 )
 
 NAME = "change"
@@ -50,9 +50,108 @@ def set_intersection(a: xr.DataArray, b: xr.DataArray) -> xr.DataArray:
 
 def cosine(a: xr.DataArray, b: xr.DataArray, dim: str = "expert") -> xr.DataArray:
     """Cosine similarity of ``a`` and ``b`` along ``dim``; NaN where either is all zero or NaN."""
+    # float: squared slot counts of a large cube overflow int64 (Σa² · Σb² passes 2^63 near 10^5 per expert)
+    a, b = a.astype(np.float64), b.astype(np.float64)
     num = (a * b).sum(dim, skipna=False)
     den = np.sqrt((a * a).sum(dim, skipna=False) * (b * b).sum(dim, skipna=False))
     return safe_ratio(num, den)
+
+
+# summed per sample (the metrics' numerators; their denominator, slots, is the sum of the usage counts)
+_PER_SAMPLE = ("inter_final", "inter_prev", "pos_final", "pos_prev")
+_TOTALS = ("tokens", "mismatch", "out_of_range")  # only needed per (checkpoint, layer)
+_QUANTITIES = _PER_SAMPLE + _TOTALS
+_BLOCK_ELEMENTS = 2**22  # (checkpoint × token × k) ids per kernel call: bounds its temporaries
+
+
+def _checkpoints_together(raw: xr.DataArray) -> xr.DataArray:
+    """expert_ids (checkpoint, layer, token, k) with every checkpoint of a (layer, token-chunk) in one block.
+
+    The final and previous checkpoints are then at hand in each block, with no
+    shifted copies of the cube in the graph; token chunks are split where a
+    block would pass :data:`_BLOCK_ELEMENTS` ids. In-memory input is returned as is.
+    """
+    raw = raw.transpose("checkpoint", "layer", "token", "k")
+    if raw.chunks is None:
+        return raw
+    C, k = raw.sizes["checkpoint"], raw.sizes["k"]
+    limit = max(1, _BLOCK_ELEMENTS // (C * k))
+    tokens = raw.data.chunks[2] if max(raw.data.chunks[2]) <= limit else limit
+    return raw.copy(data=raw.data.rechunk((-1, raw.data.chunks[1], tokens, -1)))
+
+
+def _per_token(raw: xr.DataArray, mask: xr.DataArray | None, E: int) -> xr.DataArray:
+    """Every per-token count of :func:`change`, from one kernel call per block.
+
+    Parameters
+    ----------
+    raw : expert_ids (checkpoint, layer, token, k), checkpoints sorted by step,
+        on dask chunked by :func:`_checkpoints_together`.
+    mask : (token,) bool, the token view (None: every token).
+    E : number of experts.
+
+    Returns
+    -------
+    int16 (checkpoint, layer, quantity, token), quantity = :data:`_QUANTITIES`
+    (see :func:`_token_counts`); lazy when ``raw`` is.
+    """
+    import dask.array as da
+
+    dims = ("checkpoint", "layer", "quantity", "token")
+    coords = {d: raw[d] for d in ("checkpoint", "layer") if d in raw.coords}
+    coords["quantity"] = list(_QUANTITIES)
+    values = np.asarray(mask.values, dtype=bool) if mask is not None else None
+    if not isinstance(raw.data, da.Array):
+        return xr.DataArray(_token_counts(np.asarray(raw.values), values, num_experts=E), dims=dims, coords=coords)
+    args = [raw.data, "cltk"]
+    if values is not None:
+        args += [da.from_array(values, chunks=(raw.data.chunks[2],)), "t"]
+    out = da.blockwise(
+        _token_counts, "clqt", *args, new_axes={"q": len(_QUANTITIES)}, concatenate=True, dtype=np.int16,
+        num_experts=E,
+    )
+    return xr.DataArray(out, dims=dims, coords=coords)
+
+
+def _token_counts(raw: np.ndarray, mask: np.ndarray | None = None, *, num_experts: int) -> np.ndarray:
+    """Per-token counts for :func:`change` (the kernel of :func:`_per_token`).
+
+    Parameters
+    ----------
+    raw : (checkpoint, ..., token, k) expert ids, -1 unwritten; checkpoints sorted by step.
+    mask : (token,) bool view mask; tokens outside it count as unwritten
+        (except in ``out_of_range``, which checks every stored id).
+    num_experts : E.
+
+    Returns
+    -------
+    int16 (checkpoint, ..., quantity, token), quantity = :data:`_QUANTITIES`:
+    inter_final / inter_prev (|S_c ∩ S_ref|: equal (slot, slot) pairs, a -1
+    slot never matches), pos_final / pos_prev (valid slots with the
+    reference's id at the same rank), tokens (1 when a slot is valid),
+    mismatch (slots valid here and not in the final checkpoint or vice
+    versa), out_of_range (ids outside -1..E-1). The previous checkpoint of
+    the first one is all -1.
+    """
+    k = raw.shape[-1]
+    # one contiguous (checkpoint, ..., token) array per slot: sums over the handful of slots are then
+    # whole-array adds, and the reference checkpoints broadcast along the outer axis (both fast in numpy)
+    slots = [np.ascontiguousarray(raw[..., i]) for i in range(k)]
+    ids = slots if mask is None else [np.where(mask, s, FILL_ID) for s in slots]
+    valid = [i >= 0 for i in ids]
+    final = [i[-1:] for i in ids]
+    prev = [np.concatenate([np.full_like(i[:1], FILL_ID), i[:-1]]) for i in ids]
+    out = np.zeros(raw.shape[:-2] + (len(_QUANTITIES), raw.shape[-2]), dtype=np.int16)
+    q = {name: out[..., i, :] for i, name in enumerate(_QUANTITIES)}
+    for i in range(k):
+        q["tokens"] |= valid[i]
+        q["mismatch"] += valid[i] != valid[i][-1:]
+        q["out_of_range"] += (slots[i] >= num_experts) | (slots[i] < FILL_ID)
+        for name, ref in (("final", final), ("prev", prev)):
+            q[f"pos_{name}"] += (ids[i] == ref[i]) & valid[i]
+            for j in range(k):
+                q[f"inter_{name}"] += (ids[i] == ref[j]) & valid[i]
+    return out
 
 
 def _metrics(sums: xr.Dataset, has_prev: xr.DataArray) -> dict[str, xr.DataArray]:
@@ -115,26 +214,29 @@ def change(
     if len(set(names.tolist())) != len(names):
         raise ValueError(f"change: checkpoint names are not unique: {names.tolist()}")
     n_boot = int(n_boot)
-    routing = routing.isel(checkpoint=np.argsort(checkpoint_steps(routing), kind="stable"))
+    order = np.argsort(checkpoint_steps(routing), kind="stable")
+    if not np.array_equal(order, np.arange(C)):
+        routing = routing.isel(checkpoint=order)
 
-    ids = view_ids(routing, view)
-    valid = ids >= 0
-    final = ids.isel(checkpoint=-1, drop=True)
-    prev = ids.shift(checkpoint=1, fill_value=FILL_ID)
+    # non-index coordinates (step) go: chunked along with the results, they would be compared eagerly
+    raw = _checkpoints_together(token_var(routing, "expert_ids").reset_coords(drop=True))
+    mask = view_mask(routing, view)
+    ids = raw if mask is None else raw.where(mask, FILL_ID).astype(raw.dtype)
     has_prev = xr.DataArray(np.arange(C) > 0, dims="checkpoint", coords={"checkpoint": ids["checkpoint"]})
 
-    per_token = xr.Dataset({
-        "slots": valid.sum("k"),
-        "tokens": valid.any("k"),
-        "inter_final": set_intersection(ids, final),
-        "inter_prev": set_intersection(ids, prev),
-        "pos_final": ((ids == final) & valid).sum("k"),
-        "pos_prev": ((ids == prev) & valid).sum("k"),
-    }).astype(np.int64)
-    ps = bs.per_sample_sums(per_token, routing, dim="token")
+    # one kernel per (layer, token-chunk) block gives every per-token quantity (the guards' counts
+    # too); a bincount per block sums them per sample, another the usage counts
+    per_token = _per_token(raw, mask, E)
+    ps = bs.per_sample_sums(per_token.sel(quantity=list(_PER_SAMPLE)), routing, dim="token")
+    ps = ps.to_dataset("quantity")
     ps["count"] = bs.per_sample_sums(
-        xr.ones_like(ids, dtype=np.int64), routing, dim=("token", "k"), by={"expert": (ids, E)}
+        xr.ones_like(ids, dtype=np.int8), routing, dim=("token", "k"), by={"expert": (ids, E)}
     )
+    # valid slots = slots with an expert (an id >= E refuses the whole result below)
+    ps["slots"] = ps["count"].sum("expert")
+    totals = per_token.sel(quantity=list(_TOTALS)).sum("token")
+    if totals.chunks is not None:
+        totals = totals.chunk({"checkpoint": -1, "layer": -1})  # a few numbers per (checkpoint, layer)
     sums = bs.group_sums(ps)
     values = _metrics(sums, has_prev)
 
@@ -164,7 +266,9 @@ def change(
     out = {}
     for name, (long_name, units, desc, chance, nan_where) in info.items():
         out[name] = describe(values[name], long_name, units, desc, chance=chance, nan_where=nan_where)
-    out["tokens"] = describe(sums["tokens"], "tokens compared", "tokens", "tokens with at least one valid slot")
+    out["tokens"] = describe(
+        totals.sel(quantity="tokens", drop=True), "tokens compared", "tokens", "tokens with at least one valid slot"
+    )
     if n_boot > 0:
         weights = bs.bootstrap_weights(ps.sizes["sample"], n_boot, seed, strata=bs.sample_groups(routing, "domain"))
         reps = _metrics(bs.resample(ps, weights), has_prev)
@@ -175,15 +279,14 @@ def change(
 
     # Change metrics are only meaningful on identical inputs: the single token
     # axis guarantees the tokens, these guards that every checkpoint wrote them.
-    mismatch = (valid != valid.isel(checkpoint=-1, drop=True)).sum(("token", "k"))
+    mismatch = totals.sel(quantity="mismatch", drop=True)
     guard = refuse_if(
         mismatch,
         f"change: expert_ids has slots written (id >= 0) in one checkpoint and unwritten (-1) in the final "
         f"checkpoint {ids['checkpoint'].values[-1]!s} or vice versa; identical inputs are required (capture "
         "every checkpoint completely, or select the complete ones); mismatching slots",
     )
-    raw = token_var(routing, "expert_ids")
-    out_of_range = ((raw >= E) | (raw < FILL_ID)).sum(("token", "k"))
+    out_of_range = totals.sel(quantity="out_of_range", drop=True)
     guard = guard + refuse_if(
         out_of_range, f"change: expert_ids has slots with ids outside -1..{E - 1} (num_experts={E})"
     )

@@ -19,8 +19,6 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from storage.schema import FILL_ID
-
 from . import plotting
 from .temporal import checkpoint_label, checkpoint_styles
 from .bootstrap import add_interval, bootstrap_weights, interval, per_sample_sums, resample
@@ -33,9 +31,10 @@ from .registry import (
     json_number,
     refuse_if,
     register,
-    routed_ids,
     safe_ratio,
     tidy,
+    token_mask,
+    token_var,
 )
 
 NAME = "coactivation"
@@ -48,6 +47,124 @@ def coactivation_chance(num_experts: int, top_k: int) -> float:
 
 def _off_diagonal(E: int) -> xr.DataArray:
     return xr.DataArray(~np.eye(E, dtype=bool), dims=("expert", "expert_b"))
+
+
+def _codes(ids: xr.DataArray, keep: xr.DataArray | None, E: int) -> xr.DataArray:
+    """Packed pair codes (:func:`_pair_codes`) of the cube, one kernel call per block.
+
+    Parameters
+    ----------
+    ids : expert_ids (checkpoint, layer, token, k).
+    keep : (token,) bool, the tokens counted (None: all).
+    E : number of experts.
+
+    Returns
+    -------
+    int32 (checkpoint, layer, token, slot_pair), lazy when ``ids`` is.
+    """
+    import dask.array as da
+
+    ids = ids.transpose("checkpoint", "layer", "token", "k")
+    k = ids.sizes["k"]
+    mask = None if keep is None else np.asarray(keep.values, dtype=bool)
+    dims = ("checkpoint", "layer", "token", "slot_pair")
+    coords = {d: ids[d] for d in ("checkpoint", "layer") if d in ids.coords}
+    if not isinstance(ids.data, da.Array):
+        return xr.DataArray(_pair_codes(np.asarray(ids.values), mask, num_experts=E), dims=dims, coords=coords)
+    args = [ids.data, "cltk"]
+    if mask is not None:
+        args += [da.from_array(mask, chunks=(ids.data.chunks[2],)), "t"]
+    codes = da.blockwise(
+        _pair_codes, "cltp", *args, new_axes={"p": k * (k + 1) // 2}, concatenate=True, dtype=np.int32,
+        num_experts=E,
+    )
+    return xr.DataArray(codes, dims=dims, coords=coords)
+
+
+def _pair_codes(ids: np.ndarray, keep: np.ndarray | None = None, *, num_experts: int) -> np.ndarray:
+    """Packed pair code of every pair of slots i <= j of each token.
+
+    Parameters
+    ----------
+    ids : (..., token, k) expert ids, -1 unwritten.
+    keep : (token,) bool; the other tokens count as unwritten.
+    num_experts : E.
+
+    Returns
+    -------
+    int32 (..., k(k+1)/2), slot pairs in ``np.triu_indices(k)`` order: for
+    slots i < j the index of the unordered pair {id_i, id_j} in the packed
+    upper triangle (a <= b) of the E × E matrix (:func:`_packed_index`); for
+    i = j the index of (id_i, id_i), so the diagonal counts the tokens holding
+    each expert. E(E+1)/2 marks a slot whose id is outside -1..E-1 (counted
+    for the guard); -1 (no bin) marks unwritten slots, slots paired with an
+    out-of-range id and repeated ids in two slots.
+    """
+    E = num_experts
+    k = ids.shape[-1]
+    single, double = _code_tables(E)
+    # table row = clip(id, -2, E) + 2: 0 and E + 2 out of range, 1 unwritten, 2..E + 1 the experts
+    u = ids.astype(np.intp)
+    np.clip(u, -2, E, out=u)
+    u += 2
+    if keep is not None:
+        u[..., ~keep, :] = 1  # tokens left out read as unwritten
+    out = np.empty(ids.shape[:-1] + (k * (k + 1) // 2,), dtype=np.int32)
+    for p, (i, j) in enumerate(zip(*np.triu_indices(k))):  # a handful of slot pairs, not tokens
+        if i == j:
+            out[..., p] = single[u[..., i]]
+        else:
+            out[..., p] = double[u[..., i] * (E + 3) + u[..., j]]
+    return out
+
+
+def _packed_index(a: np.ndarray, b: np.ndarray, E: int) -> np.ndarray:
+    """Index of the unordered expert pair {a, b} in the packed upper triangle of an E × E matrix."""
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    return lo * E - lo * (lo - 1) // 2 + (hi - lo)
+
+
+def _code_tables(E: int) -> tuple[np.ndarray, np.ndarray]:
+    """Look-up tables of :func:`_pair_codes`, indexed by clip(id, -2, E) + 2.
+
+    single (E + 3,): code of one slot (its diagonal cell; E(E+1)/2 when out of
+    range, -1 when unwritten); double ((E + 3)²,): code of two slots, -1
+    unless both hold distinct in-range experts.
+    """
+    P = E * (E + 1) // 2
+    e = np.arange(E)
+    single = np.full(E + 3, P, dtype=np.int32)
+    single[1] = -1
+    single[2:E + 2] = _packed_index(e, e, E)
+    double = np.full((E + 3, E + 3), -1, dtype=np.int32)
+    a, b = np.meshgrid(e, e, indexing="ij")
+    double[2:E + 2, 2:E + 2] = np.where(a != b, _packed_index(a, b, E), -1)
+    return single, double.ravel()
+
+
+def _unpack_index(E: int) -> tuple[xr.DataArray, xr.DataArray]:
+    """Indexers from the packed upper triangle (:func:`_packed_index`) to (expert, expert_b) and to the diagonal."""
+    a, b = np.meshgrid(np.arange(E), np.arange(E), indexing="ij")
+    full = _packed_index(a, b, E)
+    return (xr.DataArray(full, dims=("expert", "expert_b")),
+            xr.DataArray(np.diagonal(full).copy(), dims="expert"))
+
+
+def _unpack(packed: xr.DataArray, index: xr.DataArray, inner: tuple[str, ...] = ()) -> xr.DataArray:
+    """(..., pair, ...) packed counts -> (..., *index.dims, ...) with integer expert coordinates.
+
+    ``inner`` names dims kept innermost in memory (``boot`` for replicates):
+    the cells are then laid out as (E, E) matrices of plain counts would be, so
+    float sums over them add in the same order and give the same bits.
+    """
+    out = xr.apply_ufunc(
+        np.take, packed, kwargs={"indices": index.values, "axis": -1 - len(inner)},
+        input_core_dims=[["pair", *inner]], output_core_dims=[[*index.dims, *inner]], dask="parallelized",
+        output_dtypes=[packed.dtype], dask_gufunc_kwargs={"output_sizes": dict(index.sizes)},
+    )
+    order = [e for d in packed.dims for e in (index.dims if d == "pair" else (d,))]
+    out = out.transpose(*order)  # a view: the memory order stays
+    return out.assign_coords({d: np.arange(out.sizes[d], dtype=np.int32) for d in index.dims})
 
 
 def partner_tv(both: xr.DataArray, active: xr.DataArray) -> xr.DataArray:
@@ -105,27 +222,27 @@ def coactivation(
         raise ValueError(f"coactivation: the routing cube has top_k={k}; co-activation needs top_k >= 2")
     if n_boot < 0:
         raise ValueError(f"coactivation: n_boot={n_boot}; expected >= 0")
-    ids = routed_ids(routing, canonical_only=canonical_only)
-    a = ids
-    b = ids.rename(k="k_b")
-    slot_a = xr.DataArray(np.arange(k), dims="k")
-    slot_b = xr.DataArray(np.arange(k), dims="k_b")
-    # every ordered pair of distinct slots of one token: ids within a token are distinct
-    pair = (a >= 0) & (b >= 0) & (slot_a != slot_b)
-    codes_a = a.where(pair, FILL_ID).transpose("checkpoint", "layer", "token", "k", "k_b")
-    codes_b = b.where(pair, FILL_ID).transpose("checkpoint", "layer", "token", "k", "k_b")
-    both_s = per_sample_sums(
-        xr.ones_like(codes_a, dtype=np.int32), routing, dim=("token", "k", "k_b"),
-        by={"expert": (codes_a, E), "expert_b": (codes_b, E)},
-    )  # (checkpoint, layer, sample, expert, expert_b)
-    active_s = per_sample_sums(
-        xr.ones_like(ids, dtype=np.int32), routing, dim=("token", "k"), by={"expert": (ids, E)}
-    )  # (checkpoint, layer, sample, expert)
-    both_s = both_s.assign_coords(expert_b=both_s["expert"].values)
-    both = both_s.sum("sample").astype(np.int64)
-    active = active_s.sum("sample").astype(np.int64)
-    eye = xr.DataArray(np.eye(E, dtype=bool), dims=("expert", "expert_b"))
-    pair_count = xr.where(eye, active, both).transpose("checkpoint", "layer", "expert", "expert_b")
+    P = E * (E + 1) // 2
+    # non-index coordinates (step) go: chunked along with the results, they would be compared eagerly
+    ids = token_var(routing, "expert_ids").reset_coords(drop=True)
+    codes = _codes(ids, token_mask(routing, canonical_only), E)
+    # one token pass: bins 0..P-1 are the packed pair counts (diagonal = tokens holding a), bin P the bad slots
+    sums_s = per_sample_sums(
+        xr.ones_like(codes, dtype=np.int8), routing, dim=("token", "slot_pair"), by={"pair": (codes, P + 1)},
+    ).transpose("checkpoint", "layer", "sample", "pair")
+    n_samples = sums_s.sizes["sample"]
+    weights = np.ones((1, n_samples), dtype=np.int64)
+    if n_boot > 0:
+        weights = np.concatenate([weights, bootstrap_weights(n_samples, n_boot, seed)])
+    # one product over the per-sample counts: the plain sums (weights 1, first row), then every replicate
+    reps = resample(sums_s, weights)
+    if reps.chunks is not None:
+        reps = reps.chunk({"checkpoint": -1, "layer": -1})  # E²/2 · (n_boot + 1) numbers per (checkpoint, layer)
+    bad, packed = reps.isel(boot=0, pair=P, drop=True), reps.isel(boot=0, pair=slice(0, P), drop=True)
+    unpack, diag = _unpack_index(E)
+    # pair_count already holds tokens(a) on its diagonal; every use of ``both`` ignores the diagonal
+    both = pair_count = _unpack(packed, unpack)
+    active = _unpack(packed, diag)
 
     chance = coactivation_chance(E, k)
     off = _off_diagonal(E)
@@ -148,7 +265,7 @@ def coactivation(
             "number of tokens whose top-k set holds both expert and expert_b (diagonal: tokens holding expert)",
         ),
         "active_count": describe(
-            active.transpose("checkpoint", "layer", "expert"), "tokens holding the expert", "tokens",
+            active, "tokens holding the expert", "tokens",
             "number of tokens whose top-k set holds the expert",
         ),
         "partner_tv": describe(
@@ -160,9 +277,9 @@ def coactivation(
         ),
     }
     if n_boot > 0:
-        weights = bootstrap_weights(both_s.sizes["sample"], n_boot, seed)
-        both_r = resample(both_s, weights)
-        active_r = resample(active_s, weights)
+        # the replicates of the E(E+1)/2 packed counts, unfolded: half the work of resampling (E, E)
+        packed_r = reps.isel(boot=slice(1, None), pair=slice(0, P)).assign_coords(boot=np.arange(n_boot))
+        both_r, active_r = _unpack(packed_r, unpack, ("boot",)), _unpack(packed_r, diag, ("boot",))
         scheme = "resampling samples (not tokens)"
         # the diagonal is undefined in every replicate: keep it out of the quantiles, mask it after
         lo, hi = interval(safe_ratio(both_r, active_r).where(off, 0.0), ci)
@@ -172,7 +289,6 @@ def coactivation(
         add_interval(out, "partner_tv", lo, hi, ci=ci, n_boot=n_boot, scheme=scheme)
     result = xr.Dataset(out)
 
-    bad = ((ids >= E) | (ids < FILL_ID)).sum(("token", "k"))
     result = attach_guard(result, refuse_if(
         bad, f"coactivation: expert_ids has slots with ids outside -1..{E - 1} (num_experts={E})"
     ))

@@ -142,3 +142,45 @@ def test_errors(ds):
     bad["expert_ids"].values[1, 2, 5, 1] = 9
     with pytest.raises(ValueError, match="outside -1..7"):
         coactivation(bad, n_boot=0)
+
+
+def test_pair_codes_against_brute_force():
+    """Packed codes of every slot pair: duplicates and pairs with -1 or out-of-range ids fall in no pair bin."""
+    from analyses.coactivation import _pair_codes
+
+    rng = np.random.default_rng(4)
+    for E, k, dtype in [(8, 3, np.int16), (5, 2, np.int64), (6, 4, np.int8)]:
+        ids = rng.integers(-3, E + 3, (2, 30, k)).astype(dtype)
+        ids[0, :4] = rng.integers(0, 2, (4, k))  # repeated ids in one token
+        keep = rng.random(30) < 0.8
+        expected = np.full((2, 30, k * (k + 1) // 2), -1)
+        for c, t in np.ndindex(2, 30):
+            if not keep[t]:
+                continue
+            for p, (i, j) in enumerate(zip(*np.triu_indices(k))):
+                a, b = int(ids[c, t, i]), int(ids[c, t, j])
+                if i == j:
+                    if not -1 <= a < E:
+                        expected[c, t, p] = E * (E + 1) // 2
+                    elif a >= 0:
+                        expected[c, t, p] = a * E - a * (a - 1) // 2
+                elif 0 <= a < E and 0 <= b < E and a != b:
+                    lo, hi = min(a, b), max(a, b)
+                    expected[c, t, p] = lo * E - lo * (lo - 1) // 2 + hi - lo
+        np.testing.assert_array_equal(_pair_codes(ids, keep, num_experts=E), expected)
+
+
+def test_repeated_ids_and_odd_chunks_match_reference(ds):
+    """A token holding one expert in two slots counts like the ordered-pair reference, on any chunking."""
+    dup = ds.copy(deep=True)
+    dup["expert_ids"].values[:, :, :6, 1] = dup["expert_ids"].values[:, :, :6, 0]
+    both, active, coact = reference(dup)
+    res = coactivation(dup, n_boot=0)
+    np.testing.assert_array_equal(res["active_count"].values, active)
+    off = ~np.eye(8, dtype=bool)
+    np.testing.assert_array_equal(res["pair_count"].values[..., off], both[..., off])
+    np.testing.assert_allclose(res["coactivation"].values, coact)
+    mem = coactivation(ds, canonical_only=True, n_boot=15)
+    lazy_res = coactivation(ds.chunk({"checkpoint": 2, "layer": 3, "token": 13, "k": 1}), canonical_only=True,
+                            n_boot=15)
+    xr.testing.assert_allclose(lazy_res.compute(), mem)
