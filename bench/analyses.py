@@ -442,7 +442,8 @@ def _read_and_bincount_seconds(cube: Path, E: int) -> float:
     return dt
 
 
-def run_benchmark(cube: Path, warm_cube: Path | None, *, repeats: int, only: list[str] | None = None) -> dict:
+def run_benchmark(cube: Path, warm_cube: Path | None, *, repeats: int, only: list[str] | None = None,
+                  boot_and_not: bool = True) -> dict:
     """Time bincount and every applicable registered analysis on ``cube``; see module doc.
 
     ``warm_cube`` is a small cube of the same layout, run once per analysis and
@@ -484,12 +485,15 @@ def run_benchmark(cube: Path, warm_cube: Path | None, *, repeats: int, only: lis
             _warm(client)
         errors: dict[str, str] = {}
 
-        def attempt(name, nw, path):
+        def attempt(name, nw, path, *, no_boot=False):
             client = clusters[nw][1]
+            params = dict(analyses.get(name).params)
+            if no_boot:
+                params["n_boot"] = 0
             try:
                 # as the default client too, as in the pipeline (deploy.client): an analysis may compute eagerly
                 with client.as_current():
-                    compute_analysis(path, name, dict(analyses.get(name).params), client=client)
+                    compute_analysis(path, name, params, client=client)
                 return True
             except Exception as exc:  # an analysis under development must not sink the others
                 errors[name] = f"{type(exc).__name__}: {exc}"
@@ -509,7 +513,7 @@ def run_benchmark(cube: Path, warm_cube: Path | None, *, repeats: int, only: lis
         bincount_s: list[float] = []
         read_s: list[float] = []
         open_s: list[float] = []
-        times = {n: {1: [], 2: []} for n in timed}
+        times = {n: {1: [], 2: [], "2_no_boot": []} for n in timed}
         for r in range(repeats):
             bincount_s.append(_bincount_seconds(ids, E))
             read_s.append(_read_and_bincount_seconds(cube, E))
@@ -524,9 +528,15 @@ def run_benchmark(cube: Path, warm_cube: Path | None, *, repeats: int, only: lis
                     t = time.perf_counter()
                     if attempt(name, nw, cube):
                         times[name][nw].append(time.perf_counter() - t)
+                # the point estimates alone: what the bootstrap intervals cost on top
+                if name not in errors and boot_and_not and "n_boot" in analyses.get(name).params:
+                    t = time.perf_counter()
+                    if attempt(name, 2, cube, no_boot=True):
+                        times[name]["2_no_boot"].append(time.perf_counter() - t)
                 if name not in errors:
                     log(f"repeat {r + 1}/{repeats} {name}: 1w {times[name][1][-1]:.2f}s, "
-                        f"2w {times[name][2][-1]:.2f}s")
+                        f"2w {times[name][2][-1]:.2f}s"
+                        + (f", 2w n_boot=0 {times[name]['2_no_boot'][-1]:.2f}s" if times[name]["2_no_boot"] else ""))
         timed = [n for n in timed if n not in errors]
     finally:
         logging.getLogger("distributed").setLevel(logging.ERROR)  # shutdown chatter is not a result
@@ -557,6 +567,10 @@ def run_benchmark(cube: Path, warm_cube: Path | None, *, repeats: int, only: lis
             "slowdown_vs_read_and_bincount_2_workers": t2 / statistics.median(read_s),
             "speedup_2_over_1_workers": t1 / t2,
             "speedup_2_over_1_per_repeat": [a / b for a, b in zip(times[name][1], times[name][2])],
+            **({"workers_2_no_bootstrap": {**summary(times[name]["2_no_boot"]),
+                                           "decisions_per_s": decisions / statistics.median(times[name]["2_no_boot"]),
+                                           "slowdown_vs_bincount": statistics.median(times[name]["2_no_boot"]) / base}}
+               if times[name]["2_no_boot"] else {}),
             "graph_tasks": graph[name]["tasks"],
             "graph_tasks_per_block": graph[name]["tasks"] / blocks,
             "graph_build_s": graph[name]["build_s"],
@@ -604,6 +618,8 @@ def main(argv=None) -> int:
     p.add_argument("--cube", default=None,
                    help="time this existing routing cube (e.g. one kept with --keep) instead of writing one; "
                         "it is never deleted")
+    p.add_argument("--no-point-estimates", action="store_true",
+                   help="skip the extra 2-worker run of each analysis with n_boot=0 (point estimates only)")
     p.add_argument("--write-only", action="store_true", help="write (and keep) the cube, time nothing")
     args = p.parse_args(argv)
     if args.tiny:
@@ -661,6 +677,7 @@ def main(argv=None) -> int:
             "slowdown_vs_bincount": "median analysis seconds / median seconds of one np.bincount over all ids in memory",
             "slowdown_vs_read_and_bincount": "median analysis seconds / median seconds of reading expert_ids from "
                                              "the store with zarr and bincounting them",
+            "workers_2_no_bootstrap": "the same analysis with n_boot=0 (point estimates, no intervals) on 2 workers",
             "speedup_2_over_1_workers": "median seconds on a 1-worker LocalCluster / on a 2-worker one "
                                         "(threads_per_worker=1, processes)",
         }
@@ -677,7 +694,8 @@ def main(argv=None) -> int:
                 num_experts=args.experts, top_k=args.top_k, keep_logits=args.logits, keep_lens=not args.no_lens,
                 seed=args.seed + 7, progress=False,
             )
-        doc.update(run_benchmark(cube, warm, repeats=args.repeats, only=args.analyses))
+        doc.update(run_benchmark(cube, warm, repeats=args.repeats, only=args.analyses,
+                                 boot_and_not=not args.no_point_estimates))
     finally:
         doc["machine_end"] = machine()
         shutil.rmtree(out / "warm.zarr", ignore_errors=True)
