@@ -613,7 +613,10 @@ def interval(replicates: xr.DataArray, ci: float = 0.95, dim: str = BOOT) -> tup
         raise ValueError(f"interval: ci={ci}; expected a level strictly between 0 and 1")
     a = (1.0 - float(ci)) / 2.0
     if replicates.chunks is not None:
-        replicates = replicates.chunk({dim: -1})  # the quantile needs the whole dim in one block
+        # the quantile needs the whole dim in one block; rechunk the data only (``.chunk`` would
+        # turn coordinates such as ``step`` into dask arrays that every later merge computes)
+        axis = replicates.get_axis_num(dim)
+        replicates = replicates.copy(data=replicates.data.rechunk({axis: -1}))
     bounds = [
         xr.apply_ufunc(
             _nanquantile, replicates.astype(np.float64), kwargs={"q": q}, input_core_dims=[[dim]],

@@ -32,7 +32,6 @@ import xarray as xr
 
 from . import bootstrap as bs
 from . import plotting
-from .change import set_intersection
 from .registry import (
     Analysis,
     attach_guard,
@@ -64,7 +63,9 @@ def conditions(routing: xr.Dataset, condition_a: str = "", condition_b: str = ""
     b = condition_b or str(routing.attrs.get("condition_b", ""))
     if "condition" not in routing.coords:
         raise ValueError("routing cube: token coordinate 'condition' is missing")
-    present = sorted(set(np.asarray(routing["condition"].values).astype(str).tolist()) - {""})
+    # the distinct labels first: converting every token's label to str is the slow part
+    labels = pd.unique(np.asarray(routing["condition"].values).ravel())
+    present = sorted(set(np.asarray(labels).astype(str).tolist()) - {""})
     if not a and not b and len(present) == 2:
         a, b = present
     if not a or not b:
@@ -108,7 +109,7 @@ def token_pairs(routing: xr.Dataset, a: str, b: str) -> dict[str, tuple[np.ndarr
         raise ValueError("routing cube: token coordinate 'aligned_token' is missing; the cube was captured without "
                          "conditions (name them in [conditions] and rebuild the routing cube)")
     cond = np.asarray(routing["condition"].values).astype(str)
-    pair = np.asarray(routing["pair"].values).astype(str)
+    pair = np.asarray(routing["pair"].values)  # as str only where needed (a large object array converts slowly)
     aligned = np.asarray(routing["aligned_token"].values).astype(np.int64)
     canonical = np.asarray(routing["canonical"].values, dtype=bool)
     n = cond.shape[0]
@@ -119,14 +120,16 @@ def token_pairs(routing: xr.Dataset, a: str, b: str) -> dict[str, tuple[np.ndarr
     ok = (cond[u] == b) & canonical[u]
     t, u = t[ok], u[ok]
     last = _last_canonical(routing)
-    la = {p: i for p, i in zip(pair[last & (cond == a)], np.flatnonzero(last & (cond == a)))}
-    lb = {p: i for p, i in zip(pair[last & (cond == b)], np.flatnonzero(last & (cond == b)))}
+    la = {p: i for p, i in zip(pair[last & (cond == a)].astype(str), np.flatnonzero(last & (cond == a)))}
+    lb = {p: i for p, i in zip(pair[last & (cond == b)].astype(str), np.flatnonzero(last & (cond == b)))}
     names = sorted((set(la) & set(lb)) - {""})
     if t.size == 0 or not names:
         raise ValueError(f"paired analyses: no aligned token of condition {a!r} has a partner of condition {b!r} "
                          f"(check the 'pair' ids and that both conditions hold the same content)")
-    code = {p: i for i, p in enumerate(names)}
-    unit_t = np.array([code.get(p, -1) for p in pair[t]], dtype=np.int64)
+    # code of each token's pair id among the sorted names (-1: not a pair of samples with both sides)
+    sorted_names, pair_t = np.asarray(names, dtype=str), pair[t].astype(str)
+    code = np.minimum(np.searchsorted(sorted_names, pair_t), len(names) - 1)
+    unit_t = np.where(sorted_names[code] == pair_t, code, -1).astype(np.int64)
     keep = unit_t >= 0
     return {
         "canonical": (t[keep], u[keep], unit_t[keep]),
@@ -135,35 +138,134 @@ def token_pairs(routing: xr.Dataset, a: str, b: str) -> dict[str, tuple[np.ndarr
     }
 
 
-def per_pair_sums(data: xr.DataArray, unit: np.ndarray, n_units: int, *, dim, by: tuple | None = None) -> xr.DataArray:
-    """Sums of ``data`` over the tokens of each pair of samples (lazy flox groupby-sum).
+def stacked_views(views: dict) -> tuple[np.ndarray, ...]:
+    """The views' token pairs one after the other, so that one pass over the tokens serves every view.
 
     Parameters
     ----------
-    data : dims (..., token[, k]) with ``token`` the token pairs of one view.
-    unit : (token,) pair-of-samples index 0..n_units-1.
-    dim : dims summed away (must include ``token``).
-    by : optional (codes (..., token[, k]) int, n) to group by as well (dim ``expert``).
+    views : {view: (tok_a (n_v,), tok_b (n_v,), unit (n_v,), *more (n_v,))} in :data:`VIEWS` order.
 
     Returns
     -------
-    dims (..., sample[, expert]); ``sample`` indexes the pairs of samples (the
-    bootstrap unit of :mod:`analyses.bootstrap`).
+    (tok_a, tok_b, unit, *more, view_code), each (sum n_v,); ``view_code`` is the
+    index of the view in :data:`VIEWS`.
     """
-    import flox.xarray
+    parts = [views[v] for v in VIEWS]
+    cols = [np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(len(parts[0]))]
+    code = np.repeat(np.arange(len(VIEWS), dtype=np.int64), [len(p[0]) for p in parts])
+    return (*cols, code)
 
-    groupers = [xr.DataArray(unit, dims="token", name="_unit")]
-    expected = [np.arange(n_units)]
-    if by is not None:
-        groupers.append(by[0].rename("_expert"))
-        expected.append(np.arange(by[1]))
-    out = flox.xarray.xarray_reduce(data, *groupers, func="sum", dim=dim, expected_groups=tuple(expected),
-                                    fill_value=0)
-    out = out.rename({"_unit": bs.SAMPLE}).assign_coords({bs.SAMPLE: np.arange(n_units)})
-    if by is not None:
-        out = out.rename({"_expert": "expert"}).assign_coords(expert=np.arange(by[1], dtype=np.int32))
-        return out.transpose(..., bs.SAMPLE, "expert")
-    return out.transpose(..., bs.SAMPLE)
+
+def per_pair_sums(data, unit: np.ndarray, n_units: int, *, dim, by: dict | None = None):
+    """Sums of ``data`` over the tokens of each pair of samples (:func:`analyses.bootstrap.per_sample_sums`).
+
+    Parameters
+    ----------
+    data : DataArray or Dataset, dims (..., token[, k]) with ``token`` the token pairs.
+    unit : (token,) pair-of-samples index 0..n_units-1.
+    dim : dims summed away (must include ``token``).
+    by : extra groupers ``{out_dim: (codes, n)}`` as in ``per_sample_sums``
+        (codes (…, token[, k]) or (token,), grouped into 0..n-1).
+
+    Returns
+    -------
+    dims (..., sample, *by dims); ``sample`` = 0..n_units-1 indexes the pairs
+    of samples (the bootstrap unit of :mod:`analyses.bootstrap`); a pair
+    without any token holds 0.
+    """
+    unit = np.asarray(unit, dtype=np.int64)
+    # Pairs of samples numbered in order of first appearance along ``token`` for the pass: the pair ids are
+    # sorted names, unrelated to the cube's token order, while per_sample_sums keeps each token chunk's
+    # partial sums only over the range of numbers the chunk holds (narrow when numbers follow the tokens).
+    first = np.full(n_units, unit.size, dtype=np.int64)
+    np.minimum.at(first, unit, np.arange(unit.size, dtype=np.int64))
+    rank = np.empty(n_units, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(n_units)
+    units = xr.Dataset(coords={bs.SAMPLE: ("token", rank[unit])})
+    out = bs.per_sample_sums(data, units, dim=dim, by=by)
+    if out.sizes[bs.SAMPLE] != n_units:  # pairs without any token: ranked last, absent from the sums
+        out = out.reindex({bs.SAMPLE: np.arange(n_units)}, fill_value=0)
+    return out.isel({bs.SAMPLE: rank}).assign_coords({bs.SAMPLE: np.arange(n_units)})
+
+
+def _overlaps(ia: np.ndarray, ib: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per token pair: |S_A ∩ S_B| / k, the Jaccard index and 1, where both sides have a valid slot (else 0s).
+
+    ia, ib : (..., k) expert ids (-1 = unwritten). Returns three float64 arrays (...).
+    """
+    # loops over the k (k × k) slots: elementwise passes beat numpy reductions over tiny trailing axes
+    valid_a = [ia[..., i] >= 0 for i in range(ia.shape[-1])]
+    na = sum(v.astype(np.int32) for v in valid_a)
+    nb = sum((ib[..., j] >= 0).astype(np.int32) for j in range(ib.shape[-1]))
+    # ids within a token's slots are distinct: equal (slot, slot) pairs count the shared experts
+    inter = np.zeros(ia.shape[:-1], dtype=np.int32)
+    for i, valid in enumerate(valid_a):
+        for j in range(ib.shape[-1]):
+            inter += (ia[..., i] == ib[..., j]) & valid
+    both = (na > 0) & (nb > 0)
+    inter = np.where(both, inter, 0)
+    union = np.where(both, na + nb - inter, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # only repeated ids in a token's slots give 0 / 0
+        jac = np.where(both, inter / union, 0.0)
+    return inter / k, jac, both.astype(np.float64)
+
+
+def per_token_vars(func, arrays: Sequence[xr.DataArray], names: Sequence[str], *, reduce: Sequence[str] = (),
+                   **kwargs) -> xr.Dataset:
+    """Several float64 variables computed together, block by block: one task per block, one slice per variable.
+
+    Parameters
+    ----------
+    func : ``func(*blocks, **kwargs)`` -> tuple of ``len(names)`` float64 arrays with the blocks' broadcast
+        shape less the ``reduce`` axes (a block lacking a dim of ``arrays[0]`` gets a length-1 axis there).
+    arrays : DataArrays; the first has every dim, the others a subset of its dims.
+    reduce : dims ``func`` reduces away (each must sit in one chunk).
+
+    Returns
+    -------
+    Dataset of ``names``, dims those of ``arrays[0]`` without ``reduce``; lazy when any input is.
+    Unlike ``xr.apply_ufunc(dask="parallelized")``, which adds two layers per output, the graph holds one
+    layer of tasks plus one slice per variable.
+    """
+    import dask.array as da
+
+    full = arrays[0].dims
+    extra = sorted({d for a in arrays for d in a.dims} - set(full))
+    if extra:
+        raise ValueError(f"per_token_vars: dims {extra} are not dims of the first array {full}")
+    out_dims = tuple(d for d in full if d not in reduce)
+    arrays = [a.transpose(*[d for d in full if d in a.dims]) for a in arrays]
+    missing = [tuple(i for i, d in enumerate(full) if d not in a.dims) for a in arrays]
+
+    def stacked(*blocks):
+        blocks = [np.expand_dims(b, m) if m else b for b, m in zip(blocks, missing)]
+        return np.stack(func(*blocks, **kwargs), axis=0).astype(np.float64, copy=False)
+
+    if any(isinstance(a.data, da.Array) for a in arrays):
+        index = {d: f"i{n}" for n, d in enumerate(full)}
+        args = []
+        for a in arrays:
+            args += [a.data, tuple(index[d] for d in a.dims)]
+        data = da.blockwise(stacked, ("var", *(index[d] for d in out_dims)), *args, new_axes={"var": len(names)},
+                            dtype=np.float64, concatenate=True, token=func.__name__.strip("_"))
+    else:
+        data = stacked(*[np.asarray(a.values) for a in arrays])
+    coords = {c: v for c, v in arrays[0].coords.items() if set(v.dims) <= set(out_dims)}
+    return xr.Dataset({name: (out_dims, data[i]) for i, name in enumerate(names)}, coords=coords)
+
+
+def _expert_codes(ids: np.ndarray, E: int) -> np.ndarray:
+    """Ids as codes of the count pass: -1 (unwritten) and 0..E-1 kept, any other id E (counted apart)."""
+    return np.where((ids >= -1) & (ids < E), ids, E).astype(ids.dtype, copy=False)
+
+
+def _split_dim(arr: xr.DataArray, dim: str, sizes: dict[str, int]) -> xr.DataArray:
+    """``arr`` with its last dim ``dim`` (of size prod(sizes), row-major) split into the dims ``sizes``."""
+    if arr.dims[-1] != dim:
+        raise ValueError(f"_split_dim: {dim!r} must be the last dim of {arr.dims}")
+    data = arr.data.reshape(arr.shape[:-1] + tuple(sizes.values()))
+    coords = {c: v for c, v in arr.coords.items() if dim not in v.dims}
+    return xr.DataArray(data, dims=(*arr.dims[:-1], *sizes), coords=coords, name=arr.name)
 
 
 def expected_jaccard(E: int, k: int) -> float:
@@ -242,55 +344,61 @@ def divergence(
         raise ValueError(f"divergence: percentile={percentile} must be in [0, 100] and min_abs={min_abs} >= 0")
     n_boot = int(n_boot)
     views = token_pairs(routing, a, b)
-    ids = token_var(routing, "expert_ids")
     ej = expected_jaccard(E, k)
     n_units = int(views["last_canonical"][2].size)
     weights = bs.bootstrap_weights(n_units, n_boot, seed) if n_boot else None
+    tok_a, tok_b, unit, view_code = stacked_views(views)
+    M = tok_a.size
+    condition = np.array([a, b], dtype=object)
 
-    per_view = []
-    bad_total = None
-    for view in VIEWS:
-        ta, tb, unit = views[view]
-        ia, ib = ids.isel(token=ta), ids.isel(token=tb)
-        na, nb = (ia >= 0).sum("k"), (ib >= 0).sum("k")
-        both = (na > 0) & (nb > 0)
-        inter = set_intersection(ia, ib).where(both, 0)
-        union = (na + nb - inter).where(both, 1)
-        parts = xr.Dataset({
-            "inter": (inter / k).astype(np.float64),
-            "jac": (inter / union).where(both, 0.0).astype(np.float64),
-            "n": both.astype(np.int64),
-        })
-        ps = per_pair_sums(parts, unit, n_units, dim="token")
-        counts = [per_pair_sums(xr.ones_like(x, dtype=np.int64), unit, n_units, dim=("token", "k"), by=(x, E))
-                  for x in (ia, ib)]
-        tot = ps.sum(bs.SAMPLE)
-        cnt = [c.sum(bs.SAMPLE) for c in counts]
-        use = [safe_ratio(c, c.sum("expert")) for c in cnt]
-        out = {
-            "usage": xr.concat(use, dim="condition").assign_coords(condition=np.array([a, b], dtype=object)),
-            "usage_diff": use[0] - use[1],
-            "total_variation": 0.5 * abs(use[0] - use[1]).sum("expert", skipna=False),
-            "jaccard": safe_ratio(tot["jac"], tot["n"]),
-            "intersection": safe_ratio(tot["inter"], tot["n"]),
-            "pairs": tot["n"],
-        }
-        out["jaccard_corrected"] = (out["jaccard"] - ej) / (1.0 - ej)
-        if n_boot:
-            for name, part in (("jaccard", "jac"), ("intersection", "inter")):
-                lo, hi = bs.ratio_interval(ps[part], ps["n"], weights, ci=ci)
-                out[f"{name}_lo"], out[f"{name}_hi"] = lo, hi
-            out["jaccard_corrected_lo"] = (out["jaccard_lo"] - ej) / (1.0 - ej)
-            out["jaccard_corrected_hi"] = (out["jaccard_hi"] - ej) / (1.0 - ej)
-            reps = [bs.resample(c, weights) for c in counts]
-            ru = [safe_ratio(r, r.sum("expert")) for r in reps]
-            out["total_variation_lo"], out["total_variation_hi"] = bs.interval(
-                0.5 * abs(ru[0] - ru[1]).sum("expert", skipna=False), ci)
-        per_view.append(xr.Dataset(out))
-        bad = ((ia >= E) | (ia < -1)).sum(("token", "k")) + ((ib >= E) | (ib < -1)).sum(("token", "k"))
-        bad_total = bad if bad_total is None else bad_total + bad
-    res = xr.concat(per_view, dim="view", coords="minimal", compat="override", join="override")
-    res = res.assign_coords(view=np.array(VIEWS, dtype=object))
+    # One gather of both sides' ids, A tokens then B tokens (ckpt, layer, 2M, k), feeding two token passes:
+    # slot counts per (pair of samples, expert, view, condition), and overlaps per (pair of samples, view).
+    # non-index coords (step) dropped: a later .chunk() would make them dask and every merge compare them
+    # by computing; finalise() puts step back
+    ids = token_var(routing, "expert_ids").reset_coords(drop=True).isel(token=np.concatenate([tok_a, tok_b]))
+    # out-of-range ids counted in an extra group E: the guard needs their number, usage must not see them
+    codes = ids.copy(data=ids.data.map_blocks(_expert_codes, E=E, dtype=ids.dtype) if is_lazy(ids)
+                     else _expert_codes(ids.values, E))
+    # view and condition of each gathered token as one grouper (one index fewer to build per slot)
+    side = np.concatenate([view_code * 2, view_code * 2 + 1])
+    counts = per_pair_sums(
+        xr.ones_like(codes, dtype=np.int64), np.concatenate([unit, unit]), n_units, dim=("token", "k"),
+        by={"expert": (codes, E + 1), "side": (xr.DataArray(side, dims="token"), 2 * len(VIEWS))},
+    )
+    counts = _split_dim(counts, "side", {"view": len(VIEWS), "condition": 2})  # (.., sample, expert, view, cond.)
+    bad_total = counts.isel(expert=E, drop=True).sum((bs.SAMPLE, "view", "condition"))
+    counts = counts.isel(expert=slice(0, E))
+    # separate variables, not one stacked array: the token pass builds its index once for all of them
+    parts = per_token_vars(_overlaps, [ids.isel(token=slice(0, M)), ids.isel(token=slice(M, None))],
+                           ("inter", "jac", "n"), reduce=("k",), k=k)
+    ps = per_pair_sums(parts, unit, n_units, dim="token",
+                       by={"view": (xr.DataArray(view_code, dims="token"), len(VIEWS))})  # (.., sample, view)
+
+    def overlap_means(sums):
+        return {"jaccard": safe_ratio(sums["jac"], sums["n"]), "intersection": safe_ratio(sums["inter"], sums["n"])}
+
+    def tv(count):
+        use = safe_ratio(count, count.sum("expert"))
+        return 0.5 * abs(use.isel(condition=0) - use.isel(condition=1)).sum("expert", skipna=False)
+
+    tot = ps.sum(bs.SAMPLE)
+    cnt = counts.sum(bs.SAMPLE)
+    use = safe_ratio(cnt, cnt.sum("expert")).assign_coords(condition=condition)
+    out = {
+        "usage": use,
+        "usage_diff": use.isel(condition=0, drop=True) - use.isel(condition=1, drop=True),
+        "total_variation": tv(cnt),
+        **overlap_means(tot),
+        "pairs": tot["n"].astype(np.int64),
+    }
+    out["jaccard_corrected"] = (out["jaccard"] - ej) / (1.0 - ej)
+    if n_boot:
+        for name, rep in overlap_means(bs.resample(ps, weights)).items():
+            out[f"{name}_lo"], out[f"{name}_hi"] = bs.interval(rep, ci)
+        out["jaccard_corrected_lo"] = (out["jaccard_lo"] - ej) / (1.0 - ej)
+        out["jaccard_corrected_hi"] = (out["jaccard_hi"] - ej) / (1.0 - ej)
+        out["total_variation_lo"], out["total_variation_hi"] = bs.interval(tv(bs.resample(counts, weights)), ci)
+    res = xr.Dataset(out).assign_coords(view=np.array(VIEWS, dtype=object))
     thr = _threshold(res["usage_diff"], float(percentile), float(min_abs))
     res["threshold"] = thr
     res["usage_diff_thresholded"] = res["usage_diff"].where(abs(res["usage_diff"]) >= thr, 0.0)

@@ -30,7 +30,7 @@ import xarray as xr
 
 from . import bootstrap as bs
 from . import plotting
-from .divergence import VIEWS, conditions, per_pair_sums, token_pairs
+from .divergence import VIEWS, conditions, per_pair_sums, per_token_vars, stacked_views, token_pairs
 from .registry import Analysis, describe, finalise, json_number, register, safe_ratio, token_var
 
 NAME = "lens"
@@ -50,6 +50,33 @@ def _targets(routing: xr.Dataset, a: str, b: str):
         js_ok = aligned[ta[ok]] == tb[ok]
         out[view] = (ta[ok] - 1, tb[ok] - 1, unit[ok], js_ok)
     return out
+
+
+def _lens_parts(lp_a, lp_b, js=None, js_ok=None):
+    """Per target pair: NLL_A, NLL_B, NLL_A − NLL_B and 1 where both are finite (else 0s); with ``js``: JS and 1
+    where the targets are aligned partners and JS is finite (else 0s).
+
+    lp_a, lp_b, js : (..., token) lens values at the predicting positions; js_ok : (..., token) bool.
+    Returns a tuple of 4 (6 with ``js``) float64 arrays (..., token).
+    """
+    la, lb = -lp_a.astype(np.float64), -lp_b.astype(np.float64)
+    ok = ~np.isnan(la) & ~np.isnan(lb)
+    out = (np.where(ok, la, 0.0), np.where(ok, lb, 0.0), np.where(ok, la - lb, 0.0), ok.astype(np.float64))
+    if js is None:
+        return out
+    j = np.where(js_ok, js.astype(np.float64), np.nan)
+    jok = ~np.isnan(j)
+    return out + (np.where(jok, j, 0.0), jok.astype(np.float64))
+
+
+def _model_parts(nll_a, nll_b):
+    """Per target pair: the model's NLL of A and of B where both are finite (else 0s), and 1 there.
+
+    (..., token) -> tuple of 3 float64 arrays (..., token).
+    """
+    ma, mb = nll_a.astype(np.float64), nll_b.astype(np.float64)
+    ok = ~np.isnan(ma) & ~np.isnan(mb)
+    return np.where(ok, ma, 0.0), np.where(ok, mb, 0.0), ok.astype(np.float64)
 
 
 def lens(
@@ -84,56 +111,51 @@ def lens(
     a, b = conditions(routing, condition_a, condition_b)
     n_boot = int(n_boot)
     views = _targets(routing, a, b)
-    lp = token_var(routing, "lens_logprob").astype(np.float64)
-    n_units = int(np.unique(np.concatenate([v[2] for v in views.values()])).max()) + 1
+    pos_a, pos_b, unit, js_ok, view_code = stacked_views(views)
+    n_units = int(unit.max()) + 1
     weights = bs.bootstrap_weights(n_units, n_boot, seed) if n_boot else None
     has_js = "lens_js" in routing
     has_nll = "nll" in routing
+    condition = np.array([a, b], dtype=object)
+    by_view = {"view": (xr.DataArray(view_code, dims="token"), len(VIEWS))}
 
-    per_view = []
-    for view in VIEWS:
-        pa, pb, unit, js_ok = views[view]
-        la, lb = -lp.isel(token=pa), -lp.isel(token=pb)  # NLL of the targets
-        ok = la.notnull() & lb.notnull()
-        parts = {
-            "sum_a": la.where(ok, 0.0), "sum_b": lb.where(ok, 0.0), "sum_d": (la - lb).where(ok, 0.0),
-            "n": ok.astype(np.int64),
-        }
+    def values(name, tokens):
+        # non-index coords (step) dropped: a later .chunk() would make them dask and every merge compare them
+        # by computing; finalise() puts step back
+        return token_var(routing, name).reset_coords(drop=True).isel(token=tokens)
+
+    # one token pass over every view: the per-target sums
+    names = ["sum_a", "sum_b", "sum_d", "n"] + (["sum_js", "n_js"] if has_js else [])
+    inputs = [values("lens_logprob", pos_a), values("lens_logprob", pos_b)]
+    if has_js:
+        inputs += [values("lens_js", pos_a), xr.DataArray(js_ok, dims="token")]
+    # separate variables rather than one stacked array: the token pass then builds its (sample, view) index
+    # once and runs one plain bincount per variable
+    ps = per_pair_sums(per_token_vars(_lens_parts, inputs, names), unit, n_units, dim="token",
+                       by=by_view)  # (checkpoint, layer, sample, view)
+
+    def means(sums):
+        """lens_nll (.., condition), lens_nll_diff and js from (resampled or plain) sums."""
+        per_condition = xr.concat([sums["sum_a"], sums["sum_b"]], dim="condition")
+        out = {"lens_nll": safe_ratio(per_condition, sums["n"]).assign_coords(condition=condition),
+               "lens_nll_diff": safe_ratio(sums["sum_d"], sums["n"])}
         if has_js:
-            js = token_var(routing, "lens_js").astype(np.float64).isel(token=pa)
-            js = js.where(xr.DataArray(js_ok, dims="token"))
-            jok = js.notnull()
-            parts["sum_js"], parts["n_js"] = js.where(jok, 0.0), jok.astype(np.int64)
-        if has_nll:
-            nll = token_var(routing, "nll").astype(np.float64)
-            ma, mb = nll.isel(token=pa), nll.isel(token=pb)
-            mok = ma.notnull() & mb.notnull()
-            parts["model_a"], parts["model_b"] = ma.where(mok, 0.0), mb.where(mok, 0.0)
-            parts["n_model"] = mok.astype(np.int64)
-        ps = per_pair_sums(xr.Dataset(parts), unit, n_units, dim="token")
-        tot = ps.sum(bs.SAMPLE)
-        out = {
-            "lens_nll": xr.concat([safe_ratio(tot["sum_a"], tot["n"]), safe_ratio(tot["sum_b"], tot["n"])],
-                                  dim="condition").assign_coords(condition=np.array([a, b], dtype=object)),
-            "lens_nll_diff": safe_ratio(tot["sum_d"], tot["n"]),
-            "targets": tot["n"],
-        }
-        if has_js:
-            out["js"] = safe_ratio(tot["sum_js"], tot["n_js"])
-        if has_nll:
-            out["model_nll"] = xr.concat([safe_ratio(tot["model_a"], tot["n_model"]),
-                                          safe_ratio(tot["model_b"], tot["n_model"])],
-                                         dim="condition").assign_coords(condition=np.array([a, b], dtype=object))
-        if n_boot:
-            bounds = [bs.ratio_interval(ps[s], ps["n"], weights, ci=ci) for s in ("sum_a", "sum_b")]
-            out["lens_nll_lo"] = xr.concat([lo for lo, _ in bounds], dim="condition").assign_coords(condition=np.array([a, b], dtype=object))
-            out["lens_nll_hi"] = xr.concat([hi for _, hi in bounds], dim="condition").assign_coords(condition=np.array([a, b], dtype=object))
-            out["lens_nll_diff_lo"], out["lens_nll_diff_hi"] = bs.ratio_interval(ps["sum_d"], ps["n"], weights, ci=ci)
-            if has_js:
-                out["js_lo"], out["js_hi"] = bs.ratio_interval(ps["sum_js"], ps["n_js"], weights, ci=ci)
-        per_view.append(xr.Dataset(out))
-    res = xr.concat(per_view, dim="view", coords="minimal", compat="override", join="override")
-    res = res.assign_coords(view=np.array(VIEWS, dtype=object)).transpose("checkpoint", "layer", "view", "condition", ...)
+            out["js"] = safe_ratio(sums["sum_js"], sums["n_js"])
+        return out
+
+    tot = ps.sum(bs.SAMPLE)
+    out = {**means(tot), "targets": tot["n"].astype(np.int64)}
+    if n_boot:
+        for name, rep in means(bs.resample(ps, weights)).items():
+            out[f"{name}_lo"], out[f"{name}_hi"] = bs.interval(rep, ci)
+    if has_nll:
+        # the model's own NLL has no layer dim: its own small pass over the (checkpoint, token) blocks
+        model = per_token_vars(_model_parts, [values("nll", pos_a), values("nll", pos_b)], ["a", "b", "n"])
+        mt = per_pair_sums(model, unit, n_units, dim="token", by=by_view).sum(bs.SAMPLE)
+        out["model_nll"] = safe_ratio(xr.concat([mt["a"], mt["b"]], dim="condition"),
+                                      mt["n"]).assign_coords(condition=condition)
+    res = xr.Dataset(out).assign_coords(view=np.array(VIEWS, dtype=object))
+    res = res.transpose("checkpoint", "layer", "view", "condition", ...)
 
     nan_none = "no target of the view has a finite lens value on both sides at this checkpoint and layer"
     ci_note = f"{100 * ci:g} % bootstrap interval over {n_boot} replicates resampling pairs of samples (not tokens)"

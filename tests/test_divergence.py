@@ -8,10 +8,11 @@ import math
 
 import numpy as np
 import pytest
+import xarray as xr
 
 import analyses
-from analyses.divergence import expected_jaccard, mask_points, token_pairs
-from conftest import punch_holes, small_cube
+from analyses.divergence import expected_jaccard, mask_points, per_token_vars, token_pairs
+from conftest import lazy, punch_holes, small_cube
 from storage.schema import mock_cube
 
 
@@ -212,3 +213,48 @@ def test_errors_say_what_is_missing():
     assert set(token_pairs(ds, "A", "B")) == {"canonical", "last_canonical"}
     np.testing.assert_allclose(ab["usage_diff"].values, -ba["usage_diff"].values)
     np.testing.assert_allclose(ab["jaccard"].values, ba["jaccard"].values)
+
+
+def test_lens_without_js_and_nll(cube):
+    res = analyses.run("lens", cube.drop_vars(["lens_js", "nll"]), n_boot=20)
+    assert "js" not in res and "model_nll" not in res and "js_lo" not in res
+    for c in range(cube.sizes["checkpoint"]):
+        for layer in range(cube.sizes["layer"]):
+            for view, (na, nb, d, _, n) in _lens_bruteforce(cube, c, layer).items():
+                sel = res.isel(checkpoint=c, layer=layer).sel(view=view)
+                assert float(sel["lens_nll"].sel(condition="A")) == pytest.approx(na)
+                assert float(sel["lens_nll_diff"]) == pytest.approx(d)
+                assert int(sel["targets"]) == n
+
+
+@pytest.mark.parametrize("lazy_cube", [False, True])
+def test_out_of_range_ids_on_token_pairs_are_refused(cube, lazy_cube):
+    ds = cube.copy(deep=True)
+    pairs = token_pairs(ds, "A", "B")
+    ids = ds["expert_ids"].values
+    ids[1, 2, pairs["canonical"][0][3], 0] = 8  # E = 8
+    ids[0, 1, pairs["last_canonical"][1][0], 1] = -5
+    ids[0, 1, pairs["canonical"][1][5], 1] = 99
+    # slots of both views and both sides count; a lazy run names at least the cells of the block that fails first
+    want = r"ids outside -1\.\.7 \(num_experts=8\) at checkpoint" if lazy_cube else \
+        r"ids outside -1\.\.7 \(num_experts=8\) at checkpoint step0, layer 1: 2; checkpoint step100, layer 2: 1"
+    with pytest.raises(ValueError, match=want):
+        analyses.run("divergence", lazy(ds) if lazy_cube else ds, n_boot=5).compute()
+
+
+def test_per_token_vars_broadcasts_and_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = xr.DataArray(rng.random((2, 3, 10, 2)), dims=("checkpoint", "layer", "token", "k"))
+    w = xr.DataArray(rng.random((2, 10)), dims=("checkpoint", "token"))
+    m = xr.DataArray(rng.random(10) > 0.5, dims="token")
+
+    def func(x, w, m):
+        return x.sum(-1) * w[..., 0], np.where(m[..., 0], x[..., 0], 0.0)
+
+    eager = per_token_vars(func, [x, w, m], ("s", "t"), reduce=("k",))
+    lazy_res = per_token_vars(func, [x.chunk({"layer": 1, "token": 4}), w.chunk({"token": 3}), m], ("s", "t"),
+                              reduce=("k",))
+    assert eager["s"].dims == ("checkpoint", "layer", "token") and lazy_res["s"].chunks is not None
+    np.testing.assert_allclose(eager["s"].values, (x.sum("k") * w).transpose(*eager["s"].dims).values)
+    np.testing.assert_array_equal(eager["t"].values, x.isel(k=0).where(m, 0.0).values)
+    xr.testing.assert_allclose(lazy_res.compute(), eager)
