@@ -4,6 +4,27 @@ Importing the package registers every analysis, so ``analyses.REGISTRY`` is
 complete on import. To add one: a module that calls ``register(Analysis(...))``,
 one import line below, and its tests (``tests/test_contract.py`` covers the
 contract for every registered analysis automatically).
+
+How an analysis stays near the speed of a numpy pass
+----------------------------------------------------
+* **One pass over the tokens.** Every per-token quantity an analysis needs is
+  reduced in one fused kernel per (checkpoint, layer, token-chunk) block:
+  :func:`analyses.bootstrap.per_sample_sums` is a single ``np.bincount`` over a
+  combined (row, sample, group...) index, restricted to the samples the block
+  touches, for all variables of a Dataset at once. Overlapping views are
+  passed as a partition (``registry.view_classes``) rather than one masked
+  pass per view.
+* **Small arrays in few chunks.** Per-sample sums come back with the
+  checkpoint/layer blocks merged and chunked along ``sample`` only, so group
+  totals, ratios, tests and figures are a handful of tasks, not one per block.
+* **Bootstrap as BLAS.** Replicates are matrix products of per-sample sums with
+  (boot, sample) draw counts, one per group (:func:`analyses.bootstrap.resample`);
+  the point estimates are the same product with a row of ones.
+* **Token coordinates read once** (``storage.cube.open_routing`` keeps them
+  lazy and cached), factorised by hashing and remembered per array.
+
+``bench/analyses.py`` measures each analysis against one ``np.bincount`` over
+the cube's ids (README there has the figures).
 """
 
 from .registry import (

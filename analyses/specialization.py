@@ -113,30 +113,46 @@ def shuffled_mi(counts: np.ndarray, codes: np.ndarray, *, n_groups: int) -> np.n
 
     Returns
     -------
-    (..., shuffle) float64. One bincount per (leading index, relabelling):
-    O(S·E) each, where a one-hot matrix product would cost O(S·D·E).
+    (..., shuffle) float64. All (relabelling, group) × (leading index, expert)
+    tables come from one sparse product of the relabellings' group
+    memberships (one entry per (relabelling, sample): O(R·S·E) work) with the
+    counts; entries are integers below 2**53, so the tables are exact in any
+    summation order. Relabellings go in blocks to bound the memberships' memory.
     """
+    from scipy.sparse import csc_array
+
     lead = counts.shape[:-2]
     S, E = counts.shape[-2:]
     x = counts.reshape(-1, S, E).astype(np.float64)
-    R = codes.shape[0]
-    out = np.full((x.shape[0], R), np.nan)
-    cells = codes.astype(np.int64)[:, :, None] * E + np.arange(E)  # (shuffle, sample, expert)
-    for g in range(x.shape[0]):
-        for r in range(R):
-            table = np.bincount(cells[r].ravel(), weights=x[g].ravel(), minlength=n_groups * E)
-            out[g, r] = _mi_bits(table.reshape(n_groups, E))
+    G = x.shape[0]
+    codes = np.asarray(codes, dtype=np.int64)
+    R, D = codes.shape[0], int(n_groups)
+    xs = np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(S, G * E)  # (sample, lead·expert)
+    out = np.empty((G, R))
+    block = max(1, _MEMBER_BUDGET // max(S, 1))
+    for r0 in range(0, R, block):
+        c = codes[r0:r0 + block]
+        b = c.shape[0]
+        # column s holds rows r·D + code[r, s], already sorted by r: CSC without a sort
+        rows = (np.arange(b)[:, None] * D + c).T.ravel()
+        member = csc_array((np.ones(b * S), rows, np.arange(S + 1) * b), shape=(b * D, S))
+        tables = (member @ xs).reshape(b, D, G, E)
+        out[:, r0:r0 + b] = _mi_bits(tables.transpose(2, 0, 1, 3))
     return out.reshape(*lead, R)
 
 
-def _mi_bits(table: np.ndarray) -> float:
-    n = table.sum()
-    if n <= 0:
-        return float("nan")
-    p = table / n
-    outer = p.sum(1, keepdims=True) * p.sum(0, keepdims=True)
-    nz = p > 0
-    return float(np.sum(p[nz] * np.log2(p[nz] / outer[nz])))
+_MEMBER_BUDGET = 1 << 22  # (relabelling, sample) entries of one block in shuffled_mi
+
+
+def _mi_bits(table: np.ndarray) -> np.ndarray:
+    """Plug-in MI (bits) of joint count tables (..., group, expert) -> (...); NaN for an empty table."""
+    n = table.sum((-2, -1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = table / n[..., None, None]
+        outer = p.sum(-1, keepdims=True) * p.sum(-2, keepdims=True)
+        nz = p > 0
+        terms = np.where(nz, p * np.log2(np.where(nz, p, 1.0) / np.where(nz, outer, 1.0)), 0.0)
+    return np.where(n > 0, terms.sum((-2, -1)), np.nan)
 
 
 def randomization_test(
@@ -197,13 +213,38 @@ def bh_qvalues(p: xr.DataArray) -> xr.DataArray:
                           dask="parallelized", output_dtypes=[np.float64])
 
 
+# Where a Chernoff–Hoeffding bound exp(−n·D(x ‖ q)) on a binomial tail is below exp(−38) ≈ 3.1e−17 (under
+# half an ulp of 1), the CDF beyond that point rounds to exactly 0 or 1 in float64 (also as 1 − CDF).
+_TAIL_NATS = 38.0
+_BLOCK_CELLS = 1 << 20  # float64 cells of one padded (row, m) block in expected_max_share (8 MiB)
+
+
 def expected_max_share(n: np.ndarray, q: np.ndarray) -> float:
     """Mean over types of E[max_e Binomial(n_t, q_e)] / n_t (experts treated as independent).
 
-    ``n`` (types,) occurrence counts (types with 0 are skipped), ``q`` (E,)
-    per-token selection rates. Loops over the distinct counts only; the
-    expectation Σ_m P(max > m) is summed over a ±12 sd window around n·max q,
-    outside which P(max ≤ m) is 0 or 1 to double precision.
+    Parameters
+    ----------
+    n : (types,) occurrence counts; types with 0 are skipped.
+    q : (E,) per-token selection rates.
+
+    Returns
+    -------
+    float; NaN when no type has an occurrence or a rate is not finite.
+
+    Notes
+    -----
+    Per distinct count n, E[max] = Σ_m P(max > m), summed over a ±12 sd
+    window [lo, hi] around n·max q (P(max > m) taken as 1 below it and 0
+    above it), with P(max ≤ m) = Π_e F_e(m), F_e the binomial CDF.
+    Chernoff–Hoeffding bounds mark what cannot change that sum in float64:
+    below an edge ``a``, P(max ≤ m) ≤ F_max(m) < exp(−38), so the term is
+    exactly 1; from the m where expert e's upper tail drops below exp(−38),
+    F_e(m) is 1 to the last bit and e leaves the product; terms after every
+    expert has left are below E·exp(−38). Each CDF left is SciPy's F_e(a)
+    plus the pmf walked up from a with the ratio (n − m)/(m + 1) · q/(1 − q)
+    and scaled to SciPy's mass of the run (a few ulp instead of one
+    incomplete-beta evaluation per (m, expert)); the product over experts is
+    a sum of logs per (count, m).
     """
     from scipy.stats import binom
 
@@ -213,16 +254,100 @@ def expected_max_share(n: np.ndarray, q: np.ndarray) -> float:
     if n.size == 0 or not np.isfinite(q).all():
         return float("nan")
     qmax = float(q.max())
+    if qmax >= 1.0:
+        return 1.0  # one expert takes every occurrence: the max is n for every type
     values, inverse = np.unique(n, return_inverse=True)
-    share = np.empty(len(values))
-    for i, nv in enumerate(values):
-        sd = np.sqrt(nv * qmax * (1.0 - qmax))
-        lo = int(max(0, np.floor(nv * qmax - 12 * sd - 1)))
-        hi = int(min(nv - 1, np.ceil(nv * qmax + 12 * sd + 1)))
-        m = np.arange(lo, hi + 1)
-        p_le = np.prod(binom.cdf(m[:, None], nv, q[None, :]), axis=1)
-        share[i] = (lo + np.sum(1.0 - p_le)) / nv
+    nf = values.astype(np.float64)
+    sd = np.sqrt(nf * qmax * (1.0 - qmax))
+    lo = np.maximum(0.0, np.floor(nf * qmax - 12 * sd - 1)).astype(np.int64)
+    hi = np.minimum(nf - 1, np.ceil(nf * qmax + 12 * sd + 1)).astype(np.int64)
+
+    def past_lower_edge(m):  # not (P(X_max <= m) < exp(-38))
+        x = m / nf
+        return ~((x < qmax) & (nf * _bernoulli_kl(x, qmax) > _TAIL_NATS))
+
+    def settled(m):  # P(X_e > m) < exp(-38): F_e = 1 from m on
+        x = (m + 1) / nf[:, None]
+        return (x > q) & (nf[:, None] * _bernoulli_kl(x, q) > _TAIL_NATS)
+
+    a = _first_true(past_lower_edge, lo, hi + 1)  # (value,)
+    shape = (len(values), len(q))
+    t = _first_true(settled, np.broadcast_to(a[:, None], shape), np.broadcast_to(hi[:, None] + 1, shape))
+    length = np.maximum(np.minimum(hi + 1, t.max(1)) - a, 0)  # P(max > m) computed for m = a .. a + length - 1
+    above = np.zeros(len(values))  # Σ of those terms
+    vi, ej = np.nonzero(t > a[:, None])  # (value, expert) rows whose CDF is not 1 from a on
+    if vi.size:
+        width = np.minimum(t[vi, ej], hi[vi] + 1) - a[vi]  # a row's m run until its expert settles
+        offset = np.cumsum(length) - length  # flat position of (value, a)
+        log_le = np.zeros(int(length.sum()) + 1)  # Σ_e log F_e(m) per (value, m); the last cell takes padding
+        f0 = binom.cdf(a[vi], values[vi], q[ej])
+        # P(a < X <= last m of the run): the walk is scaled to it (SciPy's pmf is only good to ~1e-12)
+        mass = np.maximum(binom.sf(a[vi], values[vi], q[ej]) - binom.sf(a[vi] + width - 1, values[vi], q[ej]), 0.0)
+        bucket = np.floor(2.0 * np.log2(width)).astype(np.int64)  # widths within √2 share a padded block
+        for key in np.unique(bucket):
+            rows = np.flatnonzero(bucket == key)
+            per = max(1, _BLOCK_CELLS // int(width[rows].max()))
+            for r in np.array_split(rows, -(-rows.size // per)):
+                cdf, inside = _binom_cdf_run(nf[vi[r]], q[ej[r]], a[vi[r]], width[r], f0[r], mass[r])
+                cell = np.where(inside, offset[vi[r]][:, None] + np.arange(cdf.shape[1]), log_le.size - 1)
+                with np.errstate(divide="ignore"):
+                    log_le += np.bincount(cell.ravel(), weights=np.log(cdf).ravel(), minlength=log_le.size)
+        ok = length > 0
+        above[ok] = np.add.reduceat(-np.expm1(log_le[:-1]), offset[ok])
+    share = (a + above) / nf
     return float(np.mean(share[inverse]))
+
+
+def _binom_cdf_run(n, q, start, width, f0, mass):
+    """Binomial CDFs F(m) for m = start .. start + width − 1, one run per row.
+
+    Parameters
+    ----------
+    n, q, start, width : (row,) count, rate, first m and run length.
+    f0, mass : (row,) F(start) and F(last m) − F(start) (from the survival
+        function, which keeps the difference exact to an ulp of 1).
+
+    Returns
+    -------
+    cdf : (row, max width), 1 past a row's run; inside : (row, max width)
+    bool, True within the run. The pmf's shape comes from the ratio
+    pmf(m + 1)/pmf(m) = (n − m)/(m + 1) · q/(1 − q), its scale from ``mass``.
+    """
+    L = int(width.max())
+    col = np.arange(L)
+    m = start[:, None] + col[:-1]  # m = start .. start + L - 2
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ratio = (n[:, None] - m) / (m + 1.0) * (q / (1.0 - q))[:, None]  # pmf(m + 1) / pmf(m)
+    inside = col < width[:, None]
+    ratio = np.where(inside[:, 1:], ratio, 0.0)  # the walk stops at the run's end
+    walk = np.cumsum(np.cumprod(ratio, axis=1), axis=1)  # Σ_{u=1}^{j} pmf(start + u) / pmf(start), j = 1 .. L-1
+    total = walk[:, -1] if L > 1 else np.zeros(len(n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(total > 0, mass / total, 0.0)
+    cdf = np.empty((len(n), L))
+    cdf[:, 0] = f0
+    cdf[:, 1:] = f0[:, None] + scale[:, None] * walk
+    np.minimum(cdf, 1.0, out=cdf)
+    return np.where(inside, cdf, 1.0), inside
+
+
+def _bernoulli_kl(x, q):
+    """D(x ‖ q) in nats between Bernoulli rates, elementwise (inf where x > 0 = q)."""
+    from scipy.special import xlogy
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return xlogy(x, x / q) + xlogy(1.0 - x, (1.0 - x) / (1.0 - q))
+
+
+def _first_true(pred, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Elementwise smallest integer m in [lo, hi) with pred(m), else hi; pred false then true in m."""
+    lo, hi = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
+    while (open_ := lo < hi).any():
+        mid = (lo + hi) // 2
+        hit = pred(mid)
+        hi = np.where(open_ & hit, mid, hi)
+        lo = np.where(open_ & ~hit, mid + 1, lo)
+    return lo
 
 
 def _type_codes(token_ids: np.ndarray, keep: np.ndarray, min_count: int) -> tuple[np.ndarray, int]:
@@ -253,19 +378,10 @@ def vocabulary_specialization(
     value, floor, types : (checkpoint, layer); ``types`` = types with at least
     ``min_count`` routed occurrences at that checkpoint and layer.
     """
-    import flox.xarray
-
-    codes = xr.DataArray(type_codes, dims="token", name="_type")
     if n_types == 0:
         nan = xr.full_like(ids.isel(token=0, k=0, drop=True), np.nan, dtype=np.float64)
         return nan, nan, xr.zeros_like(nan, dtype=np.int64)
-    counts = flox.xarray.xarray_reduce(
-        xr.ones_like(ids, dtype=np.int32), codes, ids.rename("_expert"), func="sum", dim=("token", "k"),
-        expected_groups=(np.arange(n_types), np.arange(E)), fill_value=0,
-    )  # (checkpoint, layer, _type, _expert)
-    routed = (ids >= 0).any("k").astype(np.int32)
-    n = flox.xarray.xarray_reduce(routed, codes, func="sum", dim="token", expected_groups=np.arange(n_types),
-                                  fill_value=0)  # (checkpoint, layer, _type)
+    counts, n = type_counts(ids, type_codes, n_types, E=E)
     ok = n >= min_count
     share = (counts.max("_expert") / n.where(ok)).astype(np.float64)
     value = share.mean("_type", skipna=True)
@@ -279,6 +395,72 @@ def vocabulary_specialization(
         dask="parallelized", output_dtypes=[np.float64],
     )
     return value, floor, ok.sum("_type").astype(np.int64)
+
+
+def type_counts(
+    ids: xr.DataArray, type_codes: np.ndarray, n_types: int, *, E: int
+) -> tuple[xr.DataArray, xr.DataArray]:
+    """Slots per (token type, expert) and routed tokens per type, in one bincount per block.
+
+    Parameters
+    ----------
+    ids : (checkpoint, layer, token, k) expert ids; ids outside 0..E-1 are not counted.
+    type_codes : (token,) type of each token in 0..n_types-1, -1 for tokens not counted.
+    n_types : number of type codes.
+
+    Returns
+    -------
+    counts : (checkpoint, layer, _type, _expert) int64 slots.
+    n : (checkpoint, layer, _type) int64 tokens with at least one counted slot.
+    Lazy (one task per block, summed over token blocks) when ``ids`` is.
+    """
+    ids = ids.transpose(..., "token", "k")
+    template = ids.isel(token=0, k=0, drop=True)
+    size = n_types * (E + 1)  # n_types·E (type, expert) cells, then n_types routed-token cells
+    codes = np.asarray(type_codes, dtype=np.int64)
+    data = ids.data
+    if isinstance(data, np.ndarray):
+        flat = _type_counts_block(data, codes, n_types=n_types, E=E)[..., 0, :]
+    else:
+        import dask.array as da
+
+        nd = data.ndim
+        lead = tuple(range(nd - 2))
+        parts = da.blockwise(
+            _type_counts_block, lead + (nd - 2, nd), data, lead + (nd - 2, nd - 1),
+            da.from_array(codes, chunks=(data.chunks[-2],)), (nd - 2,), new_axes={nd: size},
+            adjust_chunks={nd - 2: 1}, concatenate=True, dtype=np.int64, n_types=n_types, E=E,
+        )
+        flat = parts.sum(axis=nd - 2)
+    shape = template.shape
+    counts = xr.DataArray(flat[..., : n_types * E].reshape(*shape, n_types, E),
+                          dims=(*template.dims, "_type", "_expert"), coords=template.coords)
+    n = xr.DataArray(flat[..., n_types * E:], dims=(*template.dims, "_type"), coords=template.coords)
+    return counts, n
+
+
+def _type_counts_block(ids: np.ndarray, codes: np.ndarray, *, n_types: int, E: int) -> np.ndarray:
+    """(..., token, k) ids and (token,) type codes -> (..., 1, n_types·(E + 1)) counts (see type_counts).
+
+    One bincount per rank k (a handful): 2-D temporaries only, uncounted slots go to a spare last cell.
+    """
+    size = n_types * (E + 1)
+    lead = ids.shape[:-2]
+    x = ids.reshape(-1, *ids.shape[-2:])  # (lead, token, k)
+    G = x.shape[0]
+    spare = G * size
+    typed = codes >= 0
+    base = (np.arange(G, dtype=np.int64) * size)[:, None] + codes * E  # (lead, token): cell of (type, expert 0)
+    out = np.zeros(spare + 1, dtype=np.int64)
+    routed = np.zeros(x.shape[:2], dtype=bool)
+    for j in range(x.shape[-1]):
+        xj = x[..., j]
+        ok = (xj >= 0) & (xj < E) & typed
+        routed |= ok
+        out += np.bincount(np.where(ok, base + xj, spare).ravel(), minlength=spare + 1)
+    # the routed-token cell of type c is n_types·E + c = base − c·E + n_types·E + c within the block
+    out += np.bincount(np.where(routed, base + n_types * E + codes * (1 - E), spare).ravel(), minlength=spare + 1)
+    return out[:spare].reshape(*lead, 1, size)
 
 
 def next_token_ids(routing: xr.Dataset) -> np.ndarray:
@@ -381,7 +563,7 @@ def specialization(
         dims=("shuffle", "sample"),
     )
     mi_shuf = xr.apply_ufunc(
-        shuffled_mi, top1_s.drop_vars("sample"), perms, kwargs={"n_groups": len(labels)},
+        shuffled_mi, _one_sample_chunk(top1_s.drop_vars("sample")), perms, kwargs={"n_groups": len(labels)},
         input_core_dims=[["sample", "expert"], ["shuffle", "sample"]], output_core_dims=[["shuffle"]],
         dask="parallelized", output_dtypes=[np.float64],
     )
@@ -696,3 +878,8 @@ ANALYSIS = register(
         summary=summary,
     )
 )
+
+
+def _one_sample_chunk(obj: xr.DataArray) -> xr.DataArray:
+    """``obj`` in one chunk along ``sample`` (per-sample sums come chunked along it)."""
+    return obj.chunk({"sample": -1}) if obj.chunks is not None else obj
