@@ -16,8 +16,11 @@ bincounts over flattened indices, no loop over tokens). On dask every
 (``dask.array.overlap`` with a right-only depth) and counts the pairs that
 *start* in it, so a sample split by a token chunk keeps each pair exactly once
 and chunking never changes a result; the ``sample`` coordinate says whether
-t and t+m share a sample. Confidence intervals resample samples (the sample of
-token t owns the pair).
+t and t+m share a sample. A block returns the sums of only the samples it
+touches. Confidence intervals resample samples (the sample of token t owns the
+pair): per (checkpoint, layer) the per-sample sums are turned into bootstrap
+replicates by one matrix product with the weights, inside the graph, so only
+(checkpoint, layer, [lag,] boot) replicates leave it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import xarray as xr
 from storage.schema import FILL_ID
 
 from . import plotting
-from .bootstrap import add_interval, bootstrap_weights, interval, resample, sample_index
+from .bootstrap import add_interval, bootstrap_weights, interval, sample_index
 from .registry import (
     Analysis,
     attach_guard,
@@ -49,6 +52,8 @@ from .registry import (
 )
 
 NAME = "temporal"
+PAIR_STATS = ("top1_pairs", "top1_repeats", "set_pairs", "set_repeats")
+PIECE = 1 << 16  # (leading × token) cells the kernel handles at a time: cache-sized
 
 
 def set_repeat_chance(num_experts: int, top_k: int) -> float:
@@ -57,27 +62,66 @@ def set_repeat_chance(num_experts: int, top_k: int) -> float:
 
 
 def _pearson(n, sx, sy, sxy):
-    """Pearson r of two binary series from their pair count and sums (NaN when either is constant)."""
+    """Pearson r of two binary series from their pair count and sums (NaN when either is constant).
+
+    Takes DataArrays (point estimate) or broadcastable numpy arrays (bootstrap replicates).
+    """
     cov = n * sxy - sx * sy
     var = (n * sx - sx**2) * (n * sy - sy**2)
-    return cov / np.sqrt(var.where(var > 0))
+    var = var.where(var > 0) if isinstance(var, xr.DataArray) else np.where(var > 0, var, np.nan)
+    return cov / np.sqrt(var)
 
 
-def _resample(per_sample: xr.Dataset, weights: np.ndarray) -> xr.Dataset:
-    # resample() is a dot product, which xarray offers for DataArrays only
-    return per_sample.map(lambda v: resample(v, weights))
+def _columns(E: int, M: int) -> dict[str, slice]:
+    """Columns of the per-sample sums: the 4 :data:`PAIR_STATS`, n (M), sx, sy, sxy (M·E each, lag-major)."""
+    sizes = {"pairs": 4, "n": M, "sx": M * E, "sy": M * E, "sxy": M * E}
+    ends = np.cumsum(list(sizes.values()))
+    return {name: slice(int(end - size), int(end)) for (name, size), end in zip(sizes.items(), ends)}
 
 
 def _layout(E: int, S: int, M: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of the statistics packed (in this order) into one int64 vector per (checkpoint, layer)."""
-    return {
-        "pairs": (4, S),  # top1_pairs, top1_repeats, set_pairs, set_repeats per sample
-        "transition": (E, E),
-        "n": (M, S),
-        "sx": (M, E, S),
-        "sy": (M, E, S),
-        "sxy": (M, E, S),
-    }
+    """Shapes of the sums packed (in this order) into one int64 vector per (checkpoint, layer).
+
+    ``per_sample`` is sample-major, (S, R) with the columns of :func:`_columns`,
+    so that one matrix product with the (boot, sample) weights resamples all of it.
+    A block's local sums have the same layout with S = the samples it touches.
+    """
+    return {"transition": (E, E), "bad": (1,), "per_sample": (S, _columns(E, M)["sxy"].stop)}
+
+
+def _size(E: int, S: int, M: int) -> int:
+    """Length P of the packed sums of S samples."""
+    return sum(int(np.prod(shp)) for shp in _layout(E, S, M).values())
+
+
+def _unpack(packed: np.ndarray, E: int, S: int, M: int) -> dict[str, np.ndarray]:
+    """Views (..., *shape) of the parts of packed sums (..., P), per :func:`_layout`.
+
+    Writable views when ``packed`` is C-contiguous (splitting its last axis
+    never copies): :func:`local_pair_stats` fills the packed vector through them.
+    """
+    out, offset = {}, 0
+    for name, shp in _layout(E, S, M).items():
+        size = int(np.prod(shp))
+        out[name] = packed[..., offset:offset + size].reshape(packed.shape[:-1] + shp)
+        offset += size
+    return out
+
+
+def _sample_range(sample: np.ndarray) -> tuple[int, int]:
+    """(first, count) of the sample codes from min(sample) to max(sample); (0, 0) without tokens."""
+    if len(sample) == 0:
+        return 0, 0
+    first = int(np.min(sample))
+    return first, int(np.max(sample)) - first + 1
+
+
+def _place(dense: np.ndarray, local: np.ndarray, first: int, count: int, *, E: int, S: int, M: int) -> None:
+    """Add local sums (..., P_local) of samples first .. first + count - 1 into dense sums (..., P) of all S."""
+    d, part = _unpack(dense, E, S, M), _unpack(local, E, count, M)
+    d["transition"] += part["transition"]
+    d["bad"] += part["bad"]
+    d["per_sample"][..., first:first + count, :] += part["per_sample"]
 
 
 def pair_stats(ids: np.ndarray, sample: np.ndarray, n_core: int, *, E: int, S: int, M: int) -> np.ndarray:
@@ -94,106 +138,327 @@ def pair_stats(ids: np.ndarray, sample: np.ndarray, n_core: int, *, E: int, S: i
 
     Returns
     -------
-    int64 (..., P): the arrays of :func:`_layout`, raveled and concatenated.
-    Every count is a bincount over a flattened (leading, sample[, expert])
-    index; the only Python loop is over the M lags.
+    int64 (..., P): the arrays of :func:`_layout`, raveled and concatenated:
+    transition (E, E) of adjacent top-1 pairs; bad (1): slots of the core
+    tokens with an id outside -1..E-1; per_sample (S, R): per sample of the
+    first token, the adjacent-pair counts, and per lag m the pair count n and
+    the sums sx = Σ[e ∈ S_t], sy = Σ[e ∈ S_(t+m)], sxy = Σ[e ∈ both] (a slot
+    is counted with its multiplicity). Samples the block does not touch hold 0
+    (:func:`local_pair_stats` leaves them out).
+    """
+    first, count = _sample_range(np.asarray(sample))
+    local = local_pair_stats(ids, sample, n_core, E=E, M=M)
+    if (first, count) == (0, S):
+        return local
+    dense = np.zeros(local.shape[:-1] + (_size(E, S, M),), dtype=np.int64)
+    _place(dense, local, first, count, E=E, S=S, M=M)
+    return dense
+
+
+def local_pair_stats(ids: np.ndarray, sample: np.ndarray, n_core: int, *, E: int, M: int) -> np.ndarray:
+    """:func:`pair_stats` over only the samples the block touches.
+
+    Returns
+    -------
+    int64 (..., P_local): the :func:`_layout` of ``count`` samples, the codes
+    ``first .. first + count - 1`` of :func:`_sample_range` (sample).
+
+    The block is counted in pieces of :data:`PIECE` (leading × token) cells
+    (each with its own M-token look-ahead, as the dask blocks), by
+    :func:`_add_pair_sums`.
     """
     lead = ids.shape[:-2]
     T, K = ids.shape[-2:]
     G = int(np.prod(lead, dtype=np.int64))
-    ids = ids.reshape(G, T, K).astype(np.int64)
-    ids = np.where((ids >= 0) & (ids < E), ids, -1)
     sample = np.asarray(sample, dtype=np.int64)
-    valid = (ids >= 0).any(-1)
-    g = np.arange(G, dtype=np.int64)[:, None]
-    shapes = _layout(E, S, M)
-    out = {name: np.zeros((G, *shp), dtype=np.int64) for name, shp in shapes.items()}
-
-    def count(index, keep, size):
-        return np.bincount(index[keep], minlength=G * size).reshape(G, size)
-
-    for m in range(1, M + 1):
-        t = np.arange(min(n_core, max(T - m, 0)))
-        u = t + m
-        same = sample[t] == sample[u]
-        pv = valid[:, t] & valid[:, u] & same  # (G, n): a within-sample pair, both written
-        base = g * S + sample[t]  # (G, n) flat (leading, sample) index
-        it, iu = ids[:, t, :], ids[:, u, :]  # (G, n, K)
-        shared = (it[..., :, None] == iu[..., None, :]).any(-1) & (it >= 0)  # slot of t also in S_(t+m)
-        out["n"][:, m - 1] = count(base, pv, S)
-        for name, codes, keep in (
-            ("sx", it, pv[..., None] & (it >= 0)),
-            ("sy", iu, pv[..., None] & (iu >= 0)),
-            ("sxy", it, pv[..., None] & shared),
-        ):
-            flat = base[..., None] * E + codes
-            out[name][:, m - 1] = count(flat, keep, S * E).reshape(G, S, E).transpose(0, 2, 1)
-        if m == 1:
-            a, b = it[..., 0], iu[..., 0]
-            p1 = same & (a >= 0) & (b >= 0)
-            out["pairs"][:, 0] = count(base, p1, S)
-            out["pairs"][:, 1] = count(base, p1 & (a == b), S)
-            out["pairs"][:, 2] = out["n"][:, 0]
-            out["pairs"][:, 3] = count(base, pv & shared.any(-1), S)
-            out["transition"][:] = count((g * E + a) * E + b, p1, E * E).reshape(G, E, E)
-    packed = np.concatenate([out[name].reshape(G, -1) for name in shapes], axis=1)
+    first, count = _sample_range(sample)
+    packed = np.zeros((G, _size(E, count, M)), dtype=np.int64)
+    out = _unpack(packed, E, count, M)
+    n_core = int(min(max(n_core, 0), T))
+    raw = np.asarray(ids).reshape(G, T, K)
+    core = raw[:, :n_core]
+    out["bad"][:, 0] = ((core < FILL_ID) | (core >= E)).sum((1, 2))
+    if K == 0:
+        return packed.reshape(*lead, -1)
+    sample = sample - first
+    # Pieces of the block with the same look-ahead rule as the dask blocks: a
+    # piece's index arrays and bincounts stay in cache across the M lags.
+    step = max(PIECE // max(G, 1), 1)  # tokens per piece
+    for lo in range(0, n_core, step):
+        hi = min(lo + step, n_core)
+        _add_pair_sums(out, raw[:, lo:hi + M], sample[lo:hi + M], hi - lo, E=E, M=M)
+    ps = out["per_sample"]
+    ps[..., 2] = ps[..., _columns(E, M)["n"].start]  # set pairs: both tokens written, i.e. the lag-1 pairs
     return packed.reshape(*lead, -1)
 
 
-def _block_stats(ids, sample, index, *, T, E, S, M):
+def _add_pair_sums(out: dict[str, np.ndarray], raw: np.ndarray, sample: np.ndarray, n_core: int, *, E: int, M: int):
+    """Add the sums of the pairs starting at the first ``n_core`` of T tokens to ``out`` (:func:`pair_stats`).
+
+    raw : (G, T, k) expert ids; sample : (T,) int64 sample codes, counted
+    from the block's first sample (the rows of ``out["per_sample"]``); out :
+    the (G, ...) views of :func:`_unpack`, updated in place.
+
+    Every count is a bincount over a flattened (leading, sample[, expert])
+    index sized to the samples these tokens touch. Per lag, sx, n and sy are
+    the sums over all written tokens minus those of the tokens without a
+    partner at that lag (sample ends, unwritten partners: few), so only the
+    shared slots (sxy) take a full pass.
+    """
+    G, T, K = raw.shape
+    cols = _columns(E, M)
+    s0 = int(sample.min())
+    n_local = int(sample.max()) - s0 + 1  # the tokens touch samples s0 .. s0 + n_local - 1 only
+    local = slice(s0, s0 + n_local)
+    base = np.arange(G, dtype=np.int64)[:, None] * n_local + (sample - s0)  # (G, T) flat (leading, sample)
+    # Every bincount has two bins per cell, 2·cell + flag: a flag selects the
+    # slots counted (a select costs more than the add that builds the index).
+    # Slot cells are (leading, sample, 1 + E), cell 0 of each (leading, sample)
+    # taking the unwritten slots, so no index needs masking either.
+    e1 = E + 1
+    n_tok, n_slot = G * n_local, G * n_local * e1
+    idt = np.int16 if E < 2**14 else np.int64
+    slots = [np.where((r >= 0) & (r < E), r, -1).astype(idt) for r in np.moveaxis(raw, -1, 0)]  # (G, T) each
+    written = [s >= 0 for s in slots]
+    # the second token of a pair marks unwritten slots -2, so they never match the first's -1
+    slots_u = [np.where(w, s, -2).astype(idt) for s, w in zip(slots, written)]
+    valid = np.logical_or.reduce(written)  # (G, T) the token has a written slot
+    tok2 = 2 * base  # (G, T) token index, flag 0
+    cell = 2 * (base * e1 + 1)
+    codes2 = [cell + 2 * s for s in slots]  # (G, T) slot index, flag 0
+    del cell
+    scratch = np.empty(G * T, dtype=np.int64)
+
+    def per_token(index, flag=1):
+        return np.bincount(index.ravel(), minlength=2 * n_tok).reshape(G, n_local, 2)[..., flag]
+
+    def per_slot(parts, flag=0):
+        total = sum(np.bincount(p.ravel(), minlength=2 * n_slot) for p in parts)
+        return total.reshape(G, n_local, e1, 2)[:, :, 1:, flag]
+
+    def at(*parts):  # (leading, token) where the (G, n) masks starting at token lo are True
+        flat = [(np.flatnonzero(mask), mask.shape[1], lo) for mask, lo in parts]
+        return (np.concatenate([f // n for f, n, _ in flat]), np.concatenate([f % n + lo for f, n, lo in flat]))
+
+    def lag_cols(name, m):
+        return slice(cols[name].start + (m - 1) * E, cols[name].start + m * E)
+
+    ps = out["per_sample"]
+    slots_all = per_slot(codes2)
+    tok_all = per_token(tok2 + valid)
+    for m in range(1, M + 1):
+        nm = min(n_core, max(T - m, 0))  # pairs start at t < nm
+        if nm == 0:
+            continue
+        t, u = slice(0, nm), slice(m, m + nm)
+        same = sample[t] == sample[u]
+        pair = valid[:, t] & valid[:, u]
+        pair &= same  # (G, nm) both tokens written, one sample
+        # n, sx, sy: every written token, minus the (few) written ones without a partner at this lag
+        gi, ti = at((valid[:, t] ^ pair, 0), (valid[:, nm:], nm))
+        ps[:, local, cols["n"].start + m - 1] += tok_all - per_token(tok2[gi, ti], flag=0)
+        ps[:, local, lag_cols("sx", m)] += slots_all - per_slot([c[gi, ti] for c in codes2])
+        gi, ui = at((valid[:, u] ^ pair, m), (valid[:, :m], 0), (valid[:, m + nm:], m + nm))
+        ps[:, local, lag_cols("sy", m)] += slots_all - per_slot([c[gi, ui] for c in codes2])
+        # sxy: a slot of t whose expert is also in S_(t+m)
+        hits = []
+        for j in range(K):
+            a = slots[j][:, t]
+            hit = a == slots_u[0][:, u]
+            for i in range(1, K):
+                hit |= a == slots_u[i][:, u]
+            hit &= same
+            hits.append(hit)
+        buf = scratch[: G * nm].reshape(G, nm)
+        flagged = (np.add(c[:, t], h, out=buf) for c, h in zip(codes2, hits))
+        ps[:, local, lag_cols("sxy", m)] += per_slot(flagged, flag=1)
+        if m == 1:
+            a = slots[0][:, t]
+            top1 = written[0][:, t] & written[0][:, u] & same
+            bt = tok2[:, t]
+            ps[:, local, 0] += per_token(bt + top1)
+            ps[:, local, 1] += per_token(bt + ((a == slots_u[0][:, u]) & same))
+            ps[:, local, 3] += per_token(bt + np.logical_or.reduce(hits))
+            cells = (np.arange(G, dtype=np.int64)[:, None] * E + a) * E + slots[0][:, u] + 1  # 0: not a pair
+            out["transition"] += np.bincount((cells * top1).ravel(), minlength=G * E * E + 1)[1:].reshape(G, E, E)
+
+
+def _block_stats(ids, sample, index, *, E, M, last_start):
     # A block that is not the last one carries the next block's first M tokens
     # as look-ahead (dask overlap, right side only); pairs start in its core.
-    n_core = ids.shape[-2] if (index.size == 0 or index[-1] == T - 1) else ids.shape[-2] - M
-    return pair_stats(ids, sample, n_core, E=E, S=S, M=M)[:, :, None, :]
+    # The last block is told by where it starts: its predecessor's look-ahead
+    # may reach the end of the tokens too (a last chunk shorter than M).
+    last = index.size == 0 or index[0] == last_start
+    n_core = ids.shape[-2] if last else ids.shape[-2] - M
+    return local_pair_stats(ids, sample, n_core, E=E, M=M)
 
 
-def _pair_sums(ids: xr.DataArray, sample: np.ndarray, *, E: int, S: int, M: int) -> xr.Dataset:
-    """All pair sums of the cube, unpacked: Dataset of (checkpoint, layer, ...) arrays.
+def _assemble(blocks, *, E, S, M, ranges):
+    # blocks (..., Σ P_local): the local sums of a row of token blocks, one
+    # after the other; ranges: (first, count) of each block's samples.
+    if ranges == ((0, S),):  # one block touching every sample: already dense
+        return blocks
+    dense = np.zeros(blocks.shape[:-1] + (_size(E, S, M),), dtype=np.int64)
+    offset = 0
+    for first, count in ranges:
+        size = _size(E, count, M)
+        _place(dense, blocks[..., offset:offset + size], first, count, E=E, S=S, M=M)
+        offset += size
+    return dense
+
+
+def _totals(packed: np.ndarray, *, E: int, S: int, M: int) -> np.ndarray:
+    """Packed sums (..., P) → int64 (..., E·E + 1 + R): transition, bad, per_sample summed over samples."""
+    parts = _unpack(packed, E, S, M)
+    lead = packed.shape[:-1]
+    return np.concatenate(
+        [parts["transition"].reshape(*lead, E * E), parts["bad"], parts["per_sample"].sum(-2)], axis=-1
+    )
+
+
+def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:
+    """Mean over ``axis`` skipping NaN (NaN, without a warning, where every value is NaN), as xarray's skipna."""
+    ok = ~np.isnan(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, x, 0.0).sum(axis) / ok.sum(axis)
+
+
+def _replicates(packed: np.ndarray, weights: np.ndarray, *, E: int, S: int, M: int) -> np.ndarray:
+    """Bootstrap replicates of the ratio statistics from packed sums.
+
+    Parameters
+    ----------
+    packed : (..., P) int64 sums of :func:`pair_stats` (all token blocks added).
+    weights : (boot, sample) float64 bootstrap counts.
+
+    Returns
+    -------
+    float64 (..., 2 + M, boot): top1_repeat, set_repeat, autocorrelation_mean at
+    lags 1..M of each replicate (NaN where undefined).
+    """
+    cols = _columns(E, M)
+    x = _unpack(packed, E, S, M)["per_sample"]  # (..., S, R)
+    # One product resamples every column. Its terms are integers, so every
+    # partial sum is exact while it stays below 2**24 (float32) or 2**53
+    # (float64); |partial sum| <= max row sum of weights · max |x|.
+    bound = float(np.abs(weights).sum(-1).max()) * float(max(x.max(initial=0), -x.min(initial=0)))
+    dtype = np.float32 if bound < 2**24 else np.float64
+    reps = np.matmul(weights.astype(dtype), x.astype(dtype))  # (..., B, R)
+    # (R, boot) contiguous keeps boot last, so the mean over experts adds
+    # them in the order xarray's skipna mean over (..., expert, boot) does
+    reps = np.ascontiguousarray(np.swapaxes(reps, -1, -2), dtype=np.float64)  # (..., R, B)
+    lead, B = reps.shape[:-2], reps.shape[-1]
+
+    def ratio(num, den):
+        return num / np.where(den != 0, den, np.nan)
+
+    top1 = ratio(reps[..., 1, :], reps[..., 0, :])
+    sets = ratio(reps[..., 3, :], reps[..., 2, :])
+    n = reps[..., cols["n"], :][..., None, :]  # (..., M, 1, B)
+    sx, sy, sxy = (reps[..., cols[v], :].reshape(*lead, M, E, B) for v in ("sx", "sy", "sxy"))
+    ac = _nanmean(_pearson(n, sx, sy, sxy), axis=-2)  # (..., M, B)
+    return np.concatenate([top1[..., None, :], sets[..., None, :], ac], axis=-2)
+
+
+def _pair_sums(
+    ids: xr.DataArray, sample: np.ndarray, *, E: int, S: int, M: int, weights: np.ndarray | None
+) -> tuple[xr.Dataset, xr.Dataset | None]:
+    """Pair sums over all samples, and their bootstrap replicates.
 
     In memory: one call of :func:`pair_stats`. On dask: each (checkpoint,
     layer, token) block gets the next M tokens appended (``overlap`` with a
-    right-only depth), is reduced to packed sums, and the blocks are added
+    right-only depth) and is reduced to the sums of the samples it touches
+    (:func:`local_pair_stats`); one task per (checkpoint, layer) adds them
     up, so a sample split across token chunks keeps every pair exactly once.
+    Each (checkpoint, layer) is then reduced to totals and bootstrap
+    replicates, and those (small) are gathered into one chunk.
+
+    Returns
+    -------
+    totals : Dataset, int64: top1_pairs, top1_repeats, set_pairs, set_repeats,
+        bad (checkpoint, layer); transition (checkpoint, layer, expert,
+        expert_next); n (checkpoint, layer, lag); sx, sy, sxy (checkpoint,
+        layer, lag, expert).
+    reps : Dataset, float64, or None without ``weights``: top1_repeat,
+        set_repeat (checkpoint, layer, boot); autocorrelation_mean
+        (checkpoint, layer, lag, boot).
     """
     ids = ids.transpose("checkpoint", "layer", "token", "k")
     T = ids.sizes["token"]
-    shapes = _layout(E, S, M)
+    Q = E * E + 1 + _columns(E, M)["sxy"].stop
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
     if ids.chunks is None:
         packed = pair_stats(ids.values, sample, T, E=E, S=S, M=M)
+        tot = _totals(packed, E=E, S=S, M=M)
+        rep = None if weights is None else _replicates(packed, weights, E=E, S=S, M=M)
     else:
         import dask.array as da
 
         data = ids.data
         tchunks = data.chunks[2]
-        s_ext = da.overlap.overlap(da.from_array(sample, chunks=(tchunks,)), depth={0: (0, M)}, boundary="none")
-        i_ext = da.overlap.overlap(da.arange(T, chunks=(tchunks,)), depth={0: (0, M)}, boundary="none")
-        d_ext = da.overlap.overlap(data, depth={2: (0, M)}, boundary="none")
+        s_ext, i_ext, d_ext = da.from_array(sample, chunks=(tchunks,)), da.arange(T, chunks=(tchunks,)), data
+        if len(tchunks) > 1:  # one token chunk needs no look-ahead
+            s_ext = da.overlap.overlap(s_ext, depth={0: (0, M)}, boundary="none")
+            i_ext = da.overlap.overlap(i_ext, depth={0: (0, M)}, boundary="none")
+            d_ext = da.overlap.overlap(d_ext, depth={2: (0, M)}, boundary="none")
         if d_ext.chunks[2] != s_ext.chunks[0]:  # both see the same rechunking; refuse to pair misaligned blocks
             raise ValueError("temporal: token chunks of expert_ids and of the sample coordinate disagree")
-        P = sum(int(np.prod(shp)) for shp in shapes.values())
+        # Each block yields the sums of only the samples it touches (known
+        # now from the sample codes), so no block carries all S samples; one
+        # task per (checkpoint, layer) then places them.
+        ext = d_ext.chunks[2]
+        starts = np.concatenate([[0], np.cumsum([c - M for c in ext[:-1]])]).astype(int)
+        if starts[-1] + ext[-1] != T:  # every block but the last must carry exactly M look-ahead tokens
+            raise ValueError(f"temporal: unexpected look-ahead blocks {ext} for {T} tokens and max_lag={M}")
+        ranges = tuple(_sample_range(sample[a:a + c]) for a, c in zip(starts, ext))
         blocks = da.blockwise(
-            _block_stats, "cltp", d_ext, "cltk", s_ext, "t", i_ext, "t",
-            new_axes={"p": P}, adjust_chunks={"t": 1}, concatenate=True, dtype=np.int64,
-            meta=np.empty((0, 0, 0, 0), dtype=np.int64), T=T, E=E, S=S, M=M,
+            _block_stats, "clt", d_ext, "cltk", s_ext, "t", i_ext, "t",
+            adjust_chunks={"t": tuple(_size(E, count, M) for _, count in ranges)}, concatenate=True,
+            dtype=np.int64, meta=np.empty((0, 0, 0), dtype=np.int64), E=E, M=M, last_start=T - ext[-1],
         )
-        packed = blocks.sum(axis=2)
+        packed = da.blockwise(
+            _assemble, "clp", blocks, "clt", new_axes={"p": _size(E, S, M)}, concatenate=True, dtype=np.int64,
+            meta=np.empty((0, 0, 0), dtype=np.int64), E=E, S=S, M=M, ranges=ranges,
+        )
+        tot = packed.map_blocks(
+            _totals, chunks=packed.chunks[:2] + ((Q,),), dtype=np.int64, meta=np.empty((0, 0, 0), dtype=np.int64),
+            E=E, S=S, M=M,
+        ).rechunk({0: -1, 1: -1})
+        rep = None
+        if weights is not None:
+            w = da.from_array(weights, chunks=weights.shape)
+            rep = da.blockwise(
+                _replicates, "clrb", packed, "clp", w, "bs", new_axes={"r": 2 + M}, concatenate=True,
+                dtype=np.float64, meta=np.empty((0, 0, 0, 0), dtype=np.float64), E=E, S=S, M=M,
+            ).rechunk({0: -1, 1: -1})
     lead = ("checkpoint", "layer")
-    dims = {
-        "pairs": ("stat", "sample"),
-        "transition": ("expert", "expert_next"),
-        "n": ("lag", "sample"),
-        "sx": ("lag", "expert", "sample"),
-        "sy": ("lag", "expert", "sample"),
-        "sxy": ("lag", "expert", "sample"),
-    }
-    out, offset = {}, 0
-    for name, shp in shapes.items():
-        size = int(np.prod(shp))
-        part = packed[:, :, offset:offset + size].reshape(packed.shape[:2] + shp)
-        out[name] = xr.Variable(lead + dims[name], part)
-        offset += size
-    ds = xr.Dataset(out, coords={c: ids[c] for c in lead})
-    return ds
+    coords = {c: ids[c] for c in lead}
+    cols = _columns(E, M)
+    shape = tot.shape[:2]
+
+    def part(start, stop, shp, dims):
+        return xr.Variable(lead + dims, tot[:, :, start:stop].reshape(shape + shp))
+
+    off = E * E + 1
+    out = {name: part(off + i, off + i + 1, (), ()) for i, name in enumerate(PAIR_STATS)}
+    out["transition"] = part(0, E * E, (E, E), ("expert", "expert_next"))
+    out["bad"] = part(E * E, E * E + 1, (), ())
+    out["n"] = part(off + cols["n"].start, off + cols["n"].stop, (M,), ("lag",))
+    for name in ("sx", "sy", "sxy"):
+        out[name] = part(off + cols[name].start, off + cols[name].stop, (M, E), ("lag", "expert"))
+    totals = xr.Dataset(out, coords=coords)
+    if rep is None:
+        return totals, None
+    reps = xr.Dataset(
+        {
+            "top1_repeat": xr.Variable(lead + ("boot",), rep[:, :, 0]),
+            "set_repeat": xr.Variable(lead + ("boot",), rep[:, :, 1]),
+            "autocorrelation_mean": xr.Variable(lead + ("lag", "boot"), rep[:, :, 2:]),
+        },
+        coords=coords,
+    )
+    return totals, reps
 
 
 def temporal(
@@ -233,20 +498,18 @@ def temporal(
     ids = routed_ids(routing)
     codes, sample_ids = sample_index(routing)
     S = len(sample_ids)
-    sums = _pair_sums(ids, codes.values, E=E, S=S, M=max_lag)
-    sums = sums.assign_coords(
-        sample=("sample", sample_ids), lag=("lag", np.arange(1, max_lag + 1, dtype=np.int32)),
-        expert=("expert", np.arange(E, dtype=np.int32)), expert_next=("expert_next", np.arange(E, dtype=np.int32)),
+    weights = bootstrap_weights(S, n_boot, seed) if n_boot > 0 else None
+    totals, reps = _pair_sums(ids, codes.values, E=E, S=S, M=max_lag, weights=weights)
+    lag_coords = {"lag": ("lag", np.arange(1, max_lag + 1, dtype=np.int32))}
+    totals = totals.assign_coords(
+        lag_coords | {"expert": ("expert", np.arange(E, dtype=np.int32)),
+                      "expert_next": ("expert_next", np.arange(E, dtype=np.int32))}
     )
-    stats = ["top1_pairs", "top1_repeats", "set_pairs", "set_repeats"]
-    per_sample = xr.Dataset({name: sums["pairs"].isel(stat=i, drop=True) for i, name in enumerate(stats)})
-    totals = per_sample.sum("sample")
-    trans = sums["transition"]
+    trans = totals["transition"]
     n_pairs = trans.sum(("expert", "expert_next"))
     independent = (trans.sum("expert_next") * trans.sum("expert").rename(expert_next="expert")).sum("expert")
     independent = safe_ratio(independent, n_pairs**2)
-    ac_sample = sums[["n", "sx", "sy", "sxy"]]
-    ac = ac_sample.sum("sample").astype(np.float64)
+    ac = totals[["n", "sx", "sy", "sxy"]].astype(np.float64)
     autocorr = _pearson(ac["n"], ac["sx"], ac["sy"], ac["sxy"]).transpose("checkpoint", "layer", "lag", "expert")
 
     chance_set = set_repeat_chance(E, k)
@@ -291,23 +554,16 @@ def temporal(
             nan_where="no expert has a defined autocorrelation at this lag",
         ),
     }
-    if n_boot > 0:
-        weights = bootstrap_weights(per_sample.sizes["sample"], n_boot, seed)
-        reps = _resample(per_sample, weights)
+    if reps is not None:
+        reps = reps.assign_coords(lag_coords)
         scheme = "resampling samples (not tokens); a pair belongs to the sample of its first token"
-        for name, num, den in (("top1_repeat", "top1_repeats", "top1_pairs"),
-                               ("set_repeat", "set_repeats", "set_pairs")):
-            lo, hi = interval(reps[num] / reps[den].where(reps[den] != 0), ci)
+        for name in ("top1_repeat", "set_repeat", "autocorrelation_mean"):
+            lo, hi = interval(reps[name], ci)
             add_interval(out, name, lo, hi, ci=ci, n_boot=n_boot, scheme=scheme)
-        acr = _resample(ac_sample, weights).astype(np.float64)
-        mean_reps = _pearson(acr["n"], acr["sx"], acr["sy"], acr["sxy"]).mean("expert", skipna=True)
-        lo, hi = interval(mean_reps, ci)
-        add_interval(out, "autocorrelation_mean", lo, hi, ci=ci, n_boot=n_boot, scheme=scheme)
     result = xr.Dataset(out)
 
-    bad = ((ids >= E) | (ids < FILL_ID)).sum(("token", "k"))
-    result = attach_guard(result, refuse_if(bad, f"temporal: expert_ids has slots with ids outside -1..{E - 1} "
-                                                 f"(num_experts={E})"))
+    result = attach_guard(result, refuse_if(totals["bad"], f"temporal: expert_ids has slots with ids outside "
+                                                           f"-1..{E - 1} (num_experts={E})"))
     return finalise(
         result, routing, name=NAME,
         definition="over token pairs (t, t+m) of the same sample, both written: top1_repeat = "

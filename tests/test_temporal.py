@@ -12,6 +12,7 @@ import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from analyses import temporal as temporal_module
 from analyses.temporal import pair_stats, set_repeat_chance, temporal
 from conftest import punch_holes, small_cube
 from storage.schema import FILL_ID, mock_cube
@@ -132,6 +133,17 @@ def test_chunking_does_not_change_results(ds, chunk):
     xr.testing.assert_allclose(lazy_res.compute(), mem)
 
 
+@pytest.mark.parametrize("tail", [1, M - 1])
+def test_last_chunk_shorter_than_max_lag(ds, tail):
+    """The block before a short last chunk sees the end of the tokens in its look-ahead; it must not count
+    the pairs that start there (they belong to the last block)."""
+    T = ds.sizes["token"]
+    mem = temporal(ds, max_lag=M, n_boot=5)
+    chunks = (T - tail - 40, 40, tail)
+    lazy_res = temporal(ds.chunk({"token": chunks}), max_lag=M, n_boot=5)
+    xr.testing.assert_identical(lazy_res.compute(), mem)
+
+
 def test_kernel_look_ahead_split_equals_whole(ds):
     """pair_stats on two blocks with look-ahead adds up to pair_stats on the whole sequence."""
     ids = ds["expert_ids"].values
@@ -142,6 +154,44 @@ def test_kernel_look_ahead_split_equals_whole(ds):
     left = pair_stats(ids[:, :, : cut + M], s[: cut + M], cut, E=E, S=S, M=M)
     right = pair_stats(ids[:, :, cut:], s[cut:], T - cut, E=E, S=S, M=M)
     np.testing.assert_array_equal(left + right, whole)
+
+
+@pytest.mark.parametrize("piece", [1, 12, 30, 384])
+def test_kernel_pieces_equal_whole(ds, monkeypatch, piece):
+    """The kernel's cache-sized pieces (each with its own look-ahead, here of 1, 2, 5 and 64 tokens for 6
+    (checkpoint, layer) rows) add up to one pass over the block."""
+    ids = ds["expert_ids"].values
+    s = np.unique(ds["sample"].values, return_inverse=True)[1]
+    E, S, T = 8, int(s.max()) + 1, ids.shape[2]
+    whole = pair_stats(ids, s, T, E=E, S=S, M=M)
+    monkeypatch.setattr(temporal_module, "PIECE", piece)
+    np.testing.assert_array_equal(pair_stats(ids, s, T, E=E, S=S, M=M), whole)
+    np.testing.assert_array_equal(pair_stats(ids[:, :, :50], s[:50], 45, E=E, S=S, M=M),
+                                  pair_stats(ids[:, :, :48], s[:48], 45, E=E, S=S, M=M))
+
+
+@pytest.mark.parametrize("scale", [1, 2**20])
+def test_replicates_match_integer_resampling(ds, scale):
+    """The one-product bootstrap (float32 while its integer sums are exact, else float64) equals resampling
+    the per-sample sums in int64 and taking the ratios and Pearson r of each replicate."""
+    from analyses.bootstrap import bootstrap_weights
+
+    ids = ds["expert_ids"].values
+    s = np.unique(ds["sample"].values, return_inverse=True)[1]
+    E, S, T = 8, int(s.max()) + 1, ids.shape[2]
+    packed = pair_stats(ids, s, T, E=E, S=S, M=M)
+    weights = bootstrap_weights(S, 13, seed=5) * scale
+    got = temporal_module._replicates(packed, weights.astype(np.float64), E=E, S=S, M=M)  # (C, L, 2 + M, B)
+    x = temporal_module._unpack(packed, E, S, M)["per_sample"]
+    reps = np.einsum("bs,clsr->clrb", weights, x).astype(np.float64)  # int64 sums, then float
+    cols = temporal_module._columns(E, M)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        np.testing.assert_array_equal(got[:, :, 0], reps[:, :, 1] / np.where(reps[:, :, 0] != 0, reps[:, :, 0], np.nan))
+        np.testing.assert_array_equal(got[:, :, 1], reps[:, :, 3] / np.where(reps[:, :, 2] != 0, reps[:, :, 2], np.nan))
+        n = reps[:, :, cols["n"]][:, :, :, None]
+        sx, sy, sxy = (reps[:, :, cols[v]].reshape(*reps.shape[:2], M, E, -1) for v in ("sx", "sy", "sxy"))
+        r = (n * sxy - sx * sy) / np.sqrt(np.where((v := (n * sx - sx**2) * (n * sy - sy**2)) > 0, v, np.nan))
+        np.testing.assert_allclose(got[:, :, 2:], np.nanmean(r, axis=-2), rtol=1e-12)
 
 
 def _reorder_samples(ds, order_seed):
