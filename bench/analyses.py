@@ -399,7 +399,8 @@ def _cluster(n_workers: int):
     cluster = LocalCluster(
         n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", scheduler_port=0,
         dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
-        env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+             "TOKENIZERS_PARALLELISM": "false"},
     )
     return cluster, Client(cluster, set_as_default=False)
 

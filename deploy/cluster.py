@@ -69,7 +69,9 @@ def client(
             memory_limit=memory_limit,
             resources={"GPU": gpus_per_worker} if gpus_per_worker else None,
             # Workers inherit this so that torch in a worker does not oversubscribe cores.
-            env={"OMP_NUM_THREADS": str(threads_per_worker), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+            # one BLAS thread per worker thread: idle BLAS threads spin and steal the other workers' cores
+            env={"OMP_NUM_THREADS": str(threads_per_worker), "OPENBLAS_NUM_THREADS": str(threads_per_worker),
+                 "MKL_NUM_THREADS": str(threads_per_worker), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
         )
         _CLIENT = Client(_CLUSTER)
         atexit.register(close_client)
