@@ -134,6 +134,30 @@ def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
     return ds.assign_coords(fix) if fix else ds
 
 
+TASK_BYTES = 32 * 2**20  # target bytes of the largest per-token variable in one Dask block
+
+
+def _task_chunks(lazy: xr.Dataset) -> dict:
+    """Dask chunks that read several stored (checkpoint, layer) chunks per task.
+
+    The cube is stored one checkpoint × layer × token-chunk per object, which
+    is the unit of writing. Reading it one object per Dask task makes the
+    scheduler, not the arithmetic, the cost of a pass (about a millisecond per
+    task on a distributed cluster, several tasks per block): blocks span
+    several layers instead, up to :data:`TASK_BYTES` of the largest per-token
+    variable. Always whole stored chunks, so no object is read twice.
+    """
+    per_layer = 0
+    for var in lazy.data_vars.values():
+        if "layer" in var.dims and "token" in var.dims:
+            stored = var.encoding.get("chunks") or var.shape
+            per_layer = max(per_layer, int(np.prod([c for d, c in zip(var.dims, stored) if d not in ("layer",)],
+                                                   dtype=np.int64)) * var.dtype.itemsize)
+    if not per_layer or "layer" not in lazy.dims:
+        return {}
+    return {"layer": int(max(1, min(lazy.sizes["layer"], TASK_BYTES // per_layer)))}
+
+
 def _lazy_coords(ds: xr.Dataset, lazy: xr.Dataset) -> xr.Dataset:
     """Non-index coordinates of ``ds`` read on first use, then kept in memory.
 
@@ -173,8 +197,11 @@ def open_routing(path: str | os.PathLike, *, complete_only: bool = True, chunks=
     if not (path / "zarr.json").exists():
         raise CubeError(f"{path}: no routing cube here (zarr.json missing)")
     try:
-        ds = xr.open_zarr(path, consolidated=None, chunks={} if chunks == "auto" else chunks)
-        ds = _lazy_coords(ds, xr.open_zarr(path, consolidated=None, chunks=None))
+        lazy = xr.open_zarr(path, consolidated=None, chunks=None)
+        if chunks == "auto":
+            chunks = _task_chunks(lazy)
+        ds = xr.open_zarr(path, consolidated=None, chunks=chunks)
+        ds = _lazy_coords(ds, lazy)
     except Exception as exc:  # zarr raises many types for damaged stores
         raise CubeError(f"{path}: cannot open routing cube (truncated or corrupt store?): {exc}") from exc
     try:

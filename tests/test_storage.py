@@ -144,3 +144,31 @@ def test_any_batching_gives_the_same_cube(tmp_path_factory, batch, chunk):
     cubes.prepare_routing(p, _template(m, ["step0"]), token_chunk=chunk)
     _fill(p, m, 0, "step0", batch=batch)
     np.testing.assert_array_equal(cubes.open_routing(p).expert_ids.values, m.expert_ids.values)
+
+
+def test_open_routing_reads_whole_stored_chunks_several_layers_per_task(tmp_path, monkeypatch):
+    """Dask blocks span several stored layer chunks (fewer tasks), never part of one, and
+    every analysis gives the same numbers as with one block per stored chunk."""
+    import analyses
+    from analyses.runner import compute_analysis
+
+    m = mock_cube(n_checkpoints=2, n_layers=4, num_experts=6, top_k=2, n_samples=12, seq_len=30, seed=5)
+    p = tmp_path / "routing.zarr"
+    cubes.prepare_routing(p, _template(m, ["step0", "step100"]), token_chunk=64)
+    for c, name in enumerate(["step0", "step100"]):
+        _fill(p, m, c, name)
+    stored = cubes.open_routing(p, chunks={})
+    assert stored.expert_ids.chunks[1] == (1, 1, 1, 1)
+    auto = cubes.open_routing(p)
+    assert len(auto.expert_ids.chunks[1]) < 4  # layers merged per task
+    assert auto.expert_ids.chunks[2] == stored.expert_ids.chunks[2]  # token chunks as stored
+    monkeypatch.setattr(cubes, "TASK_BYTES", 1)  # one layer per task at least, never a fraction
+    assert cubes.open_routing(p).expert_ids.chunks[1] == (1, 1, 1, 1)
+    monkeypatch.undo()
+    for name in ("usage", "balance", "temporal", "coactivation"):
+        params = {**analyses.get(name).params, "n_boot": 20}
+        merged = compute_analysis(p, name, params)
+        monkeypatch.setattr(cubes, "TASK_BYTES", 1)
+        single = compute_analysis(p, name, params)
+        monkeypatch.undo()
+        xr.testing.assert_allclose(merged, single, rtol=1e-12)
