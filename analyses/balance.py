@@ -37,6 +37,7 @@ from .registry import (
     describe,
     finalise,
     json_number,
+    over_slots,
     refuse_if,
     register,
     safe_ratio,
@@ -104,7 +105,7 @@ def balance(
     parts = {"count": bs.per_sample_sums(
         xr.ones_like(ids, dtype=np.int64), routing, dim=("token", "k"), by={"expert": (ids, E)}
     )}
-    parts["tokens"] = bs.per_sample_sums((ids >= 0).any("k").astype(np.int64), routing, dim="token")
+    parts["tokens"] = bs.per_sample_sums(over_slots(ids >= 0, "any").astype(np.int64), routing, dim="token")
     with_lb = "router_logits" in routing
     if with_lb:
         logits = token_var(routing, "router_logits")

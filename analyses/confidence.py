@@ -35,6 +35,7 @@ from .registry import (
     describe,
     finalise,
     json_number,
+    over_slots,
     refuse_if,
     register,
     safe_ratio,
@@ -190,7 +191,7 @@ def confidence(
     ids = view_ids(routing, view)
     w = token_var(routing, "expert_weights").astype(np.float32)
     slot_ok = (ids >= 0) & w.notnull()
-    token_ok = slot_ok.any("k")
+    token_ok = over_slots(slot_ok, "any")
     sigmoid = is_sigmoid_router(routing)
 
     per_token = {}
@@ -204,9 +205,9 @@ def confidence(
             per_token["boundary"] = selection_boundary(logits, k)
     if k >= 2:
         wv = w.where(slot_ok, 0.0)
-        total = wv.sum("k")
+        total = over_slots(wv)  # wv holds no NaN: the same as a skipna sum
         q = wv / total.where(total > 0)
-        hk = -_xlogx(q, np.log(q.where(q > 0, 1.0))).sum("k", skipna=False) / math.log(k)
+        hk = -over_slots(_xlogx(q, np.log(q.where(q > 0, 1.0)))) / math.log(k)
         per_token["topk_entropy"] = hk.where(token_ok & (total > 0))
         first, second = (w.isel(k=i, drop=True) for i in (0, 1))
         both = slot_ok.isel(k=0, drop=True) & slot_ok.isel(k=1, drop=True)

@@ -544,3 +544,19 @@ def view_classes(routing: xr.Dataset, views: Sequence[str]) -> tuple[xr.DataArra
         xr.DataArray(codes, dims="token"),
         xr.DataArray(member, dims=("view", "view_class"), coords={"view": np.asarray(views, dtype=object)}),
     )
+
+
+def over_slots(x: xr.DataArray, how: str = "sum", dim: str = "k") -> xr.DataArray:
+    """``x.sum(dim)`` / ``x.any(dim)`` / ``x.all(dim)`` over the few top-k slots, unrolled.
+
+    An elementwise chain of k − 1 operations: on dask it fuses into the token
+    pass that consumes it (a reduction would be separate tasks per block and a
+    separate pass over the data), and numpy's reductions over a length-2 axis
+    are several times slower than one elementwise add. ``sum`` propagates NaN
+    (unlike xarray's default ``skipna``).
+    """
+    op = {"sum": lambda a, b: a + b, "any": lambda a, b: a | b, "all": lambda a, b: a & b}[how]
+    out = x.isel({dim: 0}, drop=True)
+    for i in range(1, x.sizes[dim]):
+        out = op(out, x.isel({dim: i}, drop=True))
+    return out

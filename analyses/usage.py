@@ -34,6 +34,7 @@ from .registry import (
     describe,
     finalise,
     json_number,
+    over_slots,
     refuse_if,
     register,
     safe_ratio,
@@ -137,7 +138,7 @@ def usage(
         parts["wsum"] = token_var(routing, "expert_weights").astype(np.float64).where(ids_all >= 0, 0.0)
     by_class = {"view_class": (classes, 3)}
     ps = bs.per_sample_sums(xr.Dataset(parts), routing, dim=("token", "k"), by={**by_class, "expert": (ids_all, E)})
-    ps_tokens = bs.per_sample_sums((ids_all >= 0).any("k").astype(np.int64), routing, dim="token", by=by_class)
+    ps_tokens = bs.per_sample_sums(over_slots(ids_all >= 0, "any").astype(np.int64), routing, dim="token", by=by_class)
 
     def by_view(x):
         # group sums and bootstrap replicates are linear in the per-sample sums, so the

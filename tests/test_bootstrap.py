@@ -168,3 +168,22 @@ def test_vectorised_quantile_equals_numpy(seed, q, nan_frac):
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy warns on all-NaN cells
         ref = np.nanquantile(x, q, axis=-1)
     np.testing.assert_allclose(bs._nanquantile(x, q), ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("dtype", [np.int32, np.float32, bool])
+def test_sums_kernel_matches_brute_force(contiguous, dtype):
+    """The per-block kernel (segment sums for contiguous samples, bincount otherwise) against a loop."""
+    rng = np.random.default_rng(3)
+    T, K = 301, 2
+    sample = np.sort(rng.integers(5, 40, T)) if contiguous else rng.integers(5, 40, T)
+    values = rng.normal(size=(3, T, K)) * 10
+    values = (values > 0) if dtype is bool else values.astype(dtype)
+    kind = "f" if dtype is np.float32 else "i"
+    out = bs._sums_kernel(values, sample, n_vars=1, n_full=0, ns=(), lead_ndim=1, tok_axis=1, kinds=(kind,))
+    lo = sample.min()
+    ref = np.zeros((3, sample.max() - lo + 1))
+    for t in range(T):
+        ref[:, sample[t] - lo] += values[:, t, :].astype(np.float64).sum(-1)
+    np.testing.assert_allclose(out[0], ref, rtol=1e-6 if kind == "f" else 0)
+    assert out.dtype == (np.float64 if kind == "f" else np.int64)
