@@ -196,12 +196,11 @@ def _grouped_sums(arrays, sample_codes, n_samples, groupers, dims):
     """The engine of :func:`per_sample_sums`: a list of DataArrays (…, sample, *groups)."""
     import dask.array as da
 
-    token_level = [(name, g, n) for name, g, n in groupers if g.dims == ("token",)]
-    full = [(name, g, n) for name, g, n in groupers if g.dims != ("token",)]
-    values = [a for a in arrays if a.dims != ("token",)]
-    if len(values) not in (0, len(arrays)):  # mixed: broadcast the token-only ones with the rest
-        values = arrays
-    bcast = xr.broadcast(*arrays, *[g for _, g, _ in full]) if (values or full) else list(arrays)
+    # token-only codes known in memory travel as 1-D arrays; everything else is broadcast with the data
+    is_token_level = [g.dims == ("token",) and g.chunks is None for _, g, _ in groupers]
+    token_level = [item for item, t in zip(groupers, is_token_level) if t]
+    full = [item for item, t in zip(groupers, is_token_level) if not t]
+    bcast = list(xr.broadcast(*arrays, *[g for _, g, _ in full]))
     missing = [d for d in dims if d not in bcast[0].dims]
     if missing:
         raise ValueError(f"per_sample_sums: dims {missing} are in neither the data nor the groupers "
@@ -212,9 +211,9 @@ def _grouped_sums(arrays, sample_codes, n_samples, groupers, dims):
     data, fullg = bcast[: len(arrays)], bcast[len(arrays):]
     tok_axis = len(lead) + list(dims).index("token")
     ns = tuple(n for _, _, n in full) + tuple(n for _, _, n in token_level)
-    kinds = tuple("i" if a.dtype.kind in "biu" else "f" for a in data)
-    if any(k == "f" for k in kinds) and not all(a.dtype.kind in "biuf" for a in data):
+    if not all(a.dtype.kind in "biuf" for a in data):
         raise ValueError(f"per_sample_sums: data dtypes {[a.dtype for a in data]}; expected numbers or booleans")
+    kinds = tuple("i" if a.dtype.kind in "biu" else "f" for a in data)
     sample_codes = np.asarray(sample_codes, dtype=np.int64)
     kernel_kw = dict(n_vars=len(data), n_full=len(full), ns=ns, lead_ndim=len(lead), tok_axis=tok_axis, kinds=kinds)
     lead_coords = {c: v for c, v in bcast[0].coords.items() if set(v.dims) <= set(lead)}
@@ -222,7 +221,7 @@ def _grouped_sums(arrays, sample_codes, n_samples, groupers, dims):
     out_dims = (*lead, SAMPLE, *[f"_g{i}" for i in range(len(ns))])
     group_names = [name for name, _, _ in full] + [name for name, _, _ in token_level]
 
-    def wrap(arr, i):
+    def wrap(arr):
         da_ = xr.DataArray(arr, dims=out_dims, coords=lead_coords)
         return da_.rename({f"_g{j}": name for j, name in enumerate(group_names)})
 
@@ -235,17 +234,14 @@ def _grouped_sums(arrays, sample_codes, n_samples, groupers, dims):
         lo = int(sample_codes.min()) if sample_codes.size else 0
         result = np.zeros((len(data), *lead_shape, n_samples, *ns), dtype=block.dtype)
         result[(slice(None),) * (1 + len(lead)) + (slice(lo, lo + block.shape[1 + len(lead)]),)] = block
-        return [wrap(result[i], i) for i in range(len(data))]
+        return [wrap(result[i]) for i in range(len(data))]
 
     ref = next(a.data for a in bcast if isinstance(a.data, da.Array))
     token_chunks = ref.chunks[tok_axis]
-    chunks = {ax: c for ax, c in enumerate(ref.chunks) if ax < len(lead) or ax == tok_axis}
-    for ax in range(len(order)):
-        if ax >= len(lead) and ax != tok_axis:
-            chunks[ax] = -1  # summed dims other than token (top-k slots) in one piece
+    # lead and token axes chunked like the cube; other summed dims (top-k slots) in one piece
+    chunks = tuple(c if (ax < len(lead) or ax == tok_axis) else -1 for ax, c in enumerate(ref.chunks))
     dask_arrays = [
-        (a.data if isinstance(a.data, da.Array) else da.from_array(np.asarray(a.values), chunks=1)).rechunk(
-            tuple(chunks[ax] for ax in range(len(order))))
+        a.data.rechunk(chunks) if isinstance(a.data, da.Array) else da.from_array(np.asarray(a.values), chunks=chunks)
         for a in bcast
     ]
     # token-level codes travel inside the graph: the narrowest integer type keeps it small
@@ -273,7 +269,7 @@ def _grouped_sums(arrays, sample_codes, n_samples, groupers, dims):
         **kernel_kw,
     )
     total = _overlap_add(partial, lo, hi, n_samples, axis=1 + len(lead))
-    return [wrap(total[i], i) for i in range(len(data))]
+    return [wrap(total[i]) for i in range(len(data))]
 
 
 def _narrow(codes: np.ndarray, n: int) -> np.ndarray:
@@ -579,7 +575,7 @@ def resample(
         )
         prod = parts.sum(axis=len(lead))
     if integer:
-        prod = np.rint(prod).astype(np.int64) if not hasattr(prod, "dask") else da.rint(prod).astype(np.int64)
+        prod = np.rint(prod).astype(np.int64)  # a numpy ufunc: lazy on dask arrays too
     out = xr.DataArray(prod, dims=(*lead, "_group", BOOT),
                        coords={c: v for c, v in x.coords.items() if set(v.dims) <= set(lead)})
     out = out.assign_coords({BOOT: np.arange(w.sizes[BOOT])})

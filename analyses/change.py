@@ -218,8 +218,7 @@ def change(
     if not np.array_equal(order, np.arange(C)):
         routing = routing.isel(checkpoint=order)
 
-    # non-index coordinates (step) go: chunked along with the results, they would be compared eagerly
-    raw = _checkpoints_together(token_var(routing, "expert_ids").reset_coords(drop=True))
+    raw = _checkpoints_together(token_var(routing, "expert_ids"))
     mask = view_mask(routing, view)
     ids = raw if mask is None else raw.where(mask, FILL_ID).astype(raw.dtype)
     has_prev = xr.DataArray(np.arange(C) > 0, dims="checkpoint", coords={"checkpoint": ids["checkpoint"]})

@@ -223,8 +223,7 @@ def coactivation(
     if n_boot < 0:
         raise ValueError(f"coactivation: n_boot={n_boot}; expected >= 0")
     P = E * (E + 1) // 2
-    # non-index coordinates (step) go: chunked along with the results, they would be compared eagerly
-    ids = token_var(routing, "expert_ids").reset_coords(drop=True)
+    ids = token_var(routing, "expert_ids")
     codes = _codes(ids, token_mask(routing, canonical_only), E)
     # one token pass: bins 0..P-1 are the packed pair counts (diagonal = tokens holding a), bin P the bad slots
     sums_s = per_sample_sums(

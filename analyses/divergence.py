@@ -353,9 +353,7 @@ def divergence(
 
     # One gather of both sides' ids, A tokens then B tokens (ckpt, layer, 2M, k), feeding two token passes:
     # slot counts per (pair of samples, expert, view, condition), and overlaps per (pair of samples, view).
-    # non-index coords (step) dropped: a later .chunk() would make them dask and every merge compare them
-    # by computing; finalise() puts step back
-    ids = token_var(routing, "expert_ids").reset_coords(drop=True).isel(token=np.concatenate([tok_a, tok_b]))
+    ids = token_var(routing, "expert_ids").isel(token=np.concatenate([tok_a, tok_b]))
     # out-of-range ids counted in an extra group E: the guard needs their number, usage must not see them
     codes = ids.copy(data=ids.data.map_blocks(_expert_codes, E=E, dtype=ids.dtype) if is_lazy(ids)
                      else _expert_codes(ids.values, E))

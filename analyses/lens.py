@@ -120,9 +120,7 @@ def lens(
     by_view = {"view": (xr.DataArray(view_code, dims="token"), len(VIEWS))}
 
     def values(name, tokens):
-        # non-index coords (step) dropped: a later .chunk() would make them dask and every merge compare them
-        # by computing; finalise() puts step back
-        return token_var(routing, name).reset_coords(drop=True).isel(token=tokens)
+        return token_var(routing, name).isel(token=tokens)
 
     # one token pass over every view: the per-target sums
     names = ["sum_a", "sum_b", "sum_d", "n"] + (["sum_js", "n_js"] if has_js else [])

@@ -216,16 +216,16 @@ def checkpoint_steps(routing: xr.Dataset) -> np.ndarray:
 
 
 def token_var(routing: xr.Dataset, name: str) -> xr.DataArray:
-    """Cube variable ``name`` stripped of its token coordinates.
+    """Cube variable ``name`` stripped of its token and other non-index coordinates.
 
     The token table travels as coordinates; dropping them keeps graphs small
-    and stops labels such as ``domain`` clashing with result dims.
+    and stops labels such as ``domain`` clashing with result dims. ``step``
+    goes too: once a result is rechunked it would become a dask array that
+    every later merge compares by computing it; :func:`finalise` puts it back.
     """
     if name not in routing:
         raise ValueError(f"routing cube: variable '{name}' is missing")
-    var = routing[name]
-    drop = [c for c in var.coords if c not in var.dims and "token" in var[c].dims]
-    var = var.drop_vars(drop)
+    var = routing[name].reset_coords(drop=True)
     if "token" in var.coords:
         var = var.drop_vars("token")
     return var

@@ -187,3 +187,17 @@ def test_sums_kernel_matches_brute_force(contiguous, dtype):
         ref[:, sample[t] - lo] += values[:, t, :].astype(np.float64).sum(-1)
     np.testing.assert_allclose(out[0], ref, rtol=1e-6 if kind == "f" else 0)
     assert out.dtype == (np.float64 if kind == "f" else np.int64)
+
+
+def test_per_sample_sums_mixed_memory_and_lazy_inputs(ds):
+    """In-memory data with lazy groupers (and a lazy token-level grouper) give the in-memory sums."""
+    lz = lazy(ds)
+    E = ds.attrs["num_experts"]
+    pos = xr.DataArray(np.asarray(ds["position"].values) % 3, dims="token")
+    ones = xr.ones_like(ds["expert_ids"], dtype=np.int64)
+    ref = bs.per_sample_sums(ones, ds, dim=("token", "k"), by={"pos": (pos, 3), "expert": (ds["expert_ids"], E)})
+    got = bs.per_sample_sums(
+        ones, lz, dim=("token", "k"), by={"pos": (pos.chunk({"token": 37}), 3), "expert": (lz["expert_ids"], E)}
+    )
+    assert got.chunks is not None
+    xr.testing.assert_equal(got.compute(), ref)
