@@ -15,6 +15,10 @@ uniform 1/E):
 Uniform random routing with N tokens is not perfectly balanced: its expected
 CV² is (E − k) / (k · N) (each expert's slot count is binomial), reported per
 cell as ``cv_chance`` so that a small CV can be read against sampling noise.
+
+On an aggregate-counts cube (OLMoE's expert_counts, :mod:`analyses.counts`)
+the same point estimates come from the pooled slot counts, without the Switch
+loss (no probabilities) or intervals (no samples).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
+
+from storage.schema import is_counts_cube
 
 from . import bootstrap as bs
 from . import plotting
@@ -99,6 +105,9 @@ def balance(
             f"balance: dead_fraction={dead_fraction}, cold_fraction={cold_fraction}; expected 0 <= dead <= cold"
         )
     n_boot = int(n_boot)
+    if is_counts_cube(routing):
+        return _balance_from_counts(routing, E=E, k=k, view=view, dead_fraction=dead_fraction,
+                                    cold_fraction=cold_fraction, n_boot=n_boot, ci=ci, seed=seed)
     ids = view_ids(routing, view)
     groups = bs.sample_groups(routing, "domain")
 
@@ -201,6 +210,70 @@ def balance(
         params={"view": view, "dead_fraction": float(dead_fraction), "cold_fraction": float(cold_fraction),
                 "n_boot": n_boot, "ci": float(ci), "seed": int(seed)},
     )
+
+
+def _balance_from_counts(routing, *, E, k, view, dead_fraction, cold_fraction, n_boot, ci, seed) -> xr.Dataset:
+    """:func:`balance` on an aggregate-counts cube: the same point estimates from the pooled slot counts.
+
+    No Switch loss (no router probabilities) and no intervals (attrs
+    ``intervals`` says why); ``tokens`` = slots / k.
+    """
+    from .counts import NO_SAMPLES, implied_tokens, slot_counts
+
+    if view != "all":
+        raise ValueError(f"balance: view {view!r} needs per-token routing; an aggregate-counts cube has only view 'all'")
+    counts, guard = slot_counts(routing)
+    count = counts.sum("domain")
+    usage = safe_ratio(count, count.sum("expert"))
+    cv = coefficient_of_variation(usage)
+    tokens = implied_tokens(count, k)
+    dead = usage < dead_fraction / E
+    cold = usage < cold_fraction / E
+    nan_cell = "no counted slot at this checkpoint and layer"
+    out = {
+        "usage": describe(usage, "expert usage", "share of routing slots",
+                          "share of the counted routing slots going to the expert (domains pooled)",
+                          chance=1.0 / E, nan_where=nan_cell),
+        "cv": describe(cv, "coefficient of variation of usage", "ratio",
+                       "std over experts / mean over experts of usage (population std); 0 = perfect balance",
+                       ideal=0.0, nan_where=nan_cell),
+        "balance": describe(1.0 / (1.0 + cv), "utilization balance", "ratio", "1 / (1 + CV); 1 = perfect balance",
+                            ideal=1.0, nan_where=nan_cell),
+        "cv_chance": describe(
+            np.sqrt((E - k) / (k * tokens.where(tokens > 0))), "CV of uniform random routing", "ratio",
+            "sqrt((E − k) / (k · N)), N = slots / k tokens implied by the counts", nan_where=nan_cell,
+        ),
+        "dead": describe(dead, "dead expert", "boolean",
+                         f"usage < {dead_fraction:g} / E ({100 * dead_fraction:g} % of uniform usage)"),
+        "cold": describe(cold, "cold expert", "boolean",
+                         f"usage < {cold_fraction:g} / E ({100 * cold_fraction:g} % of uniform usage); includes dead"),
+        "dead_count": describe(dead.sum("expert").astype(np.int64), "dead experts", "experts",
+                               f"number of experts with usage < {dead_fraction:g} / E"),
+        "cold_count": describe(cold.sum("expert").astype(np.int64), "cold experts", "experts",
+                               f"number of experts with usage < {cold_fraction:g} / E (dead ones included)"),
+        "tokens": describe(tokens, "routed tokens", "tokens", "slots / k: tokens implied by the counts"),
+    }
+    result = xr.Dataset(out)
+    flags = ["dead", "cold"]
+    guarded = attach_guard(result.drop_vars(flags), guard)
+    g = guard.drop_vars([c for c in guard.coords if c not in guard.dims]).astype(bool).any()
+    for n in flags:
+        guarded[n] = (result[n] | g).transpose(*result[n].dims).assign_attrs(result[n].attrs)
+    result = finalise(
+        guarded[list(out)], routing, name=NAME,
+        definition="per (checkpoint, layer), from pooled usage u_e = share of the counted routing slots (an "
+        "aggregate-counts cube, domains pooled): CV = std_e(u)/mean_e(u) (population std), balance = 1/(1+CV); "
+        f"dead: u_e < {dead_fraction:g}/E, cold: u_e < {cold_fraction:g}/E (cold includes dead).",
+        normalisation="CV is scale-free; balance in (0, 1]",
+        chance="perfect balance: CV 0, balance 1. Uniform random routing over N tokens gives E[CV²] = (E − k)/(k·N) "
+        "(variable cv_chance)",
+        params={"view": view, "dead_fraction": float(dead_fraction), "cold_fraction": float(cold_fraction),
+                "n_boot": int(n_boot), "ci": float(ci), "seed": int(seed)},
+    )
+    result.attrs["intervals"] = f"bootstrap intervals {NO_SAMPLES}"
+    result.attrs["lb_loss"] = "not available: the counts hold no router probabilities"
+    result.attrs["counts_only"] = 1
+    return result
 
 
 def _steps_order(result):
@@ -313,6 +386,7 @@ ANALYSIS = register(
             "intervals over samples."
         ),
         requires=("expert_ids",),
+        accepts_counts=True,
         optional=("router_logits",),
         params={"view": "all", "dead_fraction": 0.01, "cold_fraction": 0.25, "n_boot": 200, "ci": 0.95, "seed": 0},
         table=table,

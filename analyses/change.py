@@ -404,6 +404,7 @@ ANALYSIS = register(
             "checkpoint)."
         ),
         requires=("expert_ids",),
+        min_checkpoints=2,  # a one-checkpoint import is skipped with this reason, not an error
         params={"view": "all", "n_boot": 200, "ci": 0.95, "seed": 0},
         table=table,
         summary=summary,

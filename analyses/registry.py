@@ -19,6 +19,10 @@ Conventions (checked by :func:`check_result` and the contract test)
   variable; the caller computes. Token *coordinates* (e.g. ``domain``, one
   label per token) may be read eagerly to fix group labels.
 * Invalid expert ids (``FILL_ID`` = -1, unwritten) never count.
+* Parameters are keyword arguments with type annotations; their allowed values
+  come from ``Annotated[T, Range(...)]``, ``Analysis.constraints`` or the shared
+  :data:`PARAM_RULES`, and :func:`validate_params` checks an experiment's
+  ``[analyses.params.<name>]`` against them before anything runs.
 
 The helpers below the registry (``domain_codes``, ``reduce_by_domain``,
 ``refuse_if``, ``finalise``, ``tidy``...) are the shared building blocks that
@@ -80,6 +84,9 @@ class Analysis:
     artifacts : optional ``(result, out_dir) -> list[Path]`` writing extra files
         for downstream tools (e.g. JSON mask-point lists) under ``out_dir``
         (the report passes ``tables/<name>/``) and linking them in the report.
+    constraints : per-parameter constraints (:class:`Range`, :class:`OneOf`,
+        :class:`SubsetOf`) overriding :data:`PARAM_RULES` for this analysis; a
+        ``typing.Annotated[int, Range(...)]`` annotation on ``func`` does the same.
     """
 
     name: str
@@ -93,6 +100,13 @@ class Analysis:
     summary: Callable[[xr.Dataset], dict]
     optional: tuple[str, ...] = field(default=())
     artifacts: Callable[[xr.Dataset, Path], list[Path]] | None = field(default=None)
+    constraints: Mapping[str, Any] = field(default_factory=dict)
+    # What the data must offer (skip_reason): an aggregate-counts cube (layer × domain × expert
+    # slot counts, no tokens) only for analyses that accept one; at least this many checkpoints /
+    # distinct domain labels.
+    accepts_counts: bool = False
+    min_checkpoints: int = 1
+    min_domains: int = 1
 
     def __call__(self, routing: xr.Dataset, **params) -> xr.Dataset:
         return run(self.name, routing, **params)
@@ -132,14 +146,56 @@ def missing_requirements(name: str, routing: xr.Dataset) -> list[str]:
     return [v for v in get(name).requires if v not in routing.data_vars]
 
 
+def skip_reason(name: str, routing: xr.Dataset) -> str | None:
+    """Why analysis ``name`` cannot run on ``routing`` (one sentence), or None when it can.
+
+    Reasons, in order: the cube holds aggregate counts only and the analysis
+    needs per-token routing; required variables are missing; fewer checkpoints
+    or distinct domain labels than the analysis needs. Reads only coordinates.
+    """
+    from storage.schema import is_counts_cube
+
+    analysis = get(name)
+    source = routing.attrs.get("source", "unknown source")
+    counts = is_counts_cube(routing)
+    if counts and not analysis.accepts_counts:
+        return (f"the routing cube holds aggregate counts only (routing slots per layer × domain × expert, no "
+                f"tokens; source: {source}); {name!r} needs per-token routing")
+    if not counts:
+        missing = missing_requirements(name, routing)
+        if missing:
+            return f"the routing cube has no {', '.join(missing)} (source: {source})"
+    C = routing.sizes.get("checkpoint", 0)
+    if "complete" in routing.data_vars and analysis.min_checkpoints > 1:
+        C = int((np.asarray(routing["complete"].values) == 1).sum())  # a small read: one flag per checkpoint
+    if C < analysis.min_checkpoints:
+        return (f"{name!r} compares checkpoints and needs at least {analysis.min_checkpoints}; the routing cube "
+                f"has {C} complete checkpoint(s)")
+    if analysis.min_domains > 1:
+        if counts:
+            labels = [str(d) for d in np.asarray(routing["domain"].values)]
+        elif "domain" in routing.coords:
+            labels = [str(d) for d in pd.unique(pd.Series(np.asarray(routing["domain"].values), dtype=object))]
+        else:
+            labels = []
+        if len(set(labels)) < analysis.min_domains:
+            shown = sorted(set(labels))[:5]
+            return (f"{name!r} compares domains and needs at least {analysis.min_domains} distinct domain labels; "
+                    f"the routing cube has {len(set(labels))} ({shown}; give a side table with a 'domain' column "
+                    "to label samples)")
+    return None
+
+
 def run(name: str, routing: xr.Dataset, **params) -> xr.Dataset:
     """Run analysis ``name`` on ``routing`` with its defaults overridden by ``params``.
 
     Raises ValueError naming the missing cube variables or unknown parameters,
-    or when the result breaks the conventions (:func:`check_result`).
+    ParamError (a ValueError) for a parameter outside its declared type/range
+    (:func:`validate_params`), or ValueError when the result breaks the
+    conventions (:func:`check_result`).
     """
     analysis = get(name)
-    missing = missing_requirements(name, routing)
+    missing = [] if analysis.accepts_counts and _is_counts(routing) else missing_requirements(name, routing)
     if missing:
         raise ValueError(
             f"analysis {name!r} needs cube variable(s) {missing}; the cube has {sorted(routing.data_vars)}"
@@ -147,9 +203,16 @@ def run(name: str, routing: xr.Dataset, **params) -> xr.Dataset:
     unknown = sorted(set(params) - set(analysis.params))
     if unknown:
         raise ValueError(f"analysis {name!r}: unknown parameter(s) {unknown}; known: {sorted(analysis.params)}")
+    params = validate_params(name, params)  # a wrong type or range fails here, naming the key, not deep in a graph
     result = analysis.func(routing, **{**analysis.params, **params})
     check_result(result, name)  # metadata only: cheap, and stops a malformed result at its source
     return result
+
+
+def _is_counts(routing: xr.Dataset) -> bool:
+    from storage.schema import is_counts_cube
+
+    return is_counts_cube(routing)
 
 
 def check_result(result: xr.Dataset, name: str | None = None) -> None:
@@ -467,6 +530,9 @@ def tidy(result: xr.Dataset, variables: Sequence[str]) -> pd.DataFrame:
 
 # Token views shared by analyses that compare token selections (METRICS.md "Views").
 VIEWS: tuple[str, ...] = ("all", "canonical", "last_canonical")
+# Per-phase views (the ``phase`` token coordinate): the tokens of a served prompt / of the generated
+# output. Analyses add them by themselves when a cube labels more than one phase.
+PHASE_VIEWS: tuple[str, ...] = ("prefill", "decode")
 
 
 def last_canonical_mask(routing: xr.Dataset) -> np.ndarray:
@@ -502,7 +568,11 @@ def view_mask(routing: xr.Dataset, view: str) -> xr.DataArray | None:
         return token_mask(routing, True)
     if view == "last_canonical":
         return xr.DataArray(last_canonical_mask(routing), dims="token")
-    raise ValueError(f"unknown token view {view!r}; expected one of {VIEWS}")
+    if view in PHASE_VIEWS:
+        if "phase" not in routing.coords:
+            raise ValueError(f"routing cube: token coordinate 'phase' is missing (needed by view {view!r})")
+        return xr.DataArray(np.asarray(routing["phase"].values, dtype=object) == view, dims="token")
+    raise ValueError(f"unknown token view {view!r}; expected one of {VIEWS + PHASE_VIEWS}")
 
 
 def view_ids(routing: xr.Dataset, view: str) -> xr.DataArray:
@@ -559,4 +629,226 @@ def over_slots(x: xr.DataArray, how: str = "sum", dim: str = "k") -> xr.DataArra
     out = x.isel({dim: 0}, drop=True)
     for i in range(1, x.sizes[dim]):
         out = op(out, x.isel({dim: i}, drop=True))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Parameters: declared by each analysis' signature, validated in one place
+# ---------------------------------------------------------------------------
+#
+# An analysis declares its parameters by its function signature (name, type
+# annotation, default) and ``Analysis.params`` (the defaults the pipeline
+# uses). The allowed values come, first match wins, from a
+# ``typing.Annotated[T, <constraint>]`` annotation, ``Analysis.constraints``,
+# then :data:`PARAM_RULES` (shared names such as ``n_boot`` and ``ci`` mean the
+# same in every analysis). :func:`validate_params` checks an experiment's
+# ``[analyses.params.<name>]`` table before anything runs, so a new analysis is
+# validated without code of its own.
+
+
+class ParamError(ValueError):
+    """A parameter value is outside what its analysis declares; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numbers from ``lo`` to ``hi`` (None: unbounded), closed unless ``*_open``."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x) -> bool:
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        if self.hi is not None and (x >= self.hi if self.hi_open else x > self.hi):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}" if self.lo is not None else "any value"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi}"
+        return f"{'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of ``choices``."""
+
+    choices: tuple
+
+    def __contains__(self, x) -> bool:
+        return x in self.choices
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(repr(c) for c in self.choices)
+
+
+@dataclass(frozen=True)
+class SubsetOf:
+    """A non-empty list of distinct ``choices``."""
+
+    choices: tuple
+
+    def __contains__(self, xs) -> bool:
+        return bool(xs) and len(set(xs)) == len(xs) and all(x in self.choices for x in xs)
+
+    def __str__(self) -> str:
+        return "distinct names among " + ", ".join(repr(c) for c in self.choices)
+
+
+# Shared meanings. n_boot is capped: the replicate matrices are (n_boot, samples)
+# per group, so 1e7 replicates would exhaust memory long before giving better intervals.
+MAX_BOOT = 100_000
+PARAM_RULES: dict[str, Any] = {
+    "n_boot": Range(0, MAX_BOOT),
+    "ci": Range(0, 1, lo_open=True, hi_open=True),
+    "seed": Range(0, None),
+    "view": OneOf(VIEWS + PHASE_VIEWS),
+    "views": SubsetOf(VIEWS),
+    "hist_bins": Range(1, 10_000),
+    "position_bins": Range(1, 10_000),
+    "max_lag": Range(1, 4096),
+    "n_shuffle": Range(1, MAX_BOOT),
+    "min_count": Range(1, None),
+    "fdr_q": Range(0, 1, lo_open=True, hi_open=True),
+    "percentile": Range(0, 100),
+    "min_abs": Range(0, None),
+    "dead_fraction": Range(0, 1),
+    "cold_fraction": Range(0, 1),
+}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One declared parameter of an analysis."""
+
+    name: str
+    type: Any  # int, float, bool, str, or a sequence type such as Sequence[str]
+    default: Any
+    constraint: Any = None  # Range / OneOf / SubsetOf, or None
+
+    def describe(self) -> str:
+        words = _param_type_words(self.type)
+        if isinstance(self.constraint, Range) and str(self.constraint)[0] in "[(":
+            return f"{words} {self.constraint}"
+        words = words.removesuffix(" in")
+        if isinstance(self.constraint, Range):
+            return f"{words} {self.constraint}"
+        return f"{words} ({self.constraint})" if self.constraint is not None else words
+
+
+def _param_type_words(tp) -> str:
+    import typing
+
+    if typing.get_origin(tp) in (list, tuple, Sequence):
+        inner = (typing.get_args(tp) or (Any,))[0]
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(inner, "values")
+    return {int: "an integer in", float: "a number in", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def param_specs(name: str) -> dict[str, ParamSpec]:
+    """The declared parameters of analysis ``name``, keyed by parameter name.
+
+    Type and constraint come from ``func``'s annotations (``Annotated`` metadata
+    first), then ``Analysis.constraints``, then :data:`PARAM_RULES`; defaults
+    from ``Analysis.params`` (else the signature).
+    """
+    import inspect
+    import typing
+
+    analysis = get(name)
+    try:
+        hints = typing.get_type_hints(analysis.func, include_extras=True)
+    except (NameError, TypeError):  # an unresolvable annotation: fall back to the defaults' types
+        hints = {}
+    sig = inspect.signature(analysis.func)
+    # Analysis.params lists what run() accepts; the signature, when there are none declared there
+    names = list(analysis.params) or [p.name for p in list(sig.parameters.values())[1:]
+                                      if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    specs = {}
+    for pname in names:
+        default = analysis.params.get(pname, sig.parameters[pname].default if pname in sig.parameters else None)
+        tp = hints.get(pname)
+        constraint = None
+        if typing.get_origin(tp) is typing.Annotated:
+            tp, *meta = typing.get_args(tp)
+            constraint = next((m for m in meta if isinstance(m, (Range, OneOf, SubsetOf))), None)
+        if tp is None or tp is Any:
+            tp = type(default) if default is not None else Any
+        if constraint is None:
+            constraint = analysis.constraints.get(pname, PARAM_RULES.get(pname))
+        specs[pname] = ParamSpec(pname, tp, default, constraint)
+    return specs
+
+
+def _coerce(value, spec: ParamSpec, where: str):
+    """``value`` as ``spec.type`` (int -> float widening only), or ParamError naming ``where``."""
+    import numbers
+    import typing
+
+    tp = spec.type
+
+    def bad():
+        return ParamError(f"{where}: expected {spec.describe()}, got {value!r}")
+
+    if tp is bool:
+        if not isinstance(value, (bool, np.bool_)):
+            raise bad()
+        value = bool(value)
+    elif tp is int:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise bad()
+        value = int(value)
+    elif tp is float:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise bad()
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise bad()
+    elif typing.get_origin(tp) in (list, tuple, Sequence):
+        inner = (typing.get_args(tp) or (Any,))[0]
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise bad()
+        if inner is not Any and not all(isinstance(v, inner) and not isinstance(v, bool) for v in value):
+            raise bad()
+        value = list(value)
+    if spec.constraint is not None and value not in spec.constraint:
+        raise bad()
+    return value
+
+
+def validate_params(name: str, params: Mapping[str, Any], where: str | None = None) -> dict[str, Any]:
+    """Check ``params`` against analysis ``name``'s declared parameters.
+
+    Parameters
+    ----------
+    name : a registered analysis.
+    params : parameter name -> value (an experiment's ``[analyses.params.<name>]``).
+    where : prefix of the key in messages (default ``analyses.params.<name>``).
+
+    Returns
+    -------
+    dict of the given parameters converted to their declared types (ints widened
+    to floats where a float is declared, sequences as lists).
+
+    Raises
+    ------
+    ParamError (a ValueError) naming the key: an unknown parameter, a wrong type,
+    a value outside the declared range or choices.
+    """
+    where = where or f"analyses.params.{name}"
+    if not isinstance(params, Mapping):
+        raise ParamError(f"{where}: must be a table of parameters, got {type(params).__name__}")
+    specs = param_specs(name)
+    out = {}
+    for key, value in params.items():
+        if key not in specs:
+            raise ParamError(f"unknown key '{where}.{key}'; expected one of: {', '.join(sorted(specs)) or '(none)'}")
+        out[key] = _coerce(value, specs[key], f"{where}.{key}")
     return out

@@ -13,11 +13,53 @@ import datetime as _dt
 import html
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from storage import cube as cubes
+from storage.schema import is_counts_cube
+
+# Routing-cube attrs that say what an import excluded or assumed; the report lists them.
+IMPORT_NOTES = ("warmup_excluded", "layers_assumed", "step_inferred")
+
+
+# Spreadsheet formula injection (OWASP "CSV Injection"): a cell starting with one of
+# these is run as a formula by Excel/LibreOffice/Sheets when the CSV is opened.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def escape_cell(value):
+    """``value`` made inert for spreadsheets: a string starting with = + - @ tab or CR gets a leading "'".
+
+    Only strings are touched, and a string that is a plain number ("-3", "+1e5")
+    is left as it is: it cannot hold a formula. Numbers stay numbers.
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.match(value):
+        return "'" + value
+    return value
+
+
+def csv_safe(table):
+    """A copy of the DataFrame ``table`` with :func:`escape_cell` applied to its text cells and column names.
+
+    Numeric, boolean and datetime columns are returned unchanged (a negative
+    number is a number, not a formula); object, string and categorical columns
+    are escaped cell by cell.
+    """
+    import pandas as pd
+
+    out = table.copy()
+    for col in out.columns:
+        s = out[col]
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            out[col] = s.astype(object).map(escape_cell)
+        elif s.dtype == object or pd.api.types.is_string_dtype(s.dtype):
+            out[col] = s.map(escape_cell)
+    out.columns = [escape_cell(c) for c in out.columns]
+    return out
 
 
 def _json_default(o):
@@ -95,6 +137,20 @@ def _artifact_list(files: list[Path], root: Path) -> str:
     return f'<details class="files" open><summary>Files for other tools ({len(files)})</summary><ul>{items}</ul></details>'
 
 
+def _import_note(key: str, value) -> str:
+    """One sentence for an import note of the routing cube's attrs (IMPORT_NOTES)."""
+    if key == "warmup_excluded":
+        try:
+            w = json.loads(value)
+            first = w["first_runs"][0] if w.get("first_runs") else {}
+            return (f"Warm-up / dummy batches: {w['tokens']} of {w['of_tokens']} tokens ({100 * w['share']:.1f} %) "
+                    f"in {w['runs']} run(s), first at sample {first.get('first_sample', '?')} "
+                    f"({', '.join(first.get('criteria', []))}); {w['note']}.")
+        except (ValueError, KeyError, TypeError):
+            pass
+    return f"{key}: {value}"
+
+
 def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, dashboard: str = "") -> Path:
     """Render figures, tables, summary.json and index.html for ``analysis_names``."""
     from . import get
@@ -109,13 +165,25 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
         "model": {k: routing.attrs.get(k) for k in ("model_family", "num_experts", "top_k", "router_semantics")},
         "checkpoints": {str(c): int(s) for c, s in zip(routing.checkpoint.values, routing.step.values)},
         "layers": [int(x) for x in routing.layer.values],
-        "tokens": int(routing.sizes["token"]),
-        "samples": int(np.unique(routing["sample"].values).size),
+        "tokens": 0,
+        "samples": 0,
         "domains": {},
         "analyses": {},
     }
-    doms, counts = np.unique(routing["domain"].values.astype(str), return_counts=True)
+    if is_counts_cube(routing):
+        # an aggregate-counts import: tokens per domain are implied by the slots (k per token)
+        slots = np.asarray(routing["slot_counts"].isel(checkpoint=-1, layer=0).sum("expert").values)
+        doms = [str(d) for d in routing["domain"].values]  # zarr 3 text: StringDType, no astype(str)
+        counts = slots // max(int(routing.attrs["top_k"]), 1)
+    else:
+        summary["samples"] = int(np.unique(routing["sample"].values).size)
+        doms, counts = np.unique(routing["domain"].values.astype(str), return_counts=True)
     summary["domains"] = {str(d): int(n) for d, n in zip(doms, counts)}
+    summary["tokens"] = int(sum(summary["domains"].values()))
+    # what an import left out or assumed (warm-up batches, layer ids), stated next to the numbers
+    notes = {k: routing.attrs[k] for k in IMPORT_NOTES if routing.attrs.get(k)}
+    if notes:
+        summary["import_notes"] = notes
     layout.tables_dir.mkdir(parents=True, exist_ok=True)
 
     train_files, train_summary = _training_figure(layout, formats)
@@ -135,7 +203,8 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
         out = layout.figures_dir / name
         files = a.figure(result, out, formats)
         table = a.table(result)
-        table.to_csv(layout.tables_dir / f"{name}.csv", index=False)
+        # labels and token text come from user data: escaped so the CSV cannot carry spreadsheet formulas
+        csv_safe(table).to_csv(layout.tables_dir / f"{name}.csv", index=False)
         # Extra files for other tools (e.g. mask points for ablation sweeps), linked below.
         extra = [Path(f) for f in a.artifacts(result, layout.tables_dir / name)] if a.artifacts else []
         if extra:
@@ -158,6 +227,7 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
     <dt>Definition</dt><dd>{html.escape(str(result.attrs.get("definition", "")))}</dd>
     <dt>Normalisation</dt><dd>{html.escape(str(result.attrs.get("normalisation", "")))}</dd>
     <dt>Chance level</dt><dd>{html.escape(str(chance)) or "—"}</dd>
+    {f'<dt>Intervals</dt><dd>{html.escape(str(result.attrs["intervals"]))}</dd>' if result.attrs.get("intervals") else ""}
   </dl>
   {''.join(_img(f, layout.report_dir) for f in pngs)}
   <p class="files">Cube: <code>{html.escape(os.path.relpath(layout.analysis(name), layout.report_dir))}</code>
@@ -202,7 +272,8 @@ pre.headline {{ background: #f6f6f6; padding: .5em; font-size: 85%; }}
 router: {html.escape(str(model.get("router_semantics")))}</li>
 <li>MoE layers: {summary["layers"]}</li>
 <li>Checkpoints: {html.escape(ckpts)}</li>
-<li>{summary["tokens"]} tokens in {summary["samples"]} samples:</li>
+<li>{summary["tokens"]} tokens in {summary["samples"]} samples{" (aggregate counts only: tokens implied by the slot counts)" if is_counts_cube(routing) else ""}:</li>
+{"".join(f"<li>{html.escape(_import_note(k, v))}</li>" for k, v in notes.items())}
 </ul>
 <table><tr><th>domain</th><th>tokens</th></tr>{dom_rows}</table>
 <p>Routing cube: <code>{html.escape(os.path.relpath(layout.routing, layout.report_dir))}</code>

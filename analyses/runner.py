@@ -16,7 +16,8 @@ def compute_analysis(routing_path, name: str, params: dict, *, checkpoints=None,
 
     Returns an in-memory Dataset (dims as documented by the analysis).
     """
-    from . import get, missing_requirements
+    from . import get
+    from .registry import skip_reason
 
     ds = cubes.open_routing(routing_path, complete_only=True)
     if checkpoints is not None:
@@ -25,9 +26,9 @@ def compute_analysis(routing_path, name: str, params: dict, *, checkpoints=None,
         if absent:
             raise cubes.CubeError(f"{routing_path}: checkpoints {absent} are not completely captured")
         ds = ds.sel(checkpoint=[c for c in map(str, ds.checkpoint.values) if c in set(checkpoints)])
-    missing = missing_requirements(name, ds)
-    if missing:
-        raise ValueError(f"{routing_path}: analysis {name!r} needs variables {missing}, which the cube does not have")
+    reason = skip_reason(name, ds)
+    if reason:
+        raise ValueError(f"{routing_path}: analysis {name!r} cannot run: {reason}")
     result = get(name).func(ds, **params)
     try:
         return _compute(result, client)

@@ -31,6 +31,12 @@ use different tokens and routing depends on the token:
    clip((MI − MI_floor_mean) / H(domain), 0, 1), the fraction of (expert,
    domain) cells with ``significant``, and clip((V − V_floor) / (1 − V_floor),
    0, 1) with V the input-token vocabulary specialization.
+
+Tokens whose id is unknown (-1: traces that log no ids) are no token type: the
+vocabulary statistics leave them out, and are NaN when no id is known (so is
+the score). Fewer than two domains: the pipeline skips the analysis with that
+reason (``min_domains``). On an aggregate-counts cube only usage, lift,
+ratio_to_chance and excess exist; the rest is NaN with ``nan_where`` saying why.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from storage.schema import FILL_ID
+from storage.schema import FILL_ID, is_counts_cube
 
 from . import plotting
 from .temporal import checkpoint_label, checkpoint_styles
@@ -526,6 +532,10 @@ def specialization(
     for pname, v, least in (("n_shuffle", n_shuffle, 1), ("min_count", min_count, 1), ("n_boot", n_boot, 0)):
         if int(v) < least:
             raise ValueError(f"specialization: {pname}={v}; expected >= {least}")
+    if is_counts_cube(routing):
+        return _specialization_from_counts(
+            routing, E=E, k=k, canonical_only=canonical_only, fdr_q=fdr_q, n_shuffle=n_shuffle, min_count=min_count,
+            n_boot=n_boot, ci=ci, seed=seed)
     domains = sample_groups(routing, "domain")  # (sample,), raises on a sample with two domains
     labels = np.unique(np.asarray(domains.values).astype(str))
     if len(labels) < 2:
@@ -575,7 +585,9 @@ def specialization(
     keep = np.ones(routing.sizes["token"], dtype=bool) if mask is None else mask.values
     tid = np.asarray(routing["token_id"].values, dtype=np.int64)
     nxt = next_token_ids(routing)
-    in_codes, n_in = _type_codes(tid, keep, min_count)
+    # an unknown token id (-1, e.g. traces that log no ids) is no token type: such tokens stay out,
+    # and with no known id at all the vocabulary statistics are NaN rather than "one type, -1"
+    in_codes, n_in = _type_codes(tid, keep & (tid >= 0), min_count)
     nx_codes, n_nx = _type_codes(nxt, keep & (nxt >= 0), min_count)
     v_in, f_in, t_in = vocabulary_specialization(ids, in_codes, n_in, E=E, min_count=min_count)
     v_nx, f_nx, t_nx = vocabulary_specialization(ids, nx_codes, n_nx, E=E, min_count=min_count)
@@ -639,8 +651,9 @@ def specialization(
         ),
         "vocab_input": describe(
             v_in, "vocabulary specialization (input token)", "share of occurrences",
-            f"mean over token types seen >= {min_count} times of max_e count(id → e)/n_id", chance=k / E,
-            nan_where=f"no token type with >= {min_count} routed occurrences",
+            f"mean over token types seen >= {min_count} times of max_e count(id → e)/n_id (tokens with an "
+            "unknown id, -1, are left out)", chance=k / E,
+            nan_where=f"no token type with >= {min_count} routed occurrences (e.g. the source logs no token ids)",
         ),
         "vocab_input_floor": describe(
             f_in, "vocabulary specialization floor (input token)", "share of occurrences",
@@ -731,6 +744,100 @@ def specialization(
         params={"canonical_only": canonical_only, "fdr_q": fdr_q, "n_shuffle": int(n_shuffle),
                 "min_count": int(min_count), "n_boot": int(n_boot), "ci": ci, "seed": seed},
     )
+
+
+def _specialization_from_counts(routing, *, E, k, canonical_only, fdr_q, n_shuffle, min_count, n_boot, ci,
+                                seed) -> xr.Dataset:
+    """:func:`specialization` on an aggregate-counts cube: exact domain usage, lift and excess only.
+
+    The randomisation test and the MI floor relabel samples, the MI needs each
+    token's top-1 expert, the vocabulary statistics need token ids and the
+    intervals resample samples: none exists in slot counts, so those variables
+    are NaN (``significant`` False, ``*_types`` 0) with ``nan_where`` saying
+    why, and attrs ``intervals`` says there are none. Same variables and dims
+    as :func:`specialization`.
+    """
+    from .counts import NO_SAMPLES, slot_counts
+
+    if canonical_only:
+        raise ValueError("specialization: canonical_only=True needs per-token routing; an aggregate-counts cube "
+                         "has no token text")
+    counts, guard = slot_counts(routing)
+    count = counts.transpose("checkpoint", "layer", "expert", "domain")
+    if count.sizes["domain"] < 2:
+        raise ValueError(f"specialization: the counts cube has {count.sizes['domain']} domain(s); domain "
+                         "specialization needs at least 2")
+    slots_d = count.sum("expert")
+    pooled = count.sum("domain")
+    usage = safe_ratio(count, slots_d)
+    usage_all = safe_ratio(pooled, slots_d.sum("domain"))
+    lift = safe_ratio(usage, usage_all)
+    excess = (count - usage_all.fillna(0.0) * slots_d).astype(np.float64)
+    cell = xr.full_like(usage, np.nan, dtype=np.float64)
+    layer = xr.full_like(usage.isel(expert=0, domain=0, drop=True), np.nan, dtype=np.float64)
+    none = xr.zeros_like(layer, dtype=np.int64)
+    na = f"always: {NO_SAMPLES}"
+    chance = 1.0 / E
+    out = {
+        "usage": describe(usage, "expert usage by domain", "share of routing slots",
+                          "slots of the domain counted for the expert / all slots of the domain", chance=chance,
+                          nan_where="the domain has no counted slot at this checkpoint and layer"),
+        "usage_all": describe(usage_all, "expert usage (all domains)", "share of routing slots",
+                              "share of all counted routing slots going to the expert", chance=chance,
+                              nan_where="no counted slot at this checkpoint and layer"),
+        "lift": describe(lift, "domain lift", "ratio",
+                         "usage by the domain / pooled usage of the expert (1 = no preference)", chance=1.0,
+                         nan_where="the expert or the domain has no slot at this checkpoint and layer"),
+        "ratio_to_chance": describe(usage * E, "usage ratio to chance", "ratio",
+                                    "usage by the domain × E (1 = uniform routing)", chance=1.0,
+                                    nan_where="the domain has no counted slot at this checkpoint and layer"),
+        "excess": describe(excess, "excess slots", "slots",
+                           "n_(domain,expert) − u_expert · n_domain: slots above what the pooled usage predicts",
+                           chance=0.0),
+        "z": describe(cell, "randomisation z", "standard deviations", "randomisation test of the excess",
+                      nan_where=na),
+        "p_value": describe(cell, "p-value", "probability", "randomisation test of the excess", nan_where=na),
+        "q_value": describe(cell, "BH q-value", "probability", "Benjamini–Hochberg adjusted p-value", nan_where=na),
+        "mi": describe(layer, "mutual information domain–top-1", "bits",
+                       "I(domain; top-1 expert) over tokens: needs each token's top-1 expert", nan_where=na),
+        "mi_floor_mean": describe(layer, "MI floor (mean)", "bits", "MI under relabelled samples", nan_where=na),
+        "mi_floor_p95": describe(layer, "MI floor (95th percentile)", "bits", "MI under relabelled samples",
+                                 nan_where=na),
+        "domain_entropy": describe(layer, "domain entropy", "bits", "H(domain) over tokens with a top-1",
+                                   nan_where=na),
+        "significant_fraction": describe(layer, "fraction of significant cells", "share of (expert, domain) cells",
+                                         "share of cells with BH q <= fdr_q", nan_where=na),
+        "mi_component": describe(layer, "MI above floor / H(domain)", "fraction", "needs mi", nan_where=na),
+    }
+    for which in ("input", "next"):
+        out[f"vocab_{which}"] = describe(layer, f"vocabulary specialization ({which} token)",
+                                         "share of occurrences", "needs token ids", nan_where=na)
+        out[f"vocab_{which}_floor"] = describe(layer, f"vocabulary specialization floor ({which} token)",
+                                               "share of occurrences", "needs token ids", nan_where=na)
+        out[f"vocab_{which}_types"] = describe(none, f"token types ({which})", "types",
+                                               "token types counted: none without token ids")
+    out["vocab_component"] = describe(layer, "vocabulary specialization above floor", "fraction",
+                                      "needs token ids", nan_where=na)
+    out["score"] = describe(layer, "specialization score", "score in [0, 1]",
+                            "mean of mi_component, significant_fraction and vocab_component", nan_where=na)
+    result = attach_guard(xr.Dataset(out), guard)
+    result["significant"] = describe(
+        xr.zeros_like(usage, dtype=bool) & (guard == 0).all(), "significant cell", "boolean",
+        "always False: no randomisation test is possible on slot counts (see attrs intervals)",
+    )
+    result = finalise(
+        result, routing, name=NAME,
+        definition="from an aggregate-counts cube: usage[c,l,e,d] = slots of domain d counted for expert e / slots "
+        "of d; lift = usage / pooled usage; excess = n_de − u_e·n_d. The randomisation test, MI (top-1), its "
+        "shuffled floor, vocabulary specialization and the score need per-token routing and are NaN.",
+        normalisation="usage: share of routing slots (1/E uniform); lift and ratio_to_chance: ratios",
+        chance=f"usage: 1/E = {chance:.4g}; lift, ratio_to_chance: 1; excess: 0",
+        params={"canonical_only": canonical_only, "fdr_q": fdr_q, "n_shuffle": int(n_shuffle),
+                "min_count": int(min_count), "n_boot": int(n_boot), "ci": ci, "seed": seed},
+    )
+    result.attrs["intervals"] = f"bootstrap intervals, randomisation tests and MI floors {NO_SAMPLES}"
+    result.attrs["counts_only"] = 1
+    return result
 
 
 # ----------------------------------------------------------------------------- figures
@@ -872,6 +979,8 @@ ANALYSIS = register(
             "expert for the earliest and final checkpoint (white = no preference, chance), dots = significant."
         ),
         requires=("expert_ids",),
+        accepts_counts=True,
+        min_domains=2,
         params={"canonical_only": False, "fdr_q": 0.05, "n_shuffle": 200, "min_count": 10, "n_boot": 200,
                 "ci": 0.95, "seed": 0},
         table=table,

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from storage.schema import FILL_ID
+from storage.schema import FILL_ID, phases_present
 
 from . import plotting
 from .bootstrap import add_interval, bootstrap_weights, interval, sample_index
@@ -485,6 +485,9 @@ def temporal(
         transition (checkpoint, layer, expert, expert_next): row-normalised
         autocorrelation (checkpoint, layer, lag, expert)
         autocorrelation_mean (checkpoint, layer, lag) [+ _lo/_hi]: mean over experts
+        top1_repeat_by_phase, set_repeat_by_phase (checkpoint, layer, view): the
+            repeat rates over pairs whose two tokens share the inference phase
+            (view prefill / decode), only when ``phase`` labels more than one
 
     Ids of -1 (unwritten) never form a pair; an id outside -1..E-1 raises
     ValueError (at compute time for lazy input).
@@ -554,6 +557,31 @@ def temporal(
             nan_where="no expert has a defined autocorrelation at this lag",
         ),
     }
+    present = phases_present(routing)
+    if len(present) > 1:
+        # per inference phase: pairs whose two tokens are both of the phase (the other tokens are
+        # masked to -1, which never forms a pair); one more pass over the tokens per phase
+        phase = np.asarray(routing["phase"].values, dtype=object)
+        top1, sets = [], []
+        for p in present:
+            masked = ids.where(xr.DataArray(phase == p, dims="token"), FILL_ID).astype(ids.dtype)
+            tot, _ = _pair_sums(masked, codes.values, E=E, S=S, M=max_lag, weights=None)
+            top1.append(safe_ratio(tot["top1_repeats"], tot["top1_pairs"]))
+            sets.append(safe_ratio(tot["set_repeats"], tot["set_pairs"]))
+        view = {"view": np.asarray(present, dtype=object)}
+        nan_p = "no adjacent pair of this phase with written routing at this checkpoint and layer"
+        out["top1_repeat_by_phase"] = describe(
+            xr.concat(top1, dim="view").assign_coords(view).transpose("checkpoint", "layer", "view"),
+            "top-1 repeat by phase", "share of adjacent pairs",
+            "top1_repeat over the adjacent pairs whose two tokens have this 'phase' (prefill / decode)",
+            chance=1.0 / E, nan_where=nan_p,
+        )
+        out["set_repeat_by_phase"] = describe(
+            xr.concat(sets, dim="view").assign_coords(view).transpose("checkpoint", "layer", "view"),
+            "set repeat by phase", "share of adjacent pairs",
+            "set_repeat over the adjacent pairs whose two tokens have this 'phase' (prefill / decode)",
+            chance=chance_set, nan_where=nan_p,
+        )
     if reps is not None:
         reps = reps.assign_coords(lag_coords)
         scheme = "resampling samples (not tokens); a pair belongs to the sample of its first token"
@@ -725,12 +753,20 @@ def summary(result: xr.Dataset) -> dict:
             "lag1_autocorrelation": json_number(res["autocorrelation_mean"].isel(checkpoint=i, lag=0).mean("layer")),
         }
 
-    return {
+    out = {
         "chance_top1_repeat": 1.0 / E,
         "chance_set_repeat": set_repeat_chance(E, k),
         "earliest": at(0),
         "final": at(-1),
     }
+    if "top1_repeat_by_phase" in result:  # per inference phase, final checkpoint, mean over layers
+        last = result[["top1_repeat_by_phase", "set_repeat_by_phase"]].isel(checkpoint=-1).mean("layer").compute()
+        out["final_by_phase"] = {
+            str(v): {"top1_repeat": json_number(last["top1_repeat_by_phase"].sel(view=v)),
+                     "set_repeat": json_number(last["set_repeat_by_phase"].sel(view=v))}
+            for v in last["view"].values
+        }
+    return out
 
 
 ANALYSIS = register(

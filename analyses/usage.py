@@ -7,7 +7,10 @@ slots, so the denominator is k·tokens and uniform routing gives 1/E.
 Token views (dim ``view``, parameter ``views``): ``all`` every token;
 ``canonical`` the non-whitespace tokens (``canonical`` coordinate);
 ``last_canonical`` the last canonical token of each sample (one token per
-sample, the view a classifier head or a next-token decision reads).
+sample, the view a classifier head or a next-token decision reads); and, when
+an imported serving log labels both, ``prefill`` and ``decode`` (``phase``).
+On an aggregate-counts cube (OLMoE's expert_counts) only view ``all`` exists
+and there are no intervals.
 
 Every number is first reduced to per-sample sums (one flox pass over the
 cube); group totals and bootstrap replicates are sums over samples of those,
@@ -23,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
+
+from storage.schema import PHASES, is_counts_cube, phases_present
 
 from . import bootstrap as bs
 from . import plotting
@@ -64,6 +69,40 @@ def ids_by_view(routing: xr.Dataset, views: Sequence[str]) -> xr.DataArray:
     )
 
 
+def with_phase_views(
+    routing: xr.Dataset, classes: xr.DataArray, member: xr.DataArray, phase_views: Sequence[str]
+) -> tuple[xr.DataArray, xr.DataArray]:
+    """Token classes and view membership extended by per-phase views ('prefill', 'decode').
+
+    Each token class of :func:`analyses.registry.view_classes` is split by the
+    token's ``phase`` (unknown, then :data:`storage.schema.PHASES`): class c
+    becomes c + n·p. The existing views keep every phase of their classes; a
+    phase view is every class of its phase. The token pass stays one pass.
+
+    Returns codes (token,) int8 and member (view, view_class) int64 with the
+    phase views appended to ``view``.
+    """
+    n = member.sizes["view_class"]
+    phase = np.asarray(routing["phase"].values, dtype=object)
+    pcode = np.zeros(phase.shape, dtype=np.int8)
+    for i, p in enumerate(PHASES, start=1):
+        pcode[phase == p] = i
+    codes = (np.asarray(classes.values, dtype=np.int8) + n * pcode).astype(np.int8)
+    P = len(PHASES) + 1
+    rows = [np.tile(np.asarray(member.values[v]), P) for v in range(member.sizes["view"])]
+    for p in phase_views:
+        row = np.zeros(n * P, dtype=np.int64)
+        i = PHASES.index(p) + 1
+        row[n * i:n * (i + 1)] = 1
+        rows.append(row)
+    views = [str(v) for v in member["view"].values] + list(phase_views)
+    return (
+        xr.DataArray(codes, dims="token"),
+        xr.DataArray(np.stack(rows).astype(np.int64), dims=("view", "view_class"),
+                     coords={"view": np.asarray(views, dtype=object)}),
+    )
+
+
 def position_buckets(routing: xr.Dataset, n_bins: int) -> tuple[xr.DataArray, np.ndarray]:
     """Bucket code per token from its ``position`` coordinate, and the bucket edges.
 
@@ -99,7 +138,9 @@ def usage(
         ``expert_weights`` (same dims) when present, and the token coordinates
         ``sample``, ``domain``, ``canonical``, ``position``.
     views : token views to compute (dim ``view``), among ``all``,
-        ``canonical``, ``last_canonical``.
+        ``canonical``, ``last_canonical``. When the ``phase`` coordinate
+        labels more than one inference phase, the views ``prefill`` and
+        ``decode`` (the tokens of that phase) are appended.
     position_bins : number of token-position buckets of the activation timeline.
     n_boot : bootstrap replicates (resampling samples within each domain);
         0 leaves the ``_lo``/``_hi`` variables out.
@@ -127,16 +168,23 @@ def usage(
     E, k = cube_sizes(routing)
     views = check_views(views)
     n_boot = int(n_boot)
+    if is_counts_cube(routing):
+        return _usage_from_counts(routing, E=E, k=k, views=views, position_bins=position_bins, n_boot=n_boot,
+                                  ci=ci, seed=seed)
     ids_all = view_ids(routing, "all")
     groups = bs.sample_groups(routing, "domain")
     classes, member = view_classes(routing, views)
+    present = phases_present(routing)
+    phase_views = present if len(present) > 1 else []  # one phase only: its view would repeat 'all'
+    if phase_views:
+        classes, member = with_phase_views(routing, classes, member, phase_views)
 
     # One pass over the tokens, grouped by token class (views are unions of classes) and
     # expert: everything below is sums over samples and classes.
     parts = {"count": xr.ones_like(ids_all, dtype=np.int64)}
     if "expert_weights" in routing:
         parts["wsum"] = token_var(routing, "expert_weights").astype(np.float64).where(ids_all >= 0, 0.0)
-    by_class = {"view_class": (classes, 3)}
+    by_class = {"view_class": (classes, member.sizes["view_class"])}
     ps = bs.per_sample_sums(xr.Dataset(parts), routing, dim=("token", "k"), by={**by_class, "expert": (ids_all, E)})
     ps_tokens = bs.per_sample_sums(over_slots(ids_all >= 0, "any").astype(np.int64), routing, dim="token", by=by_class)
 
@@ -225,7 +273,10 @@ def usage(
         definition="usage[c,l,v,d,e] = #slots of domain d's tokens in view v routed to expert e / #valid slots "
         "of those tokens (checkpoint c, layer l); weighted_usage uses the received weights w instead of 1; "
         "usage_by_position pools the tokens whose position lies in a bucket (view all). Views: all tokens, "
-        "canonical (non-whitespace) tokens, the last canonical token of each sample. Ids of -1 (unwritten) "
+        "canonical (non-whitespace) tokens, the last canonical token of each sample"
+        + (f"; per inference phase ({', '.join(phase_views)}: the tokens whose 'phase' coordinate says so), "
+           "added because the cube labels more than one phase" if phase_views else "")
+        + ". Ids of -1 (unwritten) "
         f"are excluded. Intervals: {100 * ci:g} % percentile bootstrap over samples resampled within each "
         f"domain ({n_boot} replicates; none when 0).",
         normalisation="share of routing slots (divide by k·tokens); sums to 1 over experts. The other common "
@@ -234,6 +285,54 @@ def usage(
         params={"views": views, "position_bins": int(position_bins), "n_boot": n_boot, "ci": float(ci),
                 "seed": int(seed)},
     )
+
+
+def _usage_from_counts(routing: xr.Dataset, *, E: int, k: int, views, position_bins, n_boot, ci, seed) -> xr.Dataset:
+    """:func:`usage` on an aggregate-counts cube: exact shares from the slot counts, view ``all`` only.
+
+    Returns count, tokens (= slots / k), usage, usage_all with dims as in
+    :func:`usage` (view = ['all']); no weighted usage, no position timeline
+    and no intervals (attrs ``intervals`` says why).
+    """
+    from .counts import NO_SAMPLES, implied_tokens, slot_counts
+
+    if list(views) != ["all"] and "all" not in views:
+        raise ValueError(f"usage: views {list(views)} need per-token routing; an aggregate-counts cube has only "
+                         "view 'all'")
+    counts, guard = slot_counts(routing)
+    count = counts.expand_dims(view=np.asarray(["all"], dtype=object), axis=2).transpose(
+        "checkpoint", "layer", "view", "domain", "expert")
+    chance = 1.0 / E
+    out = {
+        "count": describe(count, "routing slots", "slots",
+                          "number of routing slots (token × top-k position) of the domain assigned to the expert, "
+                          "as the source counted them"),
+        "tokens": describe(implied_tokens(count, k), "routed tokens", "tokens",
+                           "slots / k: tokens of the domain implied by the counts (every token fills k slots)"),
+        "usage": describe(
+            safe_ratio(count, count.sum("expert")), "expert usage", "share of routing slots",
+            "count / Σ_e count of the domain: share of the domain's routing slots going to the expert",
+            chance=chance, nan_where="the domain has no counted slot at this checkpoint and layer",
+        ),
+        "usage_all": describe(
+            safe_ratio(count.sum("domain"), count.sum(("domain", "expert"))), "expert usage (all domains)",
+            "share of routing slots", "share of all counted routing slots going to the expert, every domain pooled",
+            chance=chance, nan_where="no counted slot at this checkpoint and layer",
+        ),
+    }
+    result = attach_guard(xr.Dataset(out), guard)
+    result = finalise(
+        result, routing, name=NAME,
+        definition="usage[c,l,d,e] = slots of domain d counted for expert e / all slots counted for d "
+        "(checkpoint c, layer l), from an aggregate-counts cube (view 'all' only).",
+        normalisation="share of routing slots; sums to 1 over experts. Per-token share (uniform k/E) is usage × k.",
+        chance=chance,
+        params={"views": ["all"], "position_bins": int(position_bins), "n_boot": int(n_boot), "ci": float(ci),
+                "seed": int(seed)},
+    )
+    result.attrs["intervals"] = f"bootstrap intervals {NO_SAMPLES}"
+    result.attrs["counts_only"] = 1
+    return result
 
 
 # --------------------------------------------------------------------------- figures
@@ -426,7 +525,8 @@ def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",))
         _heatmaps(result, out_dir, formats, view)
         + _domain_heatmaps(result, out_dir, formats, view)
         + _utilization(result, out_dir, formats)
-        + _timeline(result, out_dir, formats)
+        # no timeline from an aggregate-counts cube: it has no token positions
+        + (_timeline(result, out_dir, formats) if "usage_by_position" in result else [])
     )
 
 
@@ -481,6 +581,7 @@ ANALYSIS = register(
             "Activation timeline: usage by token-position bucket (bands = bootstrap intervals)."
         ),
         requires=("expert_ids",),
+        accepts_counts=True,
         optional=("expert_weights",),
         params={"views": list(VIEWS), "position_bins": 8, "n_boot": 200, "ci": 0.95, "seed": 0},
         table=table,

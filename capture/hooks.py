@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .routers import RouterSite, decode_router_output, find_routers
+from .routers import RouterSite, decode_router_output, find_routers, uncovered_moe_blocks
 
 __all__ = ["RoutingRecorder", "record_routing"]
 
@@ -33,8 +33,10 @@ class RoutingRecorder:
     handles : the hook handles (removed by ``record_routing`` on exit).
     """
 
-    def __init__(self, sites: list[RouterSite], *, keep_logits: bool):
+    def __init__(self, sites: list[RouterSite], *, keep_logits: bool,
+                 uncovered: list[tuple[str, nn.Module]] | None = None):
         self.sites = sites
+        self.uncovered = uncovered or []
         self.keep_logits = keep_logits
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self._out: dict[int, list] = {s.layer: [] for s in sites}
@@ -72,7 +74,19 @@ class RoutingRecorder:
 
         return hook
 
+    @staticmethod
+    def _tripwire(name: str, block: nn.Module):
+        def hook(module, args):
+            raise RuntimeError(
+                f"MoE block '{name}' ({type(block).__name__}) ran its experts, but no router of it is captured "
+                f"(its router class is neither in the model's _can_record_outputs['router_logits'] nor in "
+                f"capture.routers.UNDECLARED_ROUTERS); refusing to write a capture with a missing MoE layer")
+
+        return hook
+
     def install(self) -> None:
+        for name, block in self.uncovered:
+            self.handles.append(block.experts.register_forward_pre_hook(self._tripwire(name, block)))
         for s in self.sites:
             self.handles.append(s.module.register_forward_hook(self._router_hook(s)))
             if s.adapter == "experts_inputs":
@@ -141,7 +155,7 @@ def record_routing(model: nn.Module, sites: list[RouterSite] | None = None, *, k
     """
     if sites is None:
         sites = find_routers(model, where=where)
-    rec = RoutingRecorder(sites, keep_logits=keep_logits)
+    rec = RoutingRecorder(sites, keep_logits=keep_logits, uncovered=uncovered_moe_blocks(model, sites))
     try:
         rec.install()
         yield rec

@@ -99,6 +99,10 @@ def build_template(token_paths: list[str], *, checkpoints, keep_logits: bool, tr
         "usage_normalisation": "slots: each token contributes k routing slots",
         "software": ", ".join(f"{k} {v}" for k, v in versions.items()),
     }
+    # Facts that apply to some families only (zero-computation experts, scaling after the experts,
+    # capacity-limited routing): capture.load.ModelInfo.attrs() states them.
+    attrs.update({k: v for k, v in info.attrs().items()
+                  if k in ("zero_experts", "post_expert_scale", "capacity")})
     if all(conditions):
         attrs.update(condition_a=conditions[0], condition_b=conditions[1], alignment=stats.to_json())
     return empty_routing(
@@ -111,6 +115,7 @@ def build_template(token_paths: list[str], *, checkpoints, keep_logits: bool, tr
         keep_logits=keep_logits,
         keep_lens=keep_lens,
         keep_js=keep_js,
+        keep_capacity=info.capacity is not None,
         attrs=attrs,
         lazy=True,
     )
@@ -156,3 +161,81 @@ def capture_into_cube(
             batch_size=batch_size, progress=progress, desc=f"capture {checkpoint}", where=str(model_dir),
         )
     return {"checkpoint": checkpoint, "tokens": int(ds.sizes["token"]), "model_dir": str(Path(model_dir))}
+
+
+def submit_captures(client, jobs: list[dict], *, run_key: str, gpu: bool = False) -> dict:
+    """Submit one capture job per checkpoint, all at once, so that they run side by side on the cluster.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    jobs : list of dict
+        Keyword arguments of :func:`capture_into_cube`, one per checkpoint
+        (``model_dir``, ``routing_path``, ``checkpoint``, ``batch_size``, ...).
+    run_key : str
+        Prefix of the Dask keys (``capture-<run_key>-<checkpoint>-<n>``): the
+        dashboard's task stream shows each capture under its checkpoint.
+    gpu : bool
+        Each job asks for one ``GPU`` resource: a worker advertising GPU=1
+        runs one capture at a time, on its own device. On CPU a job takes one
+        worker thread, so as many run at once as the workers have threads.
+
+    Returns
+    -------
+    dict : checkpoint name -> future, in the order of ``jobs``.
+    """
+    import time
+
+    futures = {}
+    for job in jobs:
+        job = dict(job)
+        model_dir, routing_path, checkpoint = job.pop("model_dir"), job.pop("routing_path"), job.pop("checkpoint")
+        futures[checkpoint] = client.submit(
+            capture_into_cube, model_dir, routing_path, checkpoint, **job,
+            key=f"capture-{run_key}-{checkpoint}-{time.time_ns()}", pure=False,
+            resources={"GPU": 1} if gpu else None,
+        )
+    return futures
+
+
+def wait_captures(futures: dict, *, explain=None) -> dict:
+    """Wait for every capture future; raise one error naming each checkpoint that failed.
+
+    A failed capture does not stop the others (their regions are finished and
+    marked complete, so a rerun captures only what failed).
+
+    Parameters
+    ----------
+    futures : checkpoint name -> future (from :func:`submit_captures`).
+    explain : callable(exc, what) -> str or None, optional
+        Turns cluster failures (a worker that died, no worker able to run the
+        job) into one line (``deploy.explain``).
+
+    Returns
+    -------
+    dict : checkpoint name -> what :func:`capture_into_cube` returned.
+
+    Raises
+    ------
+    RuntimeError (or the single failure's own type when one checkpoint failed
+    with an ordinary error), listing each failed checkpoint with its reason.
+    """
+    results, failures = {}, {}
+    for name, future in futures.items():
+        try:
+            results[name] = future.result()
+        except Exception as exc:  # noqa: BLE001 - collected, reported together below
+            line = explain(exc, f"capture of checkpoint {name!r}") if explain is not None else None
+            failures[name] = (exc, line)
+    if not failures:
+        return results
+    if len(failures) == 1:
+        (name, (exc, line)), = failures.items()
+        if line is None:
+            raise exc  # an ordinary error (e.g. a CubeError naming the cube): its own type and message
+        raise RuntimeError(line) from exc
+    lines = [line or f"capture of checkpoint {name!r}: {type(exc).__name__}: {exc}"
+             for name, (exc, line) in failures.items()]
+    done = f" ({len(results)} others finished)" if results else ""
+    raise RuntimeError(f"{len(failures)} of {len(futures)} captures failed{done}: " + " | ".join(lines)) \
+        from next(iter(failures.values()))[0]

@@ -28,7 +28,6 @@ tokenizer is given.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -109,10 +108,12 @@ def read_pair_tokens(path, *, condition_a: str, condition_b: str, dataset: str, 
     if not condition_a or not condition_b or condition_a == condition_b:
         raise ValueError(f"{p}: reading pair tokens needs two different condition names ([conditions] a and b), "
                          f"got {condition_a!r} and {condition_b!r}")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 0:
+        # a negative N would slice off the last entries instead of keeping the first
+        raise ValueError(f"{p}: max_samples must be an integer >= 0 (0 = all), got {max_samples!r}")
+    from .tokenize import decode_text, parse_json  # one-line errors for bad bytes and hostile nesting
+
+    data = parse_json(decode_text(p.read_bytes(), str(p)), str(p))
     if isinstance(data, dict) and "samples" in data:
         data = data["samples"]
     if not isinstance(data, list) or not data:

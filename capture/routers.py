@@ -32,6 +32,15 @@ Adapters (read from ``transformers/models/*/modeling_*.py``, v5):
     sigmoid of the selected logits and exactly 0 elsewhere; the scores scale the
     experts' *input*. The selected ids are the non-zero columns of the scores the
     model produced (read off, not re-selected from logits).
+``capacity_top1``
+    Switch Transformers: ``(dispatch_mask, router_probs, router_logits)``; the
+    dispatch mask is one-hot (tokens, E) with the rows of tokens dropped by
+    expert capacity zeroed, ``router_probs`` (tokens, 1) the top-1 probability.
+    The id is the router's own choice (argmax of its softmax, as the router
+    computes it); the weight is that probability where the token was
+    dispatched and exactly 0 where capacity dropped it (no expert ran: the
+    layer passes the token through its residual only). Capture records the
+    drops in ``capacity_dropped``.
 ``experts_inputs``
     DBRX: the router returns logits only and the block selects in
     ``route_tokens_to_experts``; ids and weights are read from a forward
@@ -52,6 +61,8 @@ __all__ = [
     "router_specs",
     "decode_router_output",
     "describe_semantics",
+    "capacity_info",
+    "uncovered_moe_blocks",
     "count_shared_experts",
     "sort_slots",
     "ADAPTERS",
@@ -66,12 +77,14 @@ ADAPTERS: dict[str, str] = {
     "Gemma4TextRouter": "probs_triple",
     "DiffusionGemmaTextRouter": "probs_triple",
     "InklingTopkRouter": "triple_plus",
+    "SwitchTransformersTop1Router": "capacity_top1",
 }
 
 # Routers we have read and know we cannot decode faithfully with a hook.
 UNSUPPORTED: dict[str, str] = {
-    "SwitchTransformersTop1Router": "encoder-decoder with capacity-limited top-1 routing (one-hot masks, dropped tokens)",
-    "NllbMoeTop2Router": "encoder-decoder with capacity-limited top-2 routing",
+    "NllbMoeTop2Router": ("NLLB-MoE: in this transformers version NllbMoeExperts dispatches on the VALUES of the "
+                          "router's 0/1 top-1 mask (one_hot(router_mask)), so only experts 0 and 1 ever run, whatever "
+                          "the router chose; no per-token expert ids would describe what the experts receive"),
     "JetMoeTopKGating": "routing returned as sorted expert batches, not per-token top-k",
     "JetMoeAttention": "mixture-of-attention-heads router; not a per-token expert FFN choice",
     "DogeCDMoE": "the recorded module is the whole MoE block (output index 1 = logits only, product-key routing)",
@@ -79,7 +92,19 @@ UNSUPPORTED: dict[str, str] = {
     "ZayaRouter": "router returns probabilities plus recurrent router state; weights are not per-token top-k",
 }
 
-_KNOWN_ADAPTERS = ("triple", "triple_plus", "probs_triple", "dense_sigmoid", "experts_inputs")
+# Router classes that run in MoE blocks but that the model does not list in
+# ``_can_record_outputs["router_logits"]``: without them those layers would be
+# silently missing from the capture. Class name -> adapter.
+UNDECLARED_ROUTERS: dict[str, str] = {
+    # DeepSeek-V4's hash-routed layers: ids = tid2eid[input_ids] (a frozen table), weights from the learned
+    # gate's scores of those ids; returns the common (logits, weights, ids) triple.
+    "DeepseekV4HashRouter": "triple",
+}
+
+# Child names under which MoE blocks keep their router.
+_ROUTER_CHILD_NAMES = ("gate", "router", "gating", "mlp_router", "moe_gate")
+
+_KNOWN_ADAPTERS = ("triple", "triple_plus", "probs_triple", "dense_sigmoid", "experts_inputs", "capacity_top1")
 
 
 @dataclass
@@ -97,6 +122,13 @@ class RouterSite:
         ``OutputRecorder``).
     num_experts, top_k : as read from the router / MoE block / config.
     experts : the sibling experts module (only for ``experts_inputs``).
+    zero_experts : trailing expert ids that are "zero-computation" identity experts
+        (LongcatFlash): ids ``num_experts - zero_experts .. num_experts - 1`` pass the
+        token through unchanged, scaled by their weight; included in ``num_experts``.
+    post_scale : a factor the MoE block multiplies the experts' summed output by
+        *after* the experts ran (Beam, Step3p7, Laguna); not part of the weights.
+        None when the block applies none (a factor inside the router, e.g.
+        DeepSeek-V3's ``routed_scaling_factor``, is already in the weights).
     """
 
     name: str
@@ -107,6 +139,8 @@ class RouterSite:
     num_experts: int
     top_k: int
     experts: nn.Module | None = field(default=None, repr=False)
+    zero_experts: int = 0
+    post_scale: float | None = None
 
     @property
     def class_name(self) -> str:
@@ -256,27 +290,14 @@ def find_routers(model: nn.Module, *, where: str = "model") -> list[RouterSite]:
             if id(mod) in seen or not _under(prefix, name) or not spec.matches(name, mod):
                 continue
             seen.add(id(mod))
-            cls = type(mod).__name__
-            if cls in UNSUPPORTED:
-                raise ValueError(f"{where}: router class {cls} at '{name}' is not supported: {UNSUPPORTED[cls]}")
-            adapter = ADAPTERS.get(cls, "triple")
-            parent = _parent(model, name)
-            E = _first_int_attr([mod, parent], _E_NAMES)
-            if E is None:
-                w = getattr(mod, "weight", None)
-                E = int(w.shape[0]) if isinstance(w, torch.Tensor) and w.ndim == 2 else None
-            E = E or _first_int_attr(_config_chain(config), _E_NAMES)
-            K = _first_int_attr([mod, parent], _K_NAMES) or _first_int_attr(_config_chain(config), _K_NAMES)
-            if E is None or K is None:
-                raise ValueError(f"{where}: cannot read the number of experts / top-k of router '{name}' ({cls})")
-            experts = None
-            if adapter == "experts_inputs":
-                experts = getattr(parent, "experts", None)
-                if not isinstance(experts, nn.Module):
-                    raise ValueError(f"{where}: router '{name}' ({cls}) has no sibling 'experts' module to read the selection from")
-            sites.append(
-                RouterSite(name, mod, _layer_index(name, layer_names, where), adapter, spec.index, int(E), int(K), experts)
-            )
+            sites.append(_make_site(model, name, mod, ADAPTERS.get(type(mod).__name__, "triple"), spec.index,
+                                    layer_names, config, where))
+    sites += _undeclared_sites(model, modules, sites, seen, layer_names, config, where)
+    if not sites and _uncovered_blocks(modules, sites):
+        blocks = [f"{n} ({type(m).__name__})" for n, m in _uncovered_blocks(modules, sites)]
+        raise ValueError(f"{where}: MoE blocks hold experts but none has a router the capture can read "
+                         f"(not in _can_record_outputs['router_logits'] nor capture.routers.UNDECLARED_ROUTERS): "
+                         f"{blocks[:3]}{' ...' if len(blocks) > 3 else ''}")
     if not sites:
         raise ValueError(f"{where}: no MoE router found (model class {type(model).__name__} declares no router "
                          f"in _can_record_outputs['router_logits'] or holds no instance of it)")
@@ -291,6 +312,86 @@ def find_routers(model: nn.Module, *, where: str = "model") -> list[RouterSite]:
             raise ValueError(f"{where}: unknown adapter '{s.adapter}' for {s.class_name}")
     return sites
 
+
+def _make_site(model, name, mod, adapter, index, layer_names, config, where) -> RouterSite:
+    cls = type(mod).__name__
+    if cls in UNSUPPORTED:
+        raise ValueError(f"{where}: router class {cls} at '{name}' is not supported: {UNSUPPORTED[cls]}")
+    parent = _parent(model, name)
+    own_cfg = [getattr(m, "config", None) for m in (mod, parent)]
+    E = _first_int_attr([mod, parent, *own_cfg], _E_NAMES)
+    if E is None:
+        w = getattr(mod, "weight", None)
+        E = int(w.shape[0]) if isinstance(w, torch.Tensor) and w.ndim == 2 else None
+    E = E or _first_int_attr(_config_chain(config), _E_NAMES)
+    K = _first_int_attr([mod, parent, *own_cfg], _K_NAMES) or _first_int_attr(_config_chain(config), _K_NAMES)
+    if adapter == "capacity_top1":
+        K = 1
+    if E is None or K is None:
+        raise ValueError(f"{where}: cannot read the number of experts / top-k of router '{name}' ({cls})")
+    # LongcatFlash: Z "zero-computation" experts follow the E real ones in the router's
+    # logits and ids; the block adds weight x token for them instead of running an expert.
+    zero = getattr(parent, "zero_expert_num", 0) or 0
+    if isinstance(zero, int) and zero > 0:
+        E = int(getattr(parent, "num_routed_experts", E)) + zero
+    experts = None
+    if adapter == "experts_inputs":
+        experts = getattr(parent, "experts", None)
+        if not isinstance(experts, nn.Module):
+            raise ValueError(f"{where}: router '{name}' ({cls}) has no sibling 'experts' module to read the selection from")
+    # A scaling factor held by the block but not by the router is applied after the
+    # experts (the router's own factor is inside the weights it returns).
+    post = None
+    f = getattr(parent, "routed_scaling_factor", None)
+    if isinstance(f, (int, float)) and not isinstance(f, bool) and not hasattr(mod, "routed_scaling_factor") and f != 1:
+        post = float(f)
+    return RouterSite(name, mod, _layer_index(name, layer_names, where), adapter, index, int(E), int(K), experts,
+                      int(zero) if isinstance(zero, int) else 0, post)
+
+
+def _holds_experts(mod: nn.Module) -> bool:
+    ex = getattr(mod, "experts", None)
+    return isinstance(ex, nn.Module) and ex is not mod
+
+
+def _uncovered_blocks(modules, sites) -> list[tuple[str, nn.Module]]:
+    # By identity, not by name: sites may be named relative to a sub-model (an encoder, a thinker).
+    covered = {id(s.module) for s in sites}
+    return [(name, mod) for name, mod in modules
+            if name and _holds_experts(mod) and not any(id(m) in covered for m in mod.modules())]
+
+
+def _undeclared_sites(model, modules, sites, seen, layer_names, config, where) -> list[RouterSite]:
+    """Sites for MoE blocks no declared router covers, whose router class we know (``UNDECLARED_ROUTERS``).
+
+    A MoE block is a module holding an ``experts`` child. Blocks still uncovered
+    afterwards are returned by ``uncovered_moe_blocks``; ``capture.hooks`` arms a
+    tripwire on their experts, so a capture fails loudly if one of them runs.
+    """
+    extra = []
+    for name, mod in _uncovered_blocks(modules, sites):
+        for child in _ROUTER_CHILD_NAMES:
+            router = getattr(mod, child, None)
+            if isinstance(router, nn.Module) and type(router).__name__ in UNDECLARED_ROUTERS:
+                seen.add(id(router))
+                extra.append(_make_site(model, f"{name}.{child}", router, UNDECLARED_ROUTERS[type(router).__name__],
+                                        0, layer_names, config, where))
+                break
+    return extra
+
+
+def uncovered_moe_blocks(model: nn.Module, sites: list[RouterSite]) -> list[tuple[str, nn.Module]]:
+    """MoE blocks of ``model`` (modules holding an ``experts`` child) that contain no router site.
+
+    Vision or audio towers of multimodal checkpoints may hold such blocks and
+    never run on text; a text block in this list would be a layer missing from
+    the capture. ``capture.hooks.record_routing`` makes any of them that runs an error.
+
+    Returns
+    -------
+    [(dotted name, block module)]
+    """
+    return _uncovered_blocks(list(model.named_modules()), sites)
 
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
@@ -343,6 +444,21 @@ def decode_router_output(site: RouterSite, output, experts_args=None):
         weights, ids = torch.topk(scores, site.top_k, dim=-1)
         if bool((weights <= 0).any()):
             raise bad(f"fewer than top_k={site.top_k} non-zero scores for some token")
+    elif a == "capacity_top1":
+        if not isinstance(output, (tuple, list)) or len(output) != 3:
+            raise bad("expected a tuple (dispatch_mask, router_probs, router_logits)")
+        dispatch, probs, logits = output
+        if not all(isinstance(t, torch.Tensor) for t in output):
+            raise bad("dispatch_mask, router_probs and router_logits must be tensors")
+        dispatch = dispatch.reshape(-1, dispatch.shape[-1])
+        logits = logits.reshape(-1, logits.shape[-1])
+        # The router's own rule: argmax of softmax(logits) in float32 (its router_dtype).
+        ids = torch.softmax(logits.float(), dim=-1).argmax(dim=-1, keepdim=True)
+        sent = dispatch.sum(dim=-1, keepdim=True) > 0
+        if bool((sent & (dispatch.gather(1, ids) == 0)).any()):
+            raise bad("the dispatch mask sends a token to an expert other than the router's top-1")
+        weights = torch.where(sent, probs.reshape(-1, 1).float(), torch.zeros((), dtype=torch.float32,
+                                                                                device=logits.device))
     elif a == "experts_inputs":
         logits = output[site.logits_index] if isinstance(output, (tuple, list)) else output
         if experts_args is None:
@@ -381,6 +497,27 @@ def sort_slots(ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, 
     """
     w, order = torch.sort(weights, dim=-1, descending=True, stable=True)
     return torch.gather(ids, -1, order), w
+
+
+def capacity_info(model: nn.Module, sites: list[RouterSite]) -> dict | None:
+    """Capacity-limited routing facts (Switch Transformers), None for other routers.
+
+    Returns
+    -------
+    {"expert_capacity": int, "scope": ..., "stack": "encoder", "decoder": ...}
+    """
+    cap = [s for s in sites if s.adapter == "capacity_top1"]
+    if not cap:
+        return None
+    return {
+        "expert_capacity": int(getattr(cap[0].module, "expert_capacity", -1)),
+        "scope": "per sequence: tokens are served in position order until an expert has taken expert_capacity "
+                 "tokens of that sequence; later tokens for that expert are dropped (weight 0, "
+                 "capacity_dropped = 1) and pass through the layer's residual only",
+        "stack": "encoder",
+        "decoder": "not captured: the token table is the encoder input; decoder routing depends on a target "
+                   "sequence the token table does not have",
+    }
 
 
 # --------------------------------------------------------------------------- semantics
@@ -428,10 +565,14 @@ def describe_semantics(model: nn.Module, sites: list[RouterSite]) -> str:
     scale = g("routed_scaling_factor")
     scale_s = f" x routed_scaling_factor={scale}" if scale not in (None, 1, 1.0) else ""
 
-    if fam in ("mixtral", "minimax", "hunyuan_v1_moe"):
+    if fam in ("qwen3_vl_moe", "qwen3_vl_moe_text", "qwen3_5_moe", "qwen3_5_moe_text"):
+        # Their routers renormalise unconditionally; the configs carry no norm_topk_prob.
+        s = f"softmax over {E} experts -> top-{K} -> renormalised to sum 1 (always: the config has no norm_topk_prob)"
+        if g("shared_expert_intermediate_size"):
+            s += "; shared expert output gated by sigmoid(shared_expert_gate)"
+    elif fam in ("mixtral", "minimax", "hunyuan_v1_moe"):
         s = f"softmax over {E} experts -> top-{K} -> renormalised to sum 1"
-    elif fam in ("olmoe", "flex_olmo", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text",
-                 "qwen3_vl_moe", "qwen3_vl_moe_text"):
+    elif fam in ("olmoe", "flex_olmo", "qwen2_moe", "qwen3_moe", "qwen3_next"):
         s = f"softmax over {E} experts -> top-{K} -> {renorm} (norm_topk_prob={bool(norm)})"
         if g("shared_expert_intermediate_size"):
             s += "; shared expert output gated by sigmoid(shared_expert_gate)"
@@ -467,6 +608,10 @@ def describe_semantics(model: nn.Module, sites: list[RouterSite]) -> str:
     elif fam == "dbrx":
         p = g("moe_normalize_expert_weights")
         s = f"softmax over {E} experts -> top-{K} -> " + (f"divided by the L{p} norm of the top-{K}" if p else "not renormalised")
+    elif fam == "switch_transformers":
+        s = (f"softmax over {E} experts -> top-1 (argmax); weight = its probability, not renormalised; capacity "
+             f"{sites[0].module.expert_capacity} tokens per expert per sequence in position order, tokens beyond it "
+             f"dropped (weight 0, capacity_dropped=1); encoder layers only")
     elif fam in ("gemma4", "gemma4_text"):
         s = (f"softmax over {E} experts -> top-{K} -> renormalised -> x per_expert_scale[expert]; "
              f"router_logits holds log-probabilities (the router returns probabilities)")
@@ -477,6 +622,14 @@ def describe_semantics(model: nn.Module, sites: list[RouterSite]) -> str:
             "bias" in n for s_ in sites for n, _ in s_.module.named_parameters() if n != "weight")
         s = (f"family '{fam}' (router {sites[0].class_name}) not catalogued: {E} experts, top-{K}, semantics NOT verified; "
              f"config knobs {knobs}" + ("; router carries a bias/correction tensor" if biased else ""))
+    post = {st.post_scale for st in sites}
+    if post != {None}:
+        s += (f"; the MoE block multiplies the experts' summed output by {sorted(p for p in post if p)} AFTER the "
+              f"experts (routed_scaling_factor on the block, not in expert_weights)")
+    zero = sites[0].zero_experts
+    if zero:
+        s += (f"; experts {E - zero}..{E - 1} are {zero} zero-computation (identity) experts: a slot on one adds "
+              f"weight x the token's input, no FFN runs")
     shared = count_shared_experts(model, sites)
     if shared:
         s += f"; {shared} shared expert(s) always active (not in expert_ids)"

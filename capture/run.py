@@ -4,6 +4,12 @@
 runs consecutive samples in right-padded batches under ``torch.inference_mode``
 and hands the sink, batch after batch, the arrays of consecutive tokens of the
 token table (token 0 first, in token order; padding never reaches the sink).
+
+On a GPU the host never waits for the forward inside the loop: real tokens
+are gathered with host-computed indices, results leave the device through
+non-blocking copies into pinned memory, and the sink runs in a background
+writer thread behind a bounded queue (``capture.stage``), so sorting,
+validation, compression and Zarr writes overlap the next forwards.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import torch
 import xarray as xr
 
 from .hooks import record_routing
-from .load import ModelInfo, describe_model, load_model
+from .load import ModelInfo, describe_model, language_model, load_model, weight_sums_constant
 from .routers import find_routers, sort_slots
+from .stage import to_device
 
 __all__ = ["capture_checkpoint", "capture_model", "sample_spans", "batches", "lens_partners", "pair_batches"]
 
@@ -82,34 +89,37 @@ def _max_positions(model) -> int | None:
     return None
 
 
-def _nll(logits: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _nll(logits: torch.Tensor, ids: np.ndarray, lengths: np.ndarray, real: torch.Tensor) -> torch.Tensor:
     """Next-token NLL of every real token, NaN at each sample's last position.
+
+    Which rows have a next token, and which token that is, come from the host
+    (``ids``, ``lengths``): nothing here makes the host wait for the device.
 
     Parameters
     ----------
     logits : (B, S, V) model logits.
-    input_ids : (B, S) right-padded ids.
-    lengths : (B,) real lengths.
+    ids : (B, S) right-padded input ids, on the host.
+    lengths : (B,) real lengths, on the host.
+    real : (sum(lengths),) flat (B·S) rows of the real tokens, sample-major, on the logits' device.
 
     Returns
     -------
     (sum(lengths),) float32 on the logits' device, sample-major.
     """
     B, S, V = logits.shape
-    pos = torch.arange(S, device=logits.device)
-    real = pos[None, :] < lengths[:, None]
-    has_next = pos[None, :] < (lengths[:, None] - 1)
-    out = torch.full((B, S), float("nan"), dtype=torch.float32, device=logits.device)
-    b_idx, p_idx = has_next.nonzero(as_tuple=True)
-    targets = input_ids[b_idx, p_idx + 1]
-    vals = torch.empty(b_idx.shape[0], dtype=torch.float32, device=logits.device)
-    step = max(1, _NLL_ELEMS // max(V, 1))
-    for i in range(0, b_idx.shape[0], step):
-        rows = logits[b_idx[i:i + step], p_idx[i:i + step]].float()
-        lp = torch.log_softmax(rows, dim=-1)
-        vals[i:i + step] = -lp.gather(1, targets[i:i + step, None]).squeeze(1)
-    out[b_idx, p_idx] = vals
-    return out[real]
+    rows_np = np.concatenate([b * S + np.arange(max(int(n) - 1, 0)) for b, n in enumerate(lengths)]).astype(np.int64)
+    flat = logits.reshape(B * S, V)
+    out = torch.full((B * S,), float("nan"), dtype=torch.float32, device=logits.device)
+    if rows_np.size:
+        rows = to_device(rows_np, logits.device)
+        targets = to_device(ids.reshape(-1)[rows_np + 1].astype(np.int64), logits.device)
+        # Rows of float32 log-softmax at once: bounded extra memory whatever the vocabulary.
+        step = max(1, _NLL_ELEMS // max(V, 1))
+        for i in range(0, rows_np.size, step):
+            r = rows[i:i + step]
+            lp = torch.log_softmax(flat.index_select(0, r).float(), dim=-1)
+            out[r] = -lp.gather(1, targets[i:i + step, None]).squeeze(1)
+    return out.index_select(0, real)
 
 
 def lens_partners(tokens: xr.Dataset, *, where: str = "token table") -> np.ndarray:
@@ -178,17 +188,36 @@ def pair_batches(spans: np.ndarray, partner: np.ndarray, batch_size: int) -> lis
 
 
 # Token axis of each array handed to the sink.
-_TOKEN_AXIS = {"expert_ids": 1, "expert_weights": 1, "router_logits": 1, "lens_logprob": 1, "lens_js": 1, "nll": 0}
+_TOKEN_AXIS = {"capacity_dropped": 1, "expert_ids": 1, "expert_weights": 1, "router_logits": 1, "lens_logprob": 1, "lens_js": 1, "nll": 0}
 
 
 def capture_model(model, tokens: xr.Dataset, sink, *, keep_logits: bool = False, keep_nll: bool = True,
                   keep_lens: bool = False, keep_js: bool = False, batch_size: int = 16, progress: bool = True,
-                  desc: str | None = None, where: str = "model") -> ModelInfo:
-    """Capture the routing of an already-loaded model (see ``capture_checkpoint``)."""
+                  desc: str | None = None, where: str = "model", background: bool | None = None,
+                  queue_depth: int = 2) -> ModelInfo:
+    """Capture the routing of an already-loaded model (see ``capture_checkpoint``).
+
+    Only the forward and a few gathers run on the model's device, without the
+    host ever waiting for them: real (unpadded) tokens are picked with index
+    lists computed on the host, results are copied to pinned host memory with
+    ``non_blocking`` copies, and a background thread (``capture.stage``) waits
+    for each batch's copies, reorders samples and calls ``sink.append`` while
+    the device runs the next batches. ``background`` (default: on CUDA only)
+    chooses that thread; ``queue_depth`` batches at most wait for it. An error
+    in ``sink.append`` is raised here, and no later batch reaches the sink.
+    """
     import tqdm
 
-    sites = find_routers(model, where=where)
+    from .stage import BackgroundWriter, stage_to_host
+
+    # Encoder-decoder models run their encoder, Qwen3-Omni its thinker (capture.load.language_model).
+    runner = language_model(model)
+    sites = find_routers(runner, where=where)
     info = describe_model(model, where=where)
+    if runner is not model and (keep_lens or keep_js) and getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{where}: the logit lens needs a decoder reading the token table; this encoder-decoder "
+                         f"model's routing is captured on its encoder only (no lens_logprob / lens_js)")
+    wsums: list[torch.Tensor] = []  # per batch: (min, max) of the per-token sum of the k weights, on the device
     if info.num_experts > np.iinfo(np.int16).max:
         raise ValueError(f"{where}: {info.num_experts} experts do not fit expert_ids' int16")
     spans = sample_spans(tokens)
@@ -206,6 +235,8 @@ def capture_model(model, tokens: xr.Dataset, sink, *, keep_logits: bool = False,
                          f"max_position_embeddings={max_pos} ({where}); tokenize with a smaller max_length")
 
     device = next(iter(model.parameters())).device
+    if background is None:
+        background = device.type == "cuda"
     model.eval()
     partner = lens_partners(tokens) if keep_js else None
     if keep_js:
@@ -221,13 +252,43 @@ def capture_model(model, tokens: xr.Dataset, sink, *, keep_logits: bool = False,
 
         last_layer = max(decoder_layers(model, where=where))
         lens_ctx = record_lens(model, list(info.moe_layers), where=where)
-    pending: dict[int, dict[str, np.ndarray]] = {}
-    emitted = 0  # samples handed to the sink so far
-    lens_check = 0.0  # max |lens at the last layer + model NLL|
+    check_lens = keep_nll and use_lens and last_layer in info.moe_layers
+    # Writer-thread state (read here only after the writer is closed).
+    state = {"pending": {}, "emitted": 0, "lens_check": 0.0}
     bar = tqdm.tqdm(total=int(lengths.sum()), unit="tok", desc=desc or where, disable=not progress)
+
+    def deliver(staged) -> None:
+        """Writer side of one batch: wait for its copies, hand the sink consecutive samples."""
+        group, lens_b = staged.meta
+        arrays = staged.numpy()
+        lp = arrays.get("lens_logprob") if keep_lens else arrays.pop("lens_logprob", None)
+        if check_lens:
+            d = np.abs(lp[info.moe_layers.index(last_layer)].astype(np.float64) + arrays["nll"])
+            if np.isfinite(d).any():
+                state["lens_check"] = max(state["lens_check"], float(np.nanmax(d)))
+        pending = state["pending"]
+        if not pending and int(group[0]) == state["emitted"] and (np.diff(group) == 1).all():
+            # The common case: this batch holds exactly the next samples; no split, no copy.
+            state["emitted"] += len(group)
+            sink.append(**arrays)
+        else:
+            # Pair batches may run a later sample early: it waits here until the ones before it are done.
+            bounds = np.r_[0, np.cumsum(lens_b)]
+            for b, i in enumerate(group):
+                pending[int(i)] = {k: _token_slice(v, _TOKEN_AXIS[k], bounds[b], bounds[b + 1])
+                                   for k, v in arrays.items()}
+            ready = []
+            while state["emitted"] in pending:
+                ready.append(pending.pop(state["emitted"]))
+                state["emitted"] += 1
+            if ready:
+                sink.append(**{k: np.concatenate([r[k] for r in ready], axis=_TOKEN_AXIS[k]) for k in ready[0]})
+        bar.update(int(lens_b.sum()))
+
+    writer = BackgroundWriter(deliver, threaded=background, depth=queue_depth, name=f"capture-writer {where}")
     try:
-        with torch.inference_mode(), record_routing(model, sites, keep_logits=keep_logits, where=where) as rec, \
-                lens_ctx as lens:
+        with writer, torch.inference_mode(), \
+                record_routing(model, sites, keep_logits=keep_logits, where=where) as rec, lens_ctx as lens:
             for group in groups:
                 gspans = spans[group]
                 lens_b = gspans[:, 1] - gspans[:, 0]
@@ -235,67 +296,99 @@ def capture_model(model, tokens: xr.Dataset, sink, *, keep_logits: bool = False,
                 ids = np.zeros((len(group), S), dtype=np.int64)  # pad id 0: any valid id, it is masked
                 for b, (a, z) in enumerate(gspans):
                     ids[b, : z - a] = token_id[a:z]
-                input_ids = torch.from_numpy(ids).to(device)
-                lens_t = torch.from_numpy(lens_b).to(device)
-                mask = (torch.arange(S, device=device)[None, :] < lens_t[:, None])
+                # Flat (batch·seq) rows of the real tokens, from the host's lengths: a boolean mask on the
+                # device would make the host wait for the forward to learn how many tokens it selects.
+                real_np = np.concatenate([b * S + np.arange(n) for b, n in enumerate(lens_b)]).astype(np.int64)
+                mask_np = np.arange(S)[None, :] < lens_b[:, None]
+                input_ids = to_device(ids, device)
+                attention_mask = to_device(mask_np.astype(np.int64), device)
+                real = to_device(real_np, device)
+                batch_rows = None
                 if lens is not None:
                     batch_rows = _lens_rows(gspans, S, ids, partner, device)
                     lens.set_batch(*batch_rows)
-                out = model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False)
+                out = runner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                 routed = rec.pop()
-                flat_mask = mask.reshape(-1)
-                e_ids, e_w, e_lg = [], [], []
                 for layer in info.moe_layers:
-                    r_ids, r_w, r_lg = routed[layer]
-                    if r_ids.shape[0] != flat_mask.shape[0]:
-                        raise RuntimeError(f"{where}: router at layer {layer} saw {r_ids.shape[0]} tokens, "
-                                           f"expected batch x sequence = {flat_mask.shape[0]}")
-                    r_ids, r_w = sort_slots(r_ids[flat_mask], r_w[flat_mask])
-                    e_ids.append(r_ids.to(torch.int16))
-                    e_w.append(r_w.float())
-                    if keep_logits:
-                        e_lg.append(r_lg[flat_mask].to(torch.float16))
-                arrays = {
-                    "expert_ids": torch.stack(e_ids).cpu().numpy(),
-                    "expert_weights": torch.stack(e_w).cpu().numpy(),
-                }
+                    n_seen = routed[layer][0].shape[0]
+                    if n_seen != S * len(group):
+                        raise RuntimeError(f"{where}: router at layer {layer} saw {n_seen} tokens, "
+                                           f"expected batch x sequence = {S * len(group)}")
+                per_layer = [routed[layer] for layer in info.moe_layers]
+                # (layer, real tokens, k): gather first, so that sorting and casts skip the padding.
+                e_ids = torch.stack([r[0] for r in per_layer]).index_select(1, real)
+                e_w = torch.stack([r[1] for r in per_layer]).index_select(1, real)
+                e_ids, e_w = sort_slots(e_ids, e_w)
+                dev = {"expert_ids": e_ids.to(torch.int16), "expert_weights": e_w.float()}
+                s_w = e_w.float().sum(-1)
+                wsums.append(torch.stack([s_w.amin(), s_w.amax()]))
+                if info.capacity is not None:
+                    # Capacity routers give a dropped token's slot weight exactly 0 (no expert ran).
+                    dev["capacity_dropped"] = (e_w == 0).to(torch.int8)
                 if keep_logits:
-                    arrays["router_logits"] = torch.stack(e_lg).cpu().numpy()
+                    dev["router_logits"] = torch.stack([r[2] for r in per_layer]).index_select(1, real).to(
+                        torch.float16)
+                del routed, per_layer
                 if keep_nll:
-                    arrays["nll"] = _nll(out.logits, input_ids, lens_t).cpu().numpy()
+                    logits = getattr(out, "logits", None)
+                    # An encoder has no next-token distribution: NaN, as at a sample's last position.
+                    dev["nll"] = (_nll(logits, ids, lens_b, real) if logits is not None else
+                                  torch.full((real_np.size,), float("nan"), dtype=torch.float32, device=device))
                 del out
                 if lens is not None:
-                    lp, js = _lens_arrays(lens.pop(), info.moe_layers, batch_rows, flat_mask)
-                    if keep_lens:
-                        arrays["lens_logprob"] = lp
+                    lp, js = _lens_arrays(lens.pop(), info.moe_layers, batch_rows, real, S * len(group))
+                    if keep_lens or check_lens:
+                        dev["lens_logprob"] = lp
                     if keep_js:
-                        arrays["lens_js"] = js
-                    if keep_nll and last_layer in info.moe_layers:
-                        d = np.abs(lp[info.moe_layers.index(last_layer)] + arrays["nll"])
-                        if np.isfinite(d).any():
-                            lens_check = max(lens_check, float(np.nanmax(d)))
-                # Hand the sink consecutive samples only (pair batches may run a later sample early).
-                bounds = np.r_[0, np.cumsum(lens_b)]
-                for b, i in enumerate(group):
-                    pending[int(i)] = {k: np.take(v, np.arange(bounds[b], bounds[b + 1]), axis=_TOKEN_AXIS[k])
-                                       for k, v in arrays.items()}
-                ready = []
-                while emitted in pending:
-                    ready.append(pending.pop(emitted))
-                    emitted += 1
-                if ready:
-                    sink.append(**{k: np.concatenate([r[k] for r in ready], axis=_TOKEN_AXIS[k]) for k in ready[0]})
-                bar.update(int(lens_b.sum()))
+                        dev["lens_js"] = js
+                writer.submit(stage_to_host(dev, meta=(group, lens_b)))
     finally:
         bar.close()
-    if pending or emitted != len(spans):
-        raise RuntimeError(f"{where}: {len(spans) - emitted} samples were captured but never handed to the sink")
+    if state["pending"] or state["emitted"] != len(spans):
+        raise RuntimeError(f"{where}: {len(spans) - state['emitted']} samples were captured but never handed to "
+                           f"the sink")
     tol = 1e-3 if info.dtype == "float32" else 5e-2
-    if lens_check > tol:
+    if state["lens_check"] > tol:
         warnings.warn(f"{where}: the logit lens at the last decoder layer differs from the model's own NLL by up to "
-                      f"{lens_check:.3g} nats; the model transforms its logits in a way the lens "
+                      f"{state['lens_check']:.3g} nats; the model transforms its logits in a way the lens "
                       f"(final norm + LM head) does not reproduce", stacklevel=2)
+    return _weight_self_test(info, wsums, where)
+
+
+def _weight_self_test(info: ModelInfo, wsums: list, where: str) -> ModelInfo:
+    """``info`` with the observed per-token weight sums, checked against what the semantics claim.
+
+    A claim of renormalisation needs every token's k weights to sum to one
+    constant (1, or a routed_scaling_factor inside the weights); a claim of
+    "not renormalised" (top-k of a full softmax, k > 1, or sigmoid scores) makes
+    a constant sum a contradiction. A contradiction is warned about and stated
+    in ``router_semantics``, so the cube never carries a wrong claim silently.
+    """
+    import dataclasses
+
+    if not wsums:
+        return info
+    mm = torch.stack(wsums).cpu().numpy().astype(np.float64)
+    lo, hi = float(mm[:, 0].min()), float(mm[:, 1].max())
+    info = dataclasses.replace(info, weight_sum_min=lo, weight_sum_max=hi)
+    constant = weight_sums_constant(lo, hi)
+    claim = info.renormalised_claim
+    if info.capacity is not None:
+        return info  # dropped slots weigh 0: sums are not a renormalisation test there
+    if (claim is True and not constant) or (claim is False and constant and info.top_k > 1):
+        seen = f"observed per-token weight sums in [{lo:.6g}, {hi:.6g}]"
+        msg = (f"{where}: router semantics claim {'renormalised' if claim else 'not renormalised'} weights but the "
+               f"capture {seen}")
+        warnings.warn(msg, stacklevel=3)
+        info = dataclasses.replace(info, router_semantics=info.router_semantics + f"; SELF-TEST CONTRADICTS THIS: {seen}")
     return info
+
+
+def _token_slice(a: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    """``a[..., start:stop, ...]`` along ``axis`` (a view)."""
+    sl = [slice(None)] * a.ndim
+    sl[axis] = slice(int(start), int(stop))
+    return a[tuple(sl)]
 
 
 def _lens_rows(gspans: np.ndarray, S: int, ids: np.ndarray, partner: np.ndarray | None, device):
@@ -318,31 +411,31 @@ def _lens_rows(gspans: np.ndarray, S: int, ids: np.ndarray, partner: np.ndarray 
         qrow = flat[order[pos]]
         prow = flat[has]
         keep = glob[has] < q[has]  # each pair once
-        js_a = torch.from_numpy(prow[keep]).to(device)
-        js_b = torch.from_numpy(qrow[keep]).to(device)
-    return torch.from_numpy(rows).to(device), torch.from_numpy(targets).to(device), js_a, js_b
+        js_a = to_device(np.ascontiguousarray(prow[keep]), device)
+        js_b = to_device(np.ascontiguousarray(qrow[keep]), device)
+    return to_device(rows, device), to_device(targets, device), js_a, js_b
 
 
-def _lens_arrays(per_layer: dict, layers: list[int], batch_rows: tuple, flat_mask: torch.Tensor):
-    """(layer, n) log p(next token) and JS of the real tokens of a batch, NaN where undefined.
+def _lens_arrays(per_layer: dict, layers: list[int], batch_rows: tuple, real: torch.Tensor, n_flat: int):
+    """(layer, n) log p(next token) and JS of the real tokens of a batch, NaN where undefined, on the device.
 
     ``batch_rows`` is what :func:`_lens_rows` returned for this batch (the rows
-    the recorder scored, in its order).
+    the recorder scored, in its order); ``real`` the flat rows of the real
+    tokens among the batch's ``n_flat`` = batch·seq.
     """
     rows, _, js_a, js_b = batch_rows
-    n_flat = flat_mask.shape[0]
     lp_out, js_out = [], []
     for layer in layers:
         lp, js = per_layer[layer]
         full = torch.full((n_flat,), float("nan"), dtype=torch.float32, device=lp.device)
         full[rows] = lp
-        lp_out.append(full[flat_mask])
+        lp_out.append(full)
         fj = torch.full((n_flat,), float("nan"), dtype=torch.float32, device=lp.device)
         if js is not None:
             fj[js_a] = js
             fj[js_b] = js
-        js_out.append(fj[flat_mask])
-    return torch.stack(lp_out).cpu().numpy(), torch.stack(js_out).cpu().numpy()
+        js_out.append(fj)
+    return torch.stack(lp_out).index_select(1, real), torch.stack(js_out).index_select(1, real)
 
 
 def capture_checkpoint(model_dir, tokens: xr.Dataset, sink, *, keep_logits: bool = False, keep_nll: bool = True,
@@ -356,7 +449,10 @@ def capture_checkpoint(model_dir, tokens: xr.Dataset, sink, *, keep_logits: bool
     model_dir : checkpoint dir (config.json + safetensors).
     tokens : token table, dim ``token`` (samples contiguous, positions 0..len-1).
     sink : object with ``append(**arrays)``; called once per batch with arrays
-        for the next consecutive tokens (batch of whole samples):
+        for the next consecutive tokens (batch of whole samples), from a
+        background writer thread on CUDA (one thread, calls in order; an
+        exception it raises stops the capture and is raised to the caller).
+        The arrays may be views of buffers the sink may keep but not modify:
 
         - ``expert_ids`` (layer, n, k) int16, slots sorted by weight (top-1 first)
         - ``expert_weights`` (layer, n, k) float32, the weights the experts receive

@@ -23,7 +23,41 @@ from storage.schema import token_table
 
 from .load import load_tokenizer
 
-__all__ = ["read_jsonl", "tokenize_records", "tokenize_jsonl"]
+__all__ = ["read_jsonl", "tokenize_records", "tokenize_jsonl", "decode_text", "parse_json", "check_unicode"]
+
+
+def decode_text(raw: bytes, where: str) -> str:
+    """``raw`` decoded as UTF-8, or ValueError ``"{where}: not valid UTF-8 at byte N"`` (N: offset in ``raw``)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not valid UTF-8 at byte {e.start} ({raw[e.start:e.start + 4]!r}); "
+                         f"save the file as UTF-8") from None
+
+
+def parse_json(text: str, where: str):
+    """``json.loads(text)``; bad JSON or nesting too deep for the parser -> ValueError naming ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        # the parser recurses once per level: a hostile or corrupt record, reported as such
+        raise ValueError(f"{where}: invalid JSON (nested too deeply to parse)") from None
+
+
+def check_unicode(value: str, where: str, field: str) -> str:
+    """``value`` if it is encodable text; a lone surrogate (JSON "\\ud800") -> ValueError naming the field.
+
+    JSON may escape surrogates that pair with nothing; Python keeps them, but the
+    tokenizer and the Zarr writer cannot encode them, and would fail far from here.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: field '{field}' holds a lone surrogate {value[e.start]!r} at character "
+                         f"{e.start}, which is not valid Unicode text") from None
+    return value
 
 
 def _label(row: dict, field: str, path, line: int, *, required: bool) -> str:
@@ -34,7 +68,7 @@ def _label(row: dict, field: str, path, line: int, *, required: bool) -> str:
     v = row[field]
     if isinstance(v, bool) or not isinstance(v, (str, int)):
         raise ValueError(f"{path}:{line}: field '{field}' is {type(v).__name__}, expected a string")
-    return str(v)
+    return check_unicode(str(v), f"{path}:{line}", field)
 
 
 def read_jsonl(path, *, text_field: str = "text", domain_field: str | None = "domain") -> list[dict]:
@@ -47,21 +81,25 @@ def read_jsonl(path, *, text_field: str = "text", domain_field: str | None = "do
     Raises
     ------
     FileNotFoundError for a missing file; ValueError naming file, line and field
-    for bad JSON, a non-object line, a missing/non-string/empty text, a missing
-    domain, or a file without samples.
+    for bytes that are not UTF-8, bad or too deeply nested JSON, a non-object
+    line, a missing/non-string/empty text, a lone surrogate in a kept field, a
+    missing domain, or a file without samples.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"JSONL file {p} does not exist")
     rows = []
-    with open(p, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(p, "rb") as f:  # bytes: a bad byte is reported with its line, not as a bare UnicodeDecodeError
+        for line_no, raw in enumerate(f, start=1):
+            line = decode_text(raw, f"{p}:{line_no}")
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{p}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from e
+            except RecursionError:
+                raise ValueError(f"{p}:{line_no}: invalid JSON (nested too deeply to parse)") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{p}:{line_no}: expected a JSON object, got {type(row).__name__}")
             if text_field not in row:
@@ -71,6 +109,7 @@ def read_jsonl(path, *, text_field: str = "text", domain_field: str | None = "do
                 raise ValueError(f"{p}:{line_no}: field '{text_field}' is {type(text).__name__}, expected a string")
             if text == "":
                 raise ValueError(f"{p}:{line_no}: field '{text_field}' is empty")
+            check_unicode(text, f"{p}:{line_no}", text_field)
             rows.append({
                 "text": text,
                 "domain": _label(row, domain_field, p, line_no, required=True) if domain_field else "",
@@ -173,6 +212,9 @@ def tokenize_jsonl(path, tokenizer_dir, *, dataset: str, max_length: int, text_f
     -------
     xr.Dataset with dim ``token`` and the coordinates of ``storage.schema.TOKEN_COORDS``.
     """
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 0:
+        # a negative N would slice off the last samples instead of keeping the first
+        raise ValueError(f"{path}: max_samples must be an integer >= 0 (0 = all), got {max_samples!r}")
     rows = read_jsonl(path, text_field=text_field, domain_field=domain_field)
     if max_samples:
         rows = rows[:max_samples]

@@ -1,3 +1,12 @@
 """Dask cluster profiles and the one place a Dask client is made."""
 
-from .cluster import client, close_client, dashboard_link  # noqa: F401
+from .cluster import (  # noqa: F401
+    ClusterError,
+    check_settings,
+    client,
+    close_client,
+    cluster_errors,
+    dashboard_link,
+    explain,
+    security,
+)

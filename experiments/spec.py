@@ -87,6 +87,7 @@ class CaptureSpec:
     max_length: int = 256
     """Samples are truncated to this many tokens."""
     device: str = "cpu"
+    """'cpu', 'cuda', 'cuda:N' or 'mps'; checked against this torch's devices when the cluster is local."""
     dtype: str = "float32"
     logit_lens: bool = False
     """Store lens_logprob: log p(next token) read out after every MoE layer (final norm + LM head)."""
@@ -129,6 +130,10 @@ class DaskSpec:
     dashboard_port: int = 8787
     """First port tried for the dashboard; the next free one is used if taken."""
     memory_limit: str = "auto"
+    allow_remote: bool = False
+    """Allow ``host`` to be a non-loopback interface (or set MOE_ATLAS_ALLOW_REMOTE_DASK=1). The scheduler
+    and workers run code for whoever reaches them, so binding them beyond this machine must be asked for;
+    the cluster then warns loudly when it starts (deploy.cluster.check_settings)."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,9 @@ class Experiment:
 
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+MAX_WORKERS = 256
+"""Cap on dask.n_workers / threads_per_worker: beyond it a typo (10000) would fork thousands of processes."""
 _TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table"}
 
 
@@ -250,6 +258,15 @@ def _check(exp: Experiment, file: str) -> None:
                                 f"of: {', '.join(sorted(known)) or '(none)'}")
         if m.checkpoints or m.demo:
             raise SpecError(f"{file}: 'model.checkpoints'/'model.demo' are not used with source = 'import'")
+        if t.num_experts < 0:
+            raise SpecError(f"{file}: 'trace.num_experts' must be >= 0 (0 = infer), got {t.num_experts}")
+        if "top_k" in t.options:
+            k = t.options["top_k"]
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise SpecError(f"{file}: 'trace.options.top_k' must be an integer >= 1, got {k!r}")
+            if t.num_experts and k > t.num_experts:
+                raise SpecError(f"{file}: 'trace.options.top_k' = {k} is larger than 'trace.num_experts' = "
+                                f"{t.num_experts}; a token cannot be routed to more experts than there are")
     elif t != TraceSpec():
         raise SpecError(f"{file}: '[trace]' is only allowed with model.source = 'import'")
     if m.source == "checkpoints":
@@ -293,6 +310,8 @@ def _check(exp: Experiment, file: str) -> None:
             raise SpecError(f"{file}: dataset name {d.name!r} must use letters, digits, '_', '-', '.'")
         if d.format not in ("jsonl", "pair_tokens"):
             raise SpecError(f"{file}: dataset {d.name!r}: 'format' must be 'jsonl' or 'pair_tokens', got {d.format!r}")
+        if d.max_samples < 0:
+            raise SpecError(f"{file}: dataset {d.name!r}: 'max_samples' must be >= 0 (0 = all), got {d.max_samples}")
         if d.format == "pair_tokens" and not exp.conditions.a:
             raise SpecError(f"{file}: dataset {d.name!r} has format 'pair_tokens', which needs [conditions] a and b "
                             f"(they name the token-id fields)")
@@ -307,30 +326,99 @@ def _check(exp: Experiment, file: str) -> None:
         raise SpecError(f"{file}: 'capture.batch_size' must be >= 1 and 'capture.max_length' >= 2")
     if exp.capture.dtype not in ("float32", "bfloat16", "float16"):
         raise SpecError(f"{file}: 'capture.dtype' must be float32, bfloat16 or float16, got {exp.capture.dtype!r}")
+    if m.source != "import":
+        _check_device(exp.capture.device, local=not exp.dask.scheduler, file=file)
     from analyses import REGISTRY
+    from analyses.registry import ParamError, validate_params
 
+    if not exp.analyses.run:
+        raise SpecError(f"{file}: 'analyses.run' is empty; name at least one analysis: {', '.join(sorted(REGISTRY))}")
     for name in exp.analyses.run:
         if name not in REGISTRY:
             raise SpecError(
                 f"{file}: 'analyses.run' names unknown analysis {name!r}; known: {', '.join(sorted(REGISTRY))}"
             )
+    if len(set(exp.analyses.run)) != len(exp.analyses.run):
+        raise SpecError(f"{file}: 'analyses.run' names an analysis twice: {exp.analyses.run}")
     for name, params in exp.analyses.params.items():
         if name not in REGISTRY:
             raise SpecError(f"{file}: 'analyses.params.{name}': no analysis of that name")
         if not isinstance(params, dict):
             raise SpecError(f"{file}: 'analyses.params.{name}' must be a table")
-        known = REGISTRY[name].params
-        for key in params:
-            if key not in known:
-                raise SpecError(
-                    f"{file}: unknown key 'analyses.params.{name}.{key}'; expected one of: "
-                    f"{', '.join(sorted(known)) or '(none)'}"
-                )
+        try:
+            # types and ranges come from the analysis' own declared parameters (analyses.registry)
+            validate_params(name, params)
+        except ParamError as exc:
+            raise SpecError(f"{file}: {exc}") from None
+    if not exp.report.formats:
+        raise SpecError(f"{file}: 'report.formats' is empty; give at least one of png, pdf, svg (e.g. [\"png\"])")
     for fmt in exp.report.formats:
         if fmt not in ("png", "pdf", "svg"):
             raise SpecError(f"{file}: 'report.formats' entries must be png, pdf or svg, got {fmt!r}")
-    if exp.dask.n_workers < 1 or exp.dask.threads_per_worker < 1:
-        raise SpecError(f"{file}: 'dask.n_workers' and 'dask.threads_per_worker' must be >= 1")
+    if len(set(exp.report.formats)) != len(exp.report.formats):
+        raise SpecError(f"{file}: 'report.formats' lists a format twice: {exp.report.formats}")
+    _check_dask(exp.dask, file)
+
+
+def _check_device(device: str, *, local: bool, file: str) -> None:
+    """A known torch device; with a local cluster, one this torch actually has.
+
+    With a remote scheduler the workers' torch may differ from ours, so only the
+    name is checked here and ``capture.load.load_model`` checks the rest there.
+    """
+    if not _DEVICE.match(device):
+        raise SpecError(f"{file}: 'capture.device' must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+    if device == "cpu" or not local:
+        return
+    from capture.load import device_problem  # imports torch: only for an accelerator
+
+    problem = device_problem(device)
+    if problem:
+        raise SpecError(f"{file}: 'capture.device': {problem}")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_dask(d: DaskSpec, file: str) -> None:
+    for key in ("n_workers", "threads_per_worker"):
+        v = getattr(d, key)
+        if not 1 <= v <= MAX_WORKERS:
+            raise SpecError(f"{file}: 'dask.{key}' must be in [1, {MAX_WORKERS}], got {v}")
+    if not 0 <= d.dashboard_port <= 65535:
+        raise SpecError(f"{file}: 'dask.dashboard_port' must be a TCP port in [0, 65535] (0 = any free port), "
+                        f"got {d.dashboard_port}")
+    if d.memory_limit != "auto":
+        from dask.utils import parse_bytes
+
+        try:
+            ok = parse_bytes(d.memory_limit) > 0
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise SpecError(f"{file}: 'dask.memory_limit' must be 'auto' or a size such as '4GB', "
+                            f"got {d.memory_limit!r}")
+    if d.scheduler:
+        return  # host is where a LocalCluster binds; an external scheduler has its own
+    if not d.host:
+        raise SpecError(f"{file}: 'dask.host' is empty; use '127.0.0.1' (this machine only)")
+    import os
+
+    # the same opt-ins as deploy.cluster.check_settings, which warns loudly when the cluster starts
+    if not _is_loopback(d.host) and not d.allow_remote and os.environ.get("MOE_ATLAS_ALLOW_REMOTE_DASK") != "1":
+        raise SpecError(
+            f"{file}: 'dask.host' = {d.host!r} exposes the Dask scheduler and workers (which run code for whoever "
+            f"reaches them) beyond this machine; use '127.0.0.1', or set 'dask.allow_remote = true' to do so on "
+            f"purpose"
+        )
 
 
 def as_dict(obj) -> dict:

@@ -30,32 +30,32 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from .schema import FILL_ID, VARIABLES, validate_routing
+from .schema import FILL_ID, TARGET_CHUNK_BYTES, VARIABLES, storage_chunks, validate_routing
+from .schema import token_chunk_size as _schema_token_chunk_size
+from . import manifest as manifests
 
 # Consolidated metadata is not part of the Zarr v3 spec, but xarray and zarr-python
 # both read it and it saves one listing per open.
 warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
 warnings.filterwarnings("ignore", message=".*not part of the Zarr format 3 specification.*")
-
-TARGET_CHUNK_BYTES = 4 * 2**20
-
+# The manifests (storage/manifest.py) are plain files at a store's root, which zarr skips with this warning.
+warnings.filterwarnings("ignore", message=r"Object at \.moe-atlas-.* is not recognized")
 
 class CubeError(ValueError):
     """A Zarr store is missing, truncated, or does not match what was expected."""
 
 
 def token_chunk_size(n_tokens: int, *, top_k: int, num_experts: int, keep_logits: bool) -> int:
-    """Tokens per chunk so that the widest variable's chunk holds ~4 MiB raw."""
-    row = max(top_k * 4, num_experts * 2 if keep_logits else 0, 4)
-    return int(max(1, min(n_tokens, TARGET_CHUNK_BYTES // row)))
+    """Tokens per chunk so that the widest variable's chunk holds ~4 MiB raw (``storage.schema.token_chunk_size``)."""
+    return _schema_token_chunk_size(n_tokens, top_k=top_k, num_experts=num_experts, keep_logits=keep_logits)
 
 
 def _encoding(ds: xr.Dataset, token_chunk: int) -> dict:
+    """Zarr encoding of every data variable: chunks from ``storage_chunks`` (as the Dask chunks), schema fill."""
     enc = {}
     for name, var in ds.data_vars.items():
         spec = VARIABLES.get(name)
-        chunks = tuple(1 if d in ("checkpoint", "layer") else token_chunk if d == "token" else ds.sizes[d] for d in var.dims)
-        e = {"chunks": chunks}
+        e = {"chunks": storage_chunks(var.dims, dict(ds.sizes), token_chunk)}
         if spec is not None:
             e["fill_value"] = spec.fill
         enc[name] = e
@@ -64,6 +64,25 @@ def _encoding(ds: xr.Dataset, token_chunk: int) -> dict:
 
 def _same(a, b) -> bool:
     return np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _storage_chunked(ds: xr.Dataset, token_chunk: int) -> xr.Dataset:
+    """``ds`` with every dask-backed data variable chunked exactly like its stored chunks.
+
+    Writing a dask array whose blocks straddle Zarr chunks is refused (two
+    blocks would write one chunk); dask's "auto" chunks (~128 MiB blocks) do
+    for real sizes (48 layers × 128 experts × 50k tokens of logits). Both the
+    Dask chunks and the Zarr encoding come from ``storage_chunks``.
+    """
+    sizes = dict(ds.sizes)
+    fix = {}
+    for name, var in ds.data_vars.items():
+        if var.chunks is None:
+            continue
+        want = storage_chunks(var.dims, sizes, token_chunk)
+        if tuple(c[0] for c in var.chunks) != want or any(len(set(c[:-1])) > 1 for c in var.chunks):
+            fix[name] = var.chunk(dict(zip(var.dims, want)))
+    return ds.assign(fix) if fix else ds
 
 
 def prepare_routing(path: str | os.PathLike, template: xr.Dataset, *, token_chunk: int | None = None) -> list[str]:
@@ -87,6 +106,8 @@ def prepare_routing(path: str | os.PathLike, template: xr.Dataset, *, token_chun
     """
     path = Path(path)
     validate_routing(template, where=f"template for {path}")
+    if token_chunk is None and "token_chunk" in template.attrs:
+        token_chunk = int(template.attrs["token_chunk"])
     if token_chunk is None:
         token_chunk = token_chunk_size(
             template.sizes["token"],
@@ -94,16 +115,20 @@ def prepare_routing(path: str | os.PathLike, template: xr.Dataset, *, token_chun
             num_experts=int(template.attrs["num_experts"]),
             keep_logits="router_logits" in template,
         )
+    if path.exists() and not (path / "zarr.json").exists():
+        # The first write goes through a temporary and a rename, so a directory without metadata is damage
+        # (or not ours): never deleted, its metadata restored from the kept copy or the run refused.
+        _restore_lost_metadata(path)
     if not (path / "zarr.json").exists():
-        if path.exists():
-            # A directory without metadata is the remains of a killed first write.
-            shutil.rmtree(path)
         tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
         template.attrs["token_chunk"] = int(token_chunk)
+        template = _storage_chunked(template, token_chunk)
         template.to_zarr(tmp, mode="w", compute=False, encoding=_encoding(template, token_chunk), consolidated=True)
+        manifests.seal_template(tmp)  # before the rename: a cube in place always has its template manifest
         os.replace(tmp, path)
         return list(map(str, template.checkpoint.values))
 
+    _repair_template(path, template, token_chunk)
     existing = open_routing(path, complete_only=False)
     problems = []
     if existing.attrs.get("inputs_hash") != template.attrs["inputs_hash"]:
@@ -116,15 +141,124 @@ def prepare_routing(path: str | os.PathLike, template: xr.Dataset, *, token_chun
     if problems:
         raise CubeError(
             f"{path}: existing routing cube does not match this experiment ({'; '.join(problems)}). "
-            "Use another output directory or delete the cube to recapture."
+            f"Use another output_dir, or move the cube away (mv {path} {path}.old) to recapture every checkpoint."
         )
     have = list(map(str, existing.checkpoint.values))
     new = [c for c in map(str, template.checkpoint.values) if c not in have]
+    if new:
+        # Appended checkpoints take the store's chunks, whatever this template was built with.
+        stored = existing["expert_ids" if "expert_ids" in existing else next(iter(existing.data_vars))]
+        token_chunk = int(existing.attrs.get("token_chunk") or stored.encoding["chunks"][stored.dims.index("token")])
+        template = _storage_chunked(template, token_chunk)
+        template.attrs["token_chunk"] = token_chunk
     for c in new:
         template.sel(checkpoint=[c]).to_zarr(path, append_dim="checkpoint", compute=False, consolidated=True)
     if new:
         zarr.consolidate_metadata(str(path))
+        manifests.backup_metadata(path)
     return new
+
+
+def _restore_lost_metadata(path: Path) -> None:
+    """Put back the root ``zarr.json`` of a cube that lost it, or refuse; never delete what is there."""
+    import logging
+
+    if manifests.restore_metadata(path):
+        logging.getLogger("moe_atlas.storage").warning(
+            "%s: zarr.json was missing; restored it from the copy kept in %s (every region is verified before use)",
+            path, manifests.state_file(path, manifests.META_COPY).name)
+        return
+    n = sum(len(files) for _, _, files in os.walk(path))
+    raise CubeError(
+        f"{path}: zarr.json is missing and no copy of it is kept, so the {n} files there cannot be read; moe-atlas "
+        f"does not delete them. To start this cube over (recapturing every checkpoint): mv {path} {path}.damaged"
+    )
+
+
+def _repair_template(path: Path, template: xr.Dataset, token_chunk: int) -> None:
+    """Restore damaged template chunks (token table coordinates, ...) of an existing cube, byte for byte.
+
+    The template is rewritten into a temporary store from the current token
+    tables; a lost or damaged chunk object is put back only if the fresh one
+    has exactly the size and checksum recorded when the cube was made, so
+    nothing is fabricated. Otherwise the cube is refused with what to do.
+    """
+    problems = manifests.check_template(path)
+    if not problems:
+        return
+    import logging
+
+    man = json.loads(manifests.state_file(path, manifests.TEMPLATE_MANIFEST).read_text())
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        fresh = template.copy()
+        fresh.attrs["token_chunk"] = int(token_chunk)
+        fresh = _storage_chunked(fresh, token_chunk)
+        fresh.to_zarr(tmp, mode="w", compute=False, encoding=_encoding(fresh, token_chunk), consolidated=True)
+        fixed = []
+        for name, rec in man.get("arrays", {}).items():
+            for key, (size, crc) in rec.get("present", {}).items():
+                dst = path / key
+                if dst.is_file() and dst.stat().st_size == size and manifests._digest(str(dst))[1] == crc:
+                    continue
+                src = tmp / key
+                if not src.is_file() or tuple(manifests._digest(str(src))) != (size, crc):
+                    raise CubeError(
+                        f"{path}: variable {name!r}, template chunk {key} is lost or damaged and the current token "
+                        "tables do not reproduce it; mv " f"{path} {path}.damaged to start this cube over"
+                    )
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                part = dst.with_name(f"{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+                shutil.copyfile(src, part)
+                os.replace(part, dst)
+                fixed.append(key)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary, made above
+    left = manifests.check_template(path)
+    if left:
+        raise CubeError(_problems_message(left))
+    logging.getLogger("moe_atlas.storage").warning("%s: restored %d damaged template chunk(s) from the token tables "
+                                                   "(checksums match what was written): %s", path, len(fixed),
+                                                   ", ".join(fixed[:5]))
+
+
+def _problems_message(problems: list, *, limit: int = 1) -> str:
+    """One line: the first problem(s), and how many more (``moe-atlas verify`` lists them all)."""
+    head = "; ".join(p.line() for p in problems[:limit])
+    more = len(problems) - limit
+    return head + (f" (and {more} more problem(s): moe-atlas verify lists them)" if more > 0 else "")
+
+
+def _region_fix(path: Path, checkpoint: str) -> str:
+    from .ownership import owned_root, rerun_command
+
+    if owned_root(path) is not None:
+        return f"{rerun_command(path)} (recaptures checkpoint {checkpoint!r})"
+    return f"capture checkpoint {checkpoint!r} again"
+
+
+def _damaged_regions(path: Path, names, cis) -> dict[int, list]:
+    """Checkpoint index -> problems of its region (cheap: chunk keys and sizes), for the regions ``cis``."""
+    cis = [int(c) for c in cis]
+    if not cis:
+        return {}
+    out = {}
+    if manifests.has_manifests(path):
+        arrays = manifests.routing_arrays(path)
+        for ci in cis:
+            found = manifests.check_region(path, ci, str(names[ci]), fix=_region_fix(path, str(names[ci])),
+                                           arrays=arrays)
+            if found:
+                out[ci] = found
+        return out
+    # A cube from before manifests: only 'expert_ids' can be checked (a captured chunk never equals its fill).
+    for ci, (missing, expected, example) in _missing_chunks(path, cis).items():
+        if missing:
+            out[ci] = [manifests.Problem(
+                str(path), "expert_ids", f"checkpoint {str(names[ci])!r} (index {ci})",
+                f"marked complete but {missing} of its {expected} chunks are missing (e.g. {example})",
+                _region_fix(path, str(names[ci])))]
+    return out
 
 
 def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
@@ -208,18 +342,20 @@ def open_routing(path: str | os.PathLike, *, complete_only: bool = True, chunks=
         validate_routing(ds, where=str(path))
     except ValueError as exc:
         raise CubeError(str(exc)) from exc
+    # The token table and the other template arrays: a lost chunk would read as token id 0, domain "" ...
+    from .ownership import rerun_command
+
+    problems = manifests.check_template(path, fix=f"{rerun_command(path)} (restores it from the token tables)")
+    if problems:
+        raise CubeError(_problems_message(problems))
     if complete_only:
         try:
             done = ds["complete"].values.astype(bool)
         except Exception as exc:
             raise CubeError(f"{path}: cannot read the 'complete' flags: {exc}") from exc
-        for ci, (missing, expected, example) in _missing_chunks(path, np.flatnonzero(done)).items():
-            if missing:
-                raise CubeError(
-                    f"{path}: truncated routing cube: checkpoint {str(ds.checkpoint.values[ci])!r} is marked "
-                    f"complete but {missing} of its {expected} 'expert_ids' chunks are missing (e.g. {example}); "
-                    "copy the store again, or delete it to recapture"
-                )
+        damaged = _damaged_regions(path, ds.checkpoint.values, np.flatnonzero(done))
+        if damaged:
+            raise CubeError(_problems_message([p for ps in damaged.values() for p in ps]))
         keep = np.flatnonzero(done)
         # one isel by step order: ``sortby`` reindexes through a deep copy of every
         # coordinate, which for the object-dtype token table costs seconds per 10^7 tokens
@@ -269,9 +405,9 @@ def completed_checkpoints(path: str | os.PathLike) -> list[str]:
         return []
     g = zarr.open_group(str(path), mode="r")
     names = g["checkpoint"][:]
-    done = g["complete"][:]
-    whole = _missing_chunks(path, np.flatnonzero(done == 1))
-    return [str(names[ci]) for ci, (missing, _, _) in whole.items() if not missing]
+    done = np.flatnonzero(g["complete"][:] == 1)
+    damaged = _damaged_regions(path, names, done)
+    return [str(names[ci]) for ci in done if ci not in damaged]
 
 
 class RoutingWriter:
@@ -289,12 +425,15 @@ class RoutingWriter:
     def __init__(self, path: str | os.PathLike, checkpoint: str):
         self.path = Path(path)
         self.group = zarr.open_group(str(self.path), mode="r+")
-        names = [str(c) for c in xr.open_zarr(self.path, consolidated=None).checkpoint.values]
+        # the one coordinate needed, read directly: opening the whole dataset decodes every coordinate's metadata
+        names = [str(c) for c in self.group["checkpoint"][:]]
         if checkpoint not in names:
             raise CubeError(f"{self.path}: checkpoint {checkpoint!r} is not in the cube template ({names})")
         self.ci = names.index(checkpoint)
         self.checkpoint = checkpoint
         self.vars = [v for v in VARIABLES if v in self.group and v != "complete"]
+        self._arrays = {v: self.group[v] for v in self.vars}  # opened once: each group[v] re-reads metadata
+        self.num_experts = int(self.group.attrs["num_experts"])
         ids = self.group["expert_ids"]
         self.n_tokens = ids.shape[2]
         self.chunk = ids.chunks[2]
@@ -304,6 +443,7 @@ class RoutingWriter:
         self.buffered = 0
         # Un-mark first: a recapture must never leave a stale "complete" over new, partial data.
         self.group["complete"][self.ci] = 0
+        manifests.drop_region(self.path, self.ci)
 
     def append(self, **arrays: np.ndarray) -> None:
         """Buffer the next tokens' arrays (see the class docstring); refuse the whole batch if any is invalid.
@@ -325,10 +465,11 @@ class RoutingWriter:
                 n = a.shape[tok_axis]
             if a.shape[tok_axis] != n:
                 raise CubeError(f"{self.path}: '{v}' has {a.shape[tok_axis]} tokens in this batch, expected {n}")
-        E = int(self.group.attrs["num_experts"])
-        bad = (batch["expert_ids"] < 0) | (batch["expert_ids"] >= E)
-        if bad.any():
-            a = batch["expert_ids"]
+        E = self.num_experts
+        a = batch["expert_ids"]
+        # Two reductions first; the element-wise mask (to name the layer) only for a batch that fails.
+        if a.size and (a.min() < 0 or a.max() >= E):
+            bad = (a < 0) | (a >= E)
             raise CubeError(
                 f"{self.path}: checkpoint {self.checkpoint!r}, {self._layer_of(bad)}: expert id out of range "
                 f"[{a.min()}, {a.max()}], expected 0..{E - 1}; not writing this checkpoint"
@@ -336,7 +477,7 @@ class RoutingWriter:
         # Logits first: a NaN/inf router (diverged or corrupt weights, fp16 overflow) shows there first, and
         # would otherwise reach every analysis as numbers.
         for v in ("router_logits", "expert_weights"):
-            if v in batch and batch[v].dtype.kind == "f":
+            if v in batch and batch[v].dtype.kind == "f" and not _all_finite(batch[v]):
                 bad = ~np.isfinite(batch[v])
                 if bad.any():
                     raise CubeError(
@@ -360,19 +501,28 @@ class RoutingWriter:
         return f"layer {int(layers[i])}"
 
     def _flush(self, *, final: bool) -> None:
-        while self.buffered >= self.chunk or (final and self.buffered > 0):
-            n = min(self.chunk, self.buffered)
-            for v in self.vars:
-                tok_axis = VARIABLES[v].dims.index("token") - 1
-                cat = np.concatenate(self.buffer[v], axis=tok_axis) if len(self.buffer[v]) > 1 else self.buffer[v][0]
-                head = np.take(cat, np.arange(n), axis=tok_axis)
-                rest = np.take(cat, np.arange(n, cat.shape[tok_axis]), axis=tok_axis)
-                sl = [slice(None)] * cat.ndim
-                sl[tok_axis] = slice(self.offset, self.offset + n)
-                self.group[v][(self.ci, *sl)] = head.astype(self.group[v].dtype, copy=False)
-                self.buffer[v] = [rest] if rest.shape[tok_axis] else []
-            self.offset += n
-            self.buffered -= n
+        """Write every whole token chunk buffered (and, when ``final``, the last partial one).
+
+        One Zarr call per variable covers all of them (chunk-aligned: Zarr
+        encodes and stores the chunks concurrently); the caller's arrays are
+        written from views, and only the tokens left for the next chunk are
+        copied (the caller may reuse its arrays once ``append`` returns).
+        """
+        n = self.buffered if final else self.buffered // self.chunk * self.chunk
+        if n <= 0:
+            return
+        for v in self.vars:
+            tok_axis = VARIABLES[v].dims.index("token") - 1
+            parts = self.buffer[v]
+            cat = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=tok_axis)
+            arr = self._arrays[v]
+            sl = [slice(None)] * cat.ndim
+            sl[tok_axis] = slice(self.offset, self.offset + n)
+            arr[(self.ci, *sl)] = _token_range(cat, tok_axis, 0, n).astype(arr.dtype, copy=False)
+            rest = _token_range(cat, tok_axis, n, cat.shape[tok_axis])
+            self.buffer[v] = [rest.copy()] if rest.shape[tok_axis] else []
+        self.offset += n
+        self.buffered -= n
 
     def close(self) -> None:
         self._flush(final=True)
@@ -381,7 +531,7 @@ class RoutingWriter:
                 f"{self.path}: checkpoint {self.checkpoint!r} got {self.offset} tokens, the token table has "
                 f"{self.n_tokens}; not marking it complete"
             )
-        self.group["complete"][self.ci] = 1
+        seal_region(self.path, self.ci)
 
     def __enter__(self):
         return self
@@ -392,11 +542,62 @@ class RoutingWriter:
         return False
 
 
-def set_routing_attrs(path: str | os.PathLike, attrs: dict) -> None:
-    """Merge attributes into the routing cube (e.g. what capture learnt about the model)."""
+def _token_range(a: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    """``a[..., start:stop, ...]`` along ``axis``: a view, no copy."""
+    sl = [slice(None)] * a.ndim
+    sl[axis] = slice(int(start), int(stop))
+    return a[tuple(sl)]
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN/inf in float array ``a``, without an element-wise mask for the usual all-finite batch.
+
+    float16 (numpy emulates its arithmetic, ~4x slower): NaN and inf are the
+    values whose exponent bits are all ones. float32: the float64 sum is
+    finite exactly when every element is (it cannot overflow).
+    """
+    if a.size == 0:
+        return True
+    if a.dtype == np.float16:
+        return not bool(((a.view(np.uint16) & 0x7C00) == 0x7C00).any())
+    if a.dtype == np.float32:
+        return bool(np.isfinite(a.sum(dtype=np.float64)))
+    return bool(np.isfinite(a).all())
+
+
+def seal_region(path: str | os.PathLike, ci: int) -> None:
+    """Mark checkpoint index ``ci`` complete: its manifest (chunk keys, sizes, CRC-32) first, then the flag.
+
+    For every writer of a region (``RoutingWriter``, the importers): the
+    region's data must be written; what is stored now is what readers verify.
+    """
+    path = Path(path)
     g = zarr.open_group(str(path), mode="r+")
-    g.attrs.update(attrs)
-    zarr.consolidate_metadata(str(path))
+    manifests.seal_region(path, int(ci), str(g["checkpoint"][int(ci)]))
+    g["complete"][int(ci)] = 1
+
+
+def set_routing_attrs(path: str | os.PathLike, attrs: dict) -> None:
+    """Merge attributes into the routing cube (e.g. what capture learnt about the model).
+
+    Safe when writers of different checkpoints call it at once (captures run
+    concurrently in separate worker processes): zarr.json is read, merged and
+    rewritten under an exclusive ``flock`` on the store directory itself, so
+    no writer's attributes are lost. Region data and the ``complete`` flags
+    need no lock: every checkpoint owns whole chunks (``schema.storage_chunks``).
+    """
+    import fcntl
+
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        g = zarr.open_group(str(path), mode="r+")
+        g.attrs.update(attrs)
+        zarr.consolidate_metadata(str(path))
+        if manifests.has_manifests(path):
+            manifests.backup_metadata(path)
+    finally:
+        os.close(fd)  # releases the flock
 
 
 # ---------------------------------------------------------------- results
@@ -413,20 +614,32 @@ def fingerprint(*parts) -> str:
 def write_result(ds: xr.Dataset, path: str | os.PathLike, *, fingerprint: str) -> None:
     """Write an (in-memory) analysis result atomically, stamped with its fingerprint.
 
-    Temporaries of earlier writes of the same target that were killed before
-    their rename are removed first (the caller is the only writer of ``path``:
-    pipeline stages hold the run lock, storage/lock.py).
+    The store carries a manifest of every file it holds (sizes, CRC-32;
+    ``storage.manifest``), written before the rename, so that readers can tell
+    a whole result from a damaged one. Temporaries of earlier writes of the
+    same target that were killed before their rename are removed first, inside
+    a claimed run folder only (``storage.ownership``; the caller is the only
+    writer of ``path``: pipeline stages hold the run lock, storage/lock.py).
+
+    Raises
+    ------
+    CubeError : ``path`` exists and is not a result moe-atlas wrote (it is not replaced).
     """
+    from .ownership import remove_own_temporaries
+
     path = Path(path)
+    if path.exists() and not (manifests.result_sealed(path) or result_fingerprint(path, verify=False)):
+        raise CubeError(f"{path}: exists and is not a result moe-atlas wrote (no manifest, no fingerprint); "
+                        "not replacing it. Move it away or choose another output folder.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in [*path.parent.glob(f"{path.name}.tmp-*"), *path.parent.glob(f"{path.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    remove_own_temporaries(path.parent, names={path.name})
     ds = ds.copy()
     ds.attrs[FINGERPRINT_ATTR] = fingerprint
     for v in ds.variables.values():
         v.encoding = {}
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     ds.to_zarr(tmp, mode="w", consolidated=True)
+    manifests.seal_result(tmp)
     if path.exists():
         trash = path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(path, trash)
@@ -436,26 +649,57 @@ def write_result(ds: xr.Dataset, path: str | os.PathLike, *, fingerprint: str) -
         os.replace(tmp, path)
 
 
-def result_fingerprint(path: str | os.PathLike) -> str | None:
-    """The fingerprint a finished result was written with, or None."""
+def result_fingerprint(path: str | os.PathLike, *, verify: bool = True) -> str | None:
+    """The fingerprint a finished result was written with, or None.
+
+    With ``verify`` (what pipeline stages use to decide whether to recompute)
+    the store must also pass its manifest's cheap check (every file present,
+    sizes as written; no data read): a damaged or unverifiable result is
+    recomputed, never trusted on its fingerprint alone.
+    """
     path = Path(path)
     meta = path / "zarr.json"
     if not meta.exists():
         return None
     try:
-        return json.loads(meta.read_text()).get("attributes", {}).get(FINGERPRINT_ATTR)
+        fp = json.loads(meta.read_text()).get("attributes", {}).get(FINGERPRINT_ATTR)
     except (OSError, ValueError):
         return None
+    if verify and fp is not None and manifests.check_result(path):
+        return None
+    return fp
 
 
 def open_result(path: str | os.PathLike) -> xr.Dataset:
+    """Read a result cube (analysis, token table) into memory, verified against its manifest.
+
+    Raises
+    ------
+    CubeError : one line naming the store, the variable and the chunk object
+        that is missing, truncated or cannot be decoded, and the fix.
+    """
     path = Path(path)
     if not (path / "zarr.json").exists():
         raise CubeError(f"{path}: no result cube here (zarr.json missing)")
+    from .ownership import owned_root, rerun_command
+
+    fix = (f"{rerun_command(path)} (recomputes it)" if owned_root(path) is not None
+           else "write this result again")
+    if manifests.result_sealed(path):  # results from before manifests are read as they are
+        problems = manifests.check_result(path, fix=fix)
+        if problems:
+            raise CubeError(_problems_message(problems))
     try:
-        ds = xr.open_zarr(path, consolidated=None).load()
+        ds = xr.open_zarr(path, consolidated=None)
     except Exception as exc:  # zarr/numcodecs raise many types for damaged metadata or chunks
-        raise CubeError(f"{path}: cannot read result cube (truncated or corrupt store?): {type(exc).__name__}: {exc}") from exc
+        raise CubeError(f"{path}: cannot read result cube (truncated or corrupt store?): {type(exc).__name__}: "
+                        f"{exc}; fix: {fix}") from exc
+    for name in list(ds.variables):
+        try:
+            ds.variables[name].load()  # in place, variable by variable, so an error can name it
+        except Exception as exc:
+            raise CubeError(f"{path}: variable {name!r} cannot be decoded (corrupt chunk?): {type(exc).__name__}: "
+                            f"{exc}; fix: {fix}") from exc
     ds = _plain_strings(ds)
     for n, v in ds.data_vars.items():
         if v.dtype.kind == "T":
@@ -463,14 +707,21 @@ def open_result(path: str | os.PathLike) -> xr.Dataset:
     return ds
 
 
-def clean_temporaries(directory: str | os.PathLike) -> None:
-    """Remove leftovers of writes that were killed before their rename."""
-    directory = Path(directory)
-    if not directory.exists():
-        return
-    for p in directory.iterdir():
-        if ".tmp-" in p.name or ".old-" in p.name:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+def clean_temporaries(directory: str | os.PathLike, names: set[str] | None = None) -> list[Path]:
+    """Remove leftovers of writes that were killed before their rename; returns what was removed.
+
+    Only in a claimed run folder and only temporaries of ``names`` (default:
+    the stores and files a run keeps at its root) named by moe-atlas's own
+    writers (``storage.ownership.remove_own_temporaries``): a folder that is
+    not a moe-atlas run is never cleaned.
+    """
+    from .ownership import remove_own_temporaries
+
+    return remove_own_temporaries(directory, names=names if names is not None else ROOT_NAMES)
+
+
+# What a run writes at its root through temporaries (RunLayout: routing.zarr, summary.json).
+ROOT_NAMES = {"routing.zarr", "summary.json"}
 
 
 __all__ = [

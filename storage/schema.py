@@ -16,6 +16,7 @@ expert     : expert index 0..E-1 (only for ``router_logits``)
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,11 @@ VARIABLES: dict[str, VarSpec] = {
         ("checkpoint", "token"), "float32", np.nan, True,
         "the model's own next-token NLL in nats (NaN at the last position of a sample)",
     ),
+    "capacity_dropped": VarSpec(
+        ROUTING_DIMS, "int8", -1, True,
+        "1 where expert capacity dropped this routing slot (capacity-limited routers, e.g. Switch Transformers: "
+        "the expert in expert_ids was chosen but did not run, expert_weights is 0), 0 where it ran; -1 = not written",
+    ),
     "complete": VarSpec(
         ("checkpoint",), "int8", 0, False,
         "1 once every variable of this checkpoint's region is written; written last",
@@ -97,6 +103,20 @@ VARIABLES: dict[str, VarSpec] = {
 }
 AGGREGATE_VARIABLES = tuple(name for name in VARIABLES if name.startswith("agg_"))
 
+# The aggregate-counts cube: sources that publish only how many routing slots each expert
+# received per layer and domain (OLMoE's expert_counts pickles) have no tokens, so this is
+# its own small layout instead of a routing cube with an empty token dim. attrs
+# ``cube_kind = "counts"`` marks it; analyses that accept it say so in the registry.
+COUNTS_KIND = "counts"
+COUNTS_DIMS = ("checkpoint", "layer", "domain", "expert")
+COUNT_VARIABLES: dict[str, VarSpec] = {
+    "slot_counts": VarSpec(
+        COUNTS_DIMS, "int64", -1, False,
+        "routing slots (token × top-k position) of the domain's tokens assigned to the expert; -1 = not recorded",
+    ),
+    "complete": VarSpec(("checkpoint",), "int8", 0, False, "1 once the checkpoint's counts are written"),
+}
+
 # Coordinates along ``token``: name -> (dtype, description)
 TOKEN_COORDS: dict[str, tuple[str, str]] = {
     "sample": ("int32", "global sample index (samples are contiguous along token)"),
@@ -113,10 +133,18 @@ TOKEN_COORDS: dict[str, tuple[str, str]] = {
     "aligned_token": ("int64", "index along token of the token with the same canonical content in the other "
                                "condition of the pair (capture.align); -1 when unpaired or unmatched"),
     "last_canonical": ("bool", "the last canonical token of its sample"),
+    "phase": ("str", "inference phase of the token where the source records it: 'prefill' (prompt, processed in "
+                     "one forward pass) or 'decode' (generated one at a time); '' when unknown or not applicable"),
 }
 # Coordinates added after cubes were first written: a cube without them still opens
 # (they are filled when the template is built; analyses that need them say so).
-OPTIONAL_TOKEN_COORDS = frozenset({"aligned_token", "last_canonical"})
+OPTIONAL_TOKEN_COORDS = frozenset({"aligned_token", "last_canonical", "phase"})
+
+# Values of the ``phase`` token coordinate. Capture leaves '' on purpose: its tokens are
+# teacher-forced text, neither a served prompt nor generated output, so calling them
+# 'prefill' would put them in the same view as a serving log's prompts. Importers of
+# serving logs (llama.cpp, vLLM, SGLang) fill 'prefill'/'decode' where the format says.
+PHASES = ("prefill", "decode")
 
 # Attributes a reader needs to trust the numbers.
 REQUIRED_ATTRS = (
@@ -145,12 +173,14 @@ def token_table(
     canonical=None,
     aligned_token=None,
     last_canonical=None,
+    phase=None,
 ) -> xr.Dataset:
     """Build the token table: a Dataset with dim ``token`` and only coordinates.
 
-    Missing optional columns get neutral defaults ('' for labels, True for
-    ``canonical``, -1 for character offsets and ``aligned_token``, False for
-    ``last_canonical``).
+    Missing optional columns get neutral defaults ('' for labels and ``phase``,
+    True for ``canonical``, -1 for character offsets and ``aligned_token``,
+    False for ``last_canonical``). ``phase`` values must be among
+    :data:`PHASES` or ''.
     """
     n = len(sample)
     def _col(v, dtype, default):
@@ -175,13 +205,32 @@ def token_table(
         "canonical": _col(canonical, "bool", True),
         "aligned_token": _col(aligned_token, "int64", -1),
         "last_canonical": _col(last_canonical, "bool", False),
+        "phase": _col(phase, "str", ""),
     }
+    bad = sorted(set(map(str, pd_unique(cols["phase"]))) - {"", *PHASES})
+    if bad:
+        raise ValueError(f"token table column 'phase' has value(s) {bad[:5]}; expected one of {list(PHASES)} or ''")
     coords = {name: ("token", values) for name, values in cols.items()}
     coords["token"] = ("token", np.arange(n, dtype=np.int64))
     ds = xr.Dataset(coords=coords)
     for name, (_, desc) in TOKEN_COORDS.items():
         ds[name].attrs["description"] = desc
     return ds
+
+
+def pd_unique(values: np.ndarray) -> np.ndarray:
+    """Distinct values of a 1-d object array by hashing (np.unique would sort strings)."""
+    import pandas as pd
+
+    return pd.unique(pd.Series(values, dtype=object)) if len(values) else np.zeros(0, dtype=object)
+
+
+def phases_present(ds: xr.Dataset) -> list[str]:
+    """The known phases (:data:`PHASES` order) that label at least one token of ``ds``; [] without ``phase``."""
+    if "phase" not in ds.coords or "token" not in ds["phase"].dims:
+        return []
+    have = set(map(str, pd_unique(np.asarray(ds["phase"].values, dtype=object))))
+    return [p for p in PHASES if p in have]
 
 
 def tokens_hash(tokens: xr.Dataset) -> str:
@@ -201,6 +250,44 @@ def tokens_hash(tokens: xr.Dataset) -> str:
     return h.hexdigest()[:16]
 
 
+# Raw bytes of the widest per-token variable in one stored chunk.
+TARGET_CHUNK_BYTES = 4 * 2**20
+
+
+def token_chunk_size(n_tokens: int, *, top_k: int, num_experts: int, keep_logits: bool) -> int:
+    """Tokens per stored chunk so that the widest variable's chunk holds ~4 MiB raw.
+
+    The row is one token of one layer: ``top_k`` int16 ids / float32 weights,
+    or ``num_experts`` float16 logits when they are kept.
+    """
+    row = max(top_k * 4, num_experts * 2 if keep_logits else 0, 4)
+    return int(max(1, min(n_tokens, TARGET_CHUNK_BYTES // row)))
+
+
+def storage_chunks(dims: tuple[str, ...], sizes: dict, token_chunk: int) -> tuple[int, ...]:
+    """The one chunk shape of a cube variable, used both as Zarr chunks and as the template's Dask chunks.
+
+    One checkpoint × one layer × ``token_chunk`` tokens × every slot / expert:
+    a checkpoint's region is a set of whole chunks (writers never share one),
+    and a layer's tokens read without touching the other layers.
+
+    Parameters
+    ----------
+    dims : the variable's dims (subset of checkpoint, layer, token, k, expert).
+    sizes : dim -> length.
+    token_chunk : tokens per chunk (``token_chunk_size``).
+    """
+    out = []
+    for d in dims:
+        if d in ("checkpoint", "layer"):
+            out.append(1)
+        elif d == "token":
+            out.append(int(max(1, min(token_chunk, sizes[d]))))
+        else:
+            out.append(int(max(1, sizes[d])))
+    return tuple(out)
+
+
 def empty_routing(
     tokens: xr.Dataset,
     *,
@@ -214,13 +301,18 @@ def empty_routing(
     keep_lens: bool = False,
     keep_js: bool = False,
     keep_nll: bool = True,
+    keep_capacity: bool = False,
     attrs: dict | None = None,
     lazy: bool = True,
+    token_chunk: int | None = None,
 ) -> xr.Dataset:
     """The routing cube filled with fill values (the template).
 
     With ``lazy=True`` data variables are dask arrays so that writing the
-    template with ``compute=False`` stores only metadata.
+    template with ``compute=False`` stores only metadata; their Dask chunks
+    are the stored chunks (``storage_chunks``, ``token_chunk`` tokens, default
+    ``token_chunk_size``), recorded in ``attrs["token_chunk"]``, so that
+    ``storage.cube.prepare_routing`` writes them without any rechunking.
     """
     import dask.array as da
 
@@ -231,6 +323,8 @@ def empty_routing(
         "k": top_k,
         "expert": num_experts,
     }
+    if token_chunk is None:
+        token_chunk = token_chunk_size(shape["token"], top_k=top_k, num_experts=num_experts, keep_logits=keep_logits)
     wanted = {
         "expert_ids": True,
         "expert_weights": keep_weights,
@@ -238,6 +332,7 @@ def empty_routing(
         "lens_logprob": keep_lens,
         "lens_js": keep_js,
         "nll": keep_nll,
+        "capacity_dropped": keep_capacity,
         "complete": True,
     }
     data_vars = {}
@@ -245,8 +340,10 @@ def empty_routing(
         if not wanted.get(name, False):  # aggregate variables are added by their importer
             continue
         shp = tuple(shape[d] for d in spec.dims)
-        make = da.full if lazy else np.full
-        arr = make(shp, spec.fill, dtype=spec.dtype)
+        if lazy:
+            arr = da.full(shp, spec.fill, dtype=spec.dtype, chunks=storage_chunks(spec.dims, shape, token_chunk))
+        else:
+            arr = np.full(shp, spec.fill, dtype=spec.dtype)
         data_vars[name] = xr.Variable(spec.dims, arr, attrs={"description": spec.description})
     ds = xr.Dataset(data_vars, coords=tokens.coords)
     ds = ds.assign_coords(
@@ -263,6 +360,8 @@ def empty_routing(
         "inputs_hash": tokens_hash(tokens),
         "usage_normalisation": "",
     }
+    if lazy:  # the chunking the dask arrays were built with, for prepare_routing
+        base["token_chunk"] = int(max(1, min(token_chunk, max(shape["token"], 1))))
     base.update(attrs or {})
     ds.attrs.update(base)
     return ds
@@ -274,7 +373,12 @@ def validate_routing(ds: xr.Dataset, *, where: str = "routing cube") -> None:
     ``expert_ids`` may be absent only from an imported cube that declares
     ``attrs["has_token_ids"] = False`` and holds router logits or aggregate
     variables instead (analyses needing ids then report them missing).
+    An aggregate-counts cube (``attrs["cube_kind"] == "counts"``) is checked
+    by :func:`validate_counts`.
     """
+    if is_counts_cube(ds):
+        validate_counts(ds, where=where)
+        return
     if "expert_ids" not in ds:
         ids_free = not ds.attrs.get("has_token_ids", True) and any(
             v in ds.data_vars for v in ("router_logits", *AGGREGATE_VARIABLES)
@@ -298,6 +402,80 @@ def validate_routing(ds: xr.Dataset, *, where: str = "routing cube") -> None:
         raise ValueError(f"{where}: dim 'k' has size {ds.sizes.get('k')}, attrs say top_k={ds.attrs['top_k']}")
     if "expert" in ds.sizes and ds.sizes["expert"] != E:
         raise ValueError(f"{where}: dim 'expert' has size {ds.sizes['expert']}, attrs say num_experts={E}")
+
+
+def is_counts_cube(ds: xr.Dataset) -> bool:
+    """True for an aggregate-counts cube (layer × expert × domain slot counts, no tokens)."""
+    return ds.attrs.get("cube_kind") == COUNTS_KIND
+
+
+def validate_counts(ds: xr.Dataset, *, where: str = "counts cube") -> None:
+    """Raise ValueError naming ``where`` and the field when ``ds`` breaks the counts-cube schema."""
+    for name, spec in COUNT_VARIABLES.items():
+        if name not in ds.data_vars:
+            raise ValueError(f"{where}: variable '{name}' is missing (expected dims {spec.dims})")
+        if tuple(ds[name].dims) != spec.dims:
+            raise ValueError(f"{where}: variable '{name}' has dims {tuple(ds[name].dims)}, expected {spec.dims}")
+    for name in ("checkpoint", "step", "layer", "domain", "expert"):
+        if name not in ds.coords:
+            raise ValueError(f"{where}: coordinate '{name}' is missing")
+    for name in REQUIRED_ATTRS:
+        if name not in ds.attrs:
+            raise ValueError(f"{where}: attribute '{name}' is missing")
+    E = int(ds.attrs["num_experts"])
+    if ds.sizes["expert"] != E:
+        raise ValueError(f"{where}: dim 'expert' has size {ds.sizes['expert']}, attrs say num_experts={E}")
+
+
+def counts_cube(
+    slot_counts: np.ndarray,
+    *,
+    checkpoints: list[str],
+    steps: list[int],
+    layers: list[int],
+    domains: list[str],
+    top_k: int,
+    attrs: dict,
+) -> xr.Dataset:
+    """The aggregate-counts cube in memory.
+
+    Parameters
+    ----------
+    slot_counts : (checkpoint, layer, domain, expert) integer routing-slot counts
+        (-1 where a cell was not recorded).
+    attrs : at least model_family, router_semantics, source; ``cube_kind``,
+        ``schema_version``, ``num_experts``, ``top_k`` and ``inputs_hash`` are set here.
+
+    Returns
+    -------
+    xr.Dataset with ``slot_counts`` (checkpoint, layer, domain, expert) and
+    ``complete`` (checkpoint,) = 1.
+    """
+    a = np.asarray(slot_counts, dtype=np.int64)
+    C, L, D, E = a.shape
+    if (C, L, D) != (len(checkpoints), len(layers), len(domains)):
+        raise ValueError(f"counts_cube: slot_counts has shape {a.shape}, expected "
+                         f"({len(checkpoints)}, {len(layers)}, {len(domains)}, E)")
+    h = hashlib.sha256(np.ascontiguousarray(a).tobytes())
+    h.update(json.dumps([list(map(str, domains)), list(map(int, layers))]).encode())
+    ds = xr.Dataset(
+        {
+            "slot_counts": (COUNTS_DIMS, a, {"description": COUNT_VARIABLES["slot_counts"].description}),
+            "complete": (("checkpoint",), np.ones(C, np.int8), {"description": COUNT_VARIABLES["complete"].description}),
+        },
+        coords={
+            "checkpoint": ("checkpoint", np.asarray(checkpoints, dtype=object)),
+            "step": ("checkpoint", np.asarray(steps, dtype=np.int64)),
+            "layer": ("layer", np.asarray(layers, dtype=np.int32)),
+            "domain": ("domain", np.asarray(domains, dtype=object)),
+            "expert": ("expert", np.arange(E, dtype=np.int32)),
+        },
+    )
+    ds.attrs.update(attrs)
+    ds.attrs.update(cube_kind=COUNTS_KIND, schema_version=SCHEMA_VERSION, num_experts=int(E), top_k=int(top_k),
+                    inputs_hash=h.hexdigest()[:16], has_token_ids=False)
+    validate_counts(ds, where="counts cube")
+    return ds
 
 
 def mock_cube(

@@ -87,6 +87,24 @@ def tokenizer_dir(exp: Experiment) -> str:
     return checkpoints(exp)[0].path
 
 
+def run_identity(exp: Experiment) -> dict:
+    """What makes a run folder this experiment's (``storage.ownership``): name, model source, tokenizer, datasets.
+
+    Not the checkpoints, analyses, capture or report settings: adding a
+    checkpoint or an analysis later continues the same run (and captures or
+    computes only what is new); another model, tokenizer or data set is
+    another experiment and gets its own output_dir.
+    """
+    ident = {"experiment": exp.name, "source": exp.model.source}
+    if exp.model.source == "checkpoints":
+        tok = exp.model.tokenizer or (exp.model.checkpoints[0].path if exp.model.checkpoints else "")
+        ident["tokenizer"] = str(Path(tok).resolve()) if tok else ""
+    elif exp.model.source == "import":
+        ident["trace_format"] = exp.trace.format
+    ident["datasets"] = [[d.name, str(Path(d.path).resolve())] for d in exp.datasets]
+    return ident
+
+
 def _under_run_lock(run):
     """Wrap a stage's ``run`` in the run directory's lock (storage/lock.py: wait, then give up with a clear error).
 
@@ -100,8 +118,15 @@ def _under_run_lock(run):
     @functools.wraps(run)
     def locked(self):
         from storage.lock import run_lock
+        from storage.ownership import check_output_dir, claim_run, precheck_run
 
+        # Before the lock file is made: a folder that is not this experiment's run is refused untouched.
+        check_output_dir(self.exp.output_dir, where=self.exp.source_file or self.experiment)
+        identity = run_identity(self.exp)
+        precheck_run(self.layout.root, identity, experiment_file=self.exp.source_file or self.experiment)
         with run_lock(self.layout.lock):
+            # Under the lock: of two experiments that both found the folder empty, the second is refused here.
+            claim_run(self.layout.root, identity, experiment_file=self.exp.source_file or self.experiment)
             if self.complete():
                 logging.getLogger("luigi-interface").info("%s: done by another run while this one waited; skipped", self)
             else:
@@ -286,48 +311,79 @@ class RoutingTemplate(_Stage):
         cubes.prepare_routing(self.layout.routing, template)
 
 
-class Capture(_Stage):
-    """One checkpoint's region of routing.zarr, computed as one job on the Dask cluster."""
+def _batch_checkpoints(names) -> str:
+    """Luigi ``batch_method`` of ``Capture.checkpoint``: the pending captures of an experiment, as one task."""
+    names = list(names)
+    return names[0] if len(names) == 1 else json.dumps(names)
 
-    checkpoint = luigi.Parameter()
+
+class Capture(_Stage):
+    """One checkpoint's region of routing.zarr, computed as one job on the Dask cluster.
+
+    Captures of different checkpoints run concurrently: Luigi runs one task at
+    a time (one Luigi worker; the fan-out is Dask's), but the scheduler hands
+    every pending ``Capture`` of an experiment to that worker as one *batch*
+    (``checkpoint`` has a ``batch_method``), whose ``run`` submits all the jobs
+    at once and waits for all of them. Each checkpoint stays its own task in
+    the graph (``Analyse`` requires one per checkpoint; adding a checkpoint
+    captures only that one). Jobs that ask for a GPU get one device each
+    (Dask resources); on CPU, as many run at once as the workers have threads.
+    A failed job leaves the others' finished regions complete.
+    """
+
+    checkpoint = luigi.Parameter(batch_method=_batch_checkpoints,
+                                 description="checkpoint name (a JSON list of names when Luigi batches captures)")
 
     def requires(self):
         return RoutingTemplate(experiment=self.experiment)
 
-    def _spec(self) -> CheckpointSpec:
-        for c in checkpoints(self.exp):
-            if c.name == self.checkpoint:
-                return c
+    def _names(self) -> list[str]:
+        known = [c.name for c in checkpoints(self.exp)]
+        if self.checkpoint in known:
+            return [self.checkpoint]
+        try:
+            names = json.loads(self.checkpoint)
+        except ValueError:
+            names = None
+        if isinstance(names, list) and names and all(n in known for n in names):
+            return names
         raise KeyError(f"{self.exp.source_file}: no checkpoint named {self.checkpoint!r}")
+
+    def _spec(self) -> CheckpointSpec:
+        return self._specs()[0]
+
+    def _specs(self) -> list[CheckpointSpec]:
+        by_name = {c.name: c for c in checkpoints(self.exp)}
+        return [by_name[n] for n in self._names()]
 
     def output(self):
         return luigi.LocalTarget(str(self.layout.routing))
 
     def complete(self):
         # Not RoutingTemplate.complete(): a template missing *another* checkpoint leaves this capture valid.
-        return self.checkpoint in cubes.completed_checkpoints(self.layout.routing) and self.requires().inputs_current()
+        done = set(cubes.completed_checkpoints(self.layout.routing))
+        try:
+            names = self._names()
+        except KeyError:
+            return False
+        return set(names) <= done and self.requires().inputs_current()
 
     def run(self):
-        from capture.job import capture_into_cube
+        import deploy
+        from capture.job import submit_captures, wait_captures
 
         exp = self.exp
-        c = self._spec()
+        done = set(cubes.completed_checkpoints(self.layout.routing))
+        # A batch that waited for the run lock may find some of its checkpoints done by another run.
+        specs = [c for c in self._specs() if c.name not in done]
         client = _client(exp)
-        future = client.submit(
-            capture_into_cube,
-            c.path,
-            str(self.layout.routing),
-            c.name,
-            batch_size=exp.capture.batch_size,
-            device=exp.capture.device,
-            dtype=exp.capture.dtype,
-            trust_remote_code=exp.model.trust_remote_code,
-            key=f"capture-{exp.name}-{c.name}-{time.time_ns()}",
-            pure=False,
-            # One device per capture job; workers advertise GPU resources (deploy.client, deploy/slurm.py).
-            resources={"GPU": 1} if exp.capture.device.startswith("cuda") else None,
-        )
-        future.result()
+        futures = submit_captures(client, [
+            dict(model_dir=c.path, routing_path=str(self.layout.routing), checkpoint=c.name,
+                 batch_size=exp.capture.batch_size, device=exp.capture.device, dtype=exp.capture.dtype,
+                 trust_remote_code=exp.model.trust_remote_code)
+            for c in specs
+        ], run_key=exp.name, gpu=exp.capture.device.startswith("cuda"))
+        wait_captures(futures, explain=deploy.explain)
 
 
 class ImportTrace(_Stage):
@@ -405,22 +461,24 @@ class Analyse(_Stage):
     def run(self):
         import xarray as xr
 
-        from analyses import missing_requirements
+        from analyses.registry import skip_reason
         from analyses.runner import compute_analysis
 
-        missing = missing_requirements(self.analysis, cubes.open_routing(self.layout.routing, complete_only=False))
-        if missing:
-            # Imported traces often lack weights or logits: the report says what was skipped and why.
-            result = xr.Dataset(attrs={
-                "analysis": self.analysis,
-                "skipped": f"the routing cube has no {', '.join(missing)} (source: "
-                           f"{cubes.open_routing(self.layout.routing, complete_only=False).attrs.get('source')})",
-            })
+        # Imported traces often lack weights or logits, hold one checkpoint or one domain, or only
+        # aggregate counts: the report says what was skipped and why instead of the run failing.
+        reason = skip_reason(self.analysis, cubes.open_routing(self.layout.routing, complete_only=False))
+        if reason:
+            result = xr.Dataset(attrs={"analysis": self.analysis, "skipped": reason})
         else:
             names = None if self.exp.model.source == "import" else [c.name for c in checkpoints(self.exp)]
-            result = compute_analysis(
-                self.layout.routing, self.analysis, self.params(), checkpoints=names, client=_client(self.exp),
-            )
+            import deploy
+
+            client = _client(self.exp)
+            # A worker that died (KilledWorker) or no worker left: one line saying so, not "reading the cube failed".
+            with deploy.cluster_errors(f"analysis {self.analysis!r}"):
+                result = compute_analysis(
+                    self.layout.routing, self.analysis, self.params(), checkpoints=names, client=client,
+                )
         cubes.write_result(result, self.output().path, fingerprint=self.fingerprint())
 
 
@@ -468,6 +526,10 @@ def _client(exp: Experiment):
         scheduler=d.scheduler, n_workers=d.n_workers, threads_per_worker=d.threads_per_worker, host=d.host,
         dashboard_port=d.dashboard_port, memory_limit=d.memory_limit,
         gpus_per_worker=1 if exp.capture.device.startswith("cuda") else 0,
+        allow_remote=bool(getattr(d, "allow_remote", False)),
+        # An external scheduler's TLS files ([dask] tls_ca_file/tls_cert/tls_key when the spec has them;
+        # otherwise distributed's own config, distributed.comm.tls.*).
+        tls={k: getattr(d, f"tls_{k}", "") for k in ("ca_file", "cert", "key")} if getattr(d, "tls_ca_file", "") else None,
     )
 
 

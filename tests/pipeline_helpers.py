@@ -193,6 +193,11 @@ def new_run(root: Path, model: Path, *, port: int) -> Path:
     """A fresh run of the tiny demo under ``root/run`` whose model is already prepared; returns the experiment file."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(model, root / "run" / "model")
+    # The run folder the model was prepared in is the tiny experiment's (storage/ownership.py): copying
+    # its marker makes the copy that experiment's run too (a non-empty folder without one is refused).
+    from storage.ownership import MARKER
+
+    shutil.copy2(model.parent / MARKER, root / "run" / MARKER)
     exp = root / "tiny.toml"
     exp.write_text(tiny_experiment(root / "run", port=port))
     return exp

@@ -25,6 +25,7 @@ import json
 import pickle
 import re
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -279,6 +280,30 @@ def _dataset(text: str | None, *, stage: str = "Tokenize"):
     return make
 
 
+def _dataset_bytes(raw: bytes):
+    def make(ctx: Ctx):
+        data = ctx.tmp / "data.jsonl"
+        data.write_bytes(raw)
+        exp = ctx.experiment(dataset=data)
+        return pipeline(exp), data, lambda: assert_nothing_from(ctx.out, "Tokenize")
+
+    return make
+
+
+def _nested_header(d: Path) -> Path:
+    f = d / "model.safetensors"
+    header = b"[" * 200_000 + b"]" * 200_000
+    f.write_bytes(struct.pack("<Q", len(header)) + header)
+    return f
+
+
+def _top_k_over_experts(d: Path) -> Path:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_experts_per_tok"] = cfg["num_local_experts"] + 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d / "config.json"
+
+
 def _pairs(entry: dict):
     """A pair_tokens.json file (capture/pairs.py) with one good pair and one bad one."""
 
@@ -398,6 +423,18 @@ CASES = [
     Case("experiment-unknown-analysis",
          _exp_file('name = "x"\noutput_dir = "{out}"\n[analyses]\nrun = ["usage", "nope"]\n'),
          SpecError, r"unknown analysis 'nope'"),
+    Case("experiment-param-type",
+         _exp_file('name = "x"\noutput_dir = "{out}"\n[analyses.params.usage]\nn_boot = "many"\n'),
+         SpecError, r"analyses\.params\.usage\.n_boot: expected an integer in \[0, 100000\], got 'many'"),
+    Case("experiment-param-range",
+         _exp_file('name = "x"\noutput_dir = "{out}"\n[analyses.params.change]\nci = 5.0\n'),
+         SpecError, r"analyses\.params\.change\.ci: expected a number in \(0, 1\), got 5\.0"),
+    Case("experiment-no-analyses", _exp_file('name = "x"\noutput_dir = "{out}"\n[analyses]\nrun = []\n'),
+         SpecError, r"'analyses\.run' is empty"),
+    Case("experiment-remote-host", _exp_file('name = "x"\noutput_dir = "{out}"\n[dask]\nhost = "0.0.0.0"\n'),
+         SpecError, r"'dask\.host' = '0\.0\.0\.0' exposes .*allow_remote = true"),
+    Case("experiment-device", _exp_file('name = "x"\noutput_dir = "{out}"\n[capture]\ndevice = "tpu:9"\n'),
+         SpecError, r"'capture\.device' must be 'cpu', 'cuda', 'cuda:N' or 'mps', got 'tpu:9'"),
     # checkpoints: missing, truncated, not MoE, pickles
     Case("checkpoint-missing", _ckpt(lambda d: shutil.rmtree(d)), FileNotFoundError, "does not exist"),
     Case("checkpoint-no-config", _ckpt(lambda d: (d / "config.json").unlink()), FileNotFoundError,
@@ -408,6 +445,10 @@ CASES = [
     Case("checkpoint-missing-shard", _ckpt(_missing_shard), FileNotFoundError,
          r"shard model-00002-of-00002\.safetensors listed in weight_map is missing"),
     Case("checkpoint-bad-config", _ckpt(_bad_config), ValueError, "cannot read the model config"),
+    Case("checkpoint-header-nested", _ckpt(_nested_header), ValueError,
+         "corrupt safetensors header: JSON nested too deeply"),
+    Case("checkpoint-top-k-over-experts", _ckpt(_top_k_over_experts), ValueError,
+         r"num_experts_per_tok=\d+ is larger than num_local_experts=\d+"),
     Case("checkpoint-lacks-weights", _lacks_weights, ValueError,
          r"lack 1 weight\(s\) the model needs, e\.g\. \['model\.layers\.1\.(mlp|block_sparse_moe)\.gate\.weight'\]"),
     Case("checkpoint-dense", _dense, ValueError, "no MoE router"),
@@ -423,6 +464,12 @@ CASES = [
     Case("dataset-bad-json", _dataset('{"text": "a", "domain": "x"}\n{"text": \n'), ValueError, r":2: invalid JSON"),
     Case("dataset-no-text", _dataset('{"text": "a", "domain": "x"}\n{"domain": "x"}\n'), ValueError,
          r":2: field 'text' is missing"),
+    Case("dataset-not-utf8", _dataset_bytes(b'{"text": "a", "domain": "x"}\n{"text": "\xff", "domain": "x"}\n'),
+         ValueError, r":2: not valid UTF-8 at byte 10"),
+    Case("dataset-lone-surrogate", _dataset('{"text": "a", "domain": "x"}\n{"text": "a\\udc00", "domain": "x"}\n'),
+         ValueError, r":2: field 'text' holds a lone surrogate"),
+    Case("dataset-deep-nesting", _dataset('{"text": "a", "domain": "x", "m": ' + "[" * 200_000 + "]" * 200_000 + "}\n"),
+         ValueError, r":1: invalid JSON \(nested too deeply to parse\)"),
     # paired samples that do not pair (capture/pairs.py)
     Case("pairs-unequal-ids", _pairs({"agentic_ids": [1, 5, 6], "assisted_ids": [1, 5],
                                       "canonical_non_ws_positions": [1]}),
@@ -445,13 +492,15 @@ CASES = [
          r"no routing cube here \(zarr\.json missing\)"),
     Case("routing-metadata-cut", _damaged_cube(_cut_metadata), cubes.CubeError, "cannot open routing cube"),
     Case("routing-chunks-missing", _damaged_cube(_drop_chunks), cubes.CubeError,
-         r"truncated routing cube: checkpoint 'a' is marked complete but 1 of its 2 'expert_ids' chunks are missing"),
+         r"variable 'expert_ids', checkpoint 'a' \(index 0\), chunk expert_ids/c/0/\d/0/0: chunk object missing "
+         r"\(would read as fill\); fix: capture checkpoint 'a' again$"),
     Case("routing-variable-dir-gone", _damaged_cube(lambda r: shutil.rmtree(r / "expert_ids")), cubes.CubeError,
-         r"truncated routing cube: checkpoint 'a' is marked complete but 2 of its 2 'expert_ids' chunks are missing"),
+         r"variable 'expert_ids', checkpoint 'a' \(index 0\), chunk expert_ids/c/0/0/0/0: chunk object missing "
+         r".*\(and 1 more problem\(s\): moe-atlas verify lists them\)"),
     Case("result-no-metadata", _damaged_cube(lambda r: (r / "zarr.json").unlink(), opener=cubes.open_result),
          cubes.CubeError, r"no result cube here \(zarr\.json missing\)"),
     Case("result-chunk-garbled", _token_table(_garble_chunk), cubes.CubeError,
-         "cannot read result cube"),
+         r"variable 'token_id', object token_id/c/0: is \d+ bytes, \d+ were written \(truncated or overwritten\)"),
 ]
 
 

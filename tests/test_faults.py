@@ -140,7 +140,7 @@ def test_lock_held_and_no_wait_fails_clearly(tmp_path, tiny_model, monkeypatch):
     assert not ok
     assert errors and all(isinstance(e, RunLocked) for e in errors), errors
     assert f"another moe-atlas run holds {layout.lock} (pid {holder.pid})" in str(errors[0])
-    assert sorted(p.name for p in layout.root.iterdir()) == [".lock", "model"]
+    assert sorted(p.name for p in layout.root.iterdir()) == [".lock", ".moe-atlas-run.json", "model"]  # as new_run left it
     # The holder was killed: its lock went with it, nothing stale is left to clean.
     with run_lock(layout.lock, timeout=0):
         pass

@@ -75,10 +75,13 @@ def case_llamacpp_json(tmp, rng):
                                                  "timestamp_start_ns": 1, "format_version": "1024-byte"},
                      "entries": entries}, indent=2))
         sources.append(root)
-    ids = np.stack([np.concatenate([truth[d][c] for d in truth]).transpose(1, 0, 2) for c in range(2)])
+    # both phases are kept: the prompt step is one token, the first k ids of its batch record
+    prompt = np.broadcast_to(np.arange(K), (1, 2, K))
+    ids = np.stack([np.concatenate([np.concatenate([prompt, truth[d][c]]) for d in truth]).transpose(1, 0, 2)
+                    for c in range(2)])
     return dict(sources=sources, options={}, side_table=None,
-                expect=dict(ids=ids, layers=layers, position=np.tile(np.arange(1, n_gen + 1), 2),
-                            domain=["code"] * n_gen + ["math"] * n_gen))
+                expect=dict(ids=ids, layers=layers, position=np.tile(np.arange(0, n_gen + 1), 2),
+                            domain=["code"] * (n_gen + 1) + ["math"] * (n_gen + 1)))
 
 
 def write_binary(path: Path, truth: np.ndarray, layers, *, prompt=True, garbage=True):
@@ -115,10 +118,12 @@ def case_llamacpp_bin(tmp, rng):
             d.mkdir(parents=True)
             write_binary(d / "tensor_trace.bin", truth[dom][c], layers)
         sources.append(tmp / f"ckpt{c}")
-    ids = np.stack([np.concatenate([truth[d][c] for d in truth]).transpose(1, 0, 2) for c in range(2)])
+    prompt = np.broadcast_to(np.arange(K), (1, 3, K))  # the prompt step: the first k ids of its batch record
+    ids = np.stack([np.concatenate([np.concatenate([prompt, truth[d][c]]) for d in truth]).transpose(1, 0, 2)
+                    for c in range(2)])
     return dict(sources=sources, options={}, side_table=None,
-                expect=dict(ids=ids, layers=layers, position=np.tile(np.arange(1, n + 1), 2),
-                            domain=["code"] * n + ["prose"] * n))
+                expect=dict(ids=ids, layers=layers, position=np.tile(np.arange(0, n + 1), 2),
+                            domain=["code"] * (n + 1) + ["prose"] * (n + 1)))
 
 
 def case_csv_layer_expert(tmp, rng):
@@ -432,6 +437,67 @@ def case_segments(tmp, rng):
                             position=np.r_[np.arange(3), np.arange(2)], domain=["wiki"] * 3 + ["news"] * 2))
 
 
+def case_vllm_routes(tmp, rng):
+    """Routing-logger JSONL: a meta line, then route lines of two requests interleaved token by token."""
+    layers, reqs = [0, 2], {"req-a": 3, "req-b": 4}
+    truth = [{r: routing(rng, n, 2) for r, n in reqs.items()} for _ in range(2)]
+    w = [{r: np.sort(rng.random((n, 2, K)), axis=-1)[..., ::-1] for r, n in reqs.items()} for _ in range(2)]
+    sources = []
+    for c in range(2):
+        lines = [{"type": "meta", "model_id": "m", "vllm_version": "0.11", "top_k": K, "layers_logged": layers}]
+        for t in range(max(reqs.values())):
+            for r, n in reqs.items():
+                if t < n:
+                    lines += [{"type": "route", "req_id": r, "token_idx": t, "layer": layer,
+                               "topk_ids": truth[c][r][t, li].tolist(), "topk_weights": w[c][r][t, li].tolist()}
+                              for li, layer in enumerate(layers)]
+        (tmp / f"ckpt{c}.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+        sources.append(tmp / f"ckpt{c}.jsonl")
+    ids = np.stack([np.concatenate([truth[c][r] for r in reqs]).transpose(1, 0, 2) for c in range(2)])
+    ws = np.stack([np.concatenate([w[c][r] for r in reqs]).transpose(1, 0, 2) for c in range(2)])
+    return dict(sources=sources, options={}, side_table={"req-a": {"domain": "chat"}, "req-b": {"domain": "code"}},
+                num_experts=E, expect=dict(ids=ids, weights=ws, layers=layers, position=[0, 1, 2, 0, 1, 2, 3],
+                                           domain=["chat"] * 3 + ["code"] * 4))
+
+
+def case_table(tmp, rng):
+    """A long routing table (CSV, one row per sample, layer, token; rows shuffled; lists in cells)."""
+    layers, docs = [1, 2, 5], {"d1": 4, "d2": 2}
+    truth = [{d: routing(rng, n, 3) for d, n in docs.items()} for _ in range(2)]
+    sources = []
+    for c in range(2):
+        rows = [f"{d},{layer},{t},\"{truth[c][d][t, li].tolist()}\""
+                for d, n in docs.items() for t in range(n) for li, layer in enumerate(layers)]
+        first = rows[0]
+        rest = [rows[i] for i in rng.permutation(np.arange(1, len(rows)))]
+        (tmp / f"ckpt{c}.csv").write_text("doc_id,layer_id,pos,selected_experts\n" + "\n".join([first] + rest) + "\n")
+        sources.append(tmp / f"ckpt{c}.csv")
+    ids = np.stack([np.concatenate([truth[c][d] for d in docs]).transpose(1, 0, 2) for c in range(2)])
+    return dict(sources=sources, options={"top_k": K}, side_table={"d1": {"domain": "wiki"}, "d2": {"domain": "news"}},
+                num_experts=E, expect=dict(ids=ids, layers=layers, position=[0, 1, 2, 3, 0, 1],
+                                           domain=["wiki"] * 4 + ["news"] * 2))
+
+
+def case_serving(tmp, rng):
+    """OpenAI-compatible chat completions with SGLang's sgl_ext.routed_experts (base64 int32)."""
+    lens = [(4, 3), (3, 3)]
+    truth = [[routing(rng, p + g - 1, 2) for p, g in lens] for _ in range(2)]
+    sources = []
+    for c in range(2):
+        recs = [{"id": f"chatcmpl-{i}", "object": "chat.completion",
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "."},
+                              "sgl_ext": {"routed_experts": base64.b64encode(truth[c][i].astype("<i4").tobytes()).decode()}}],
+                 "usage": {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}}
+                for i, (p, g) in enumerate(lens)]
+        (tmp / f"ckpt{c}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        sources.append(tmp / f"ckpt{c}.jsonl")
+    ids = np.stack([np.concatenate(truth[c]).transpose(1, 0, 2) for c in range(2)])
+    return dict(sources=sources, options={"num_layers": 2, "top_k": K},
+                side_table={"chatcmpl-0": {"domain": "a"}, "chatcmpl-1": {"domain": "b"}},
+                expect=dict(ids=ids, layers=[0, 1], position=list(range(6)) + list(range(5)),
+                            domain=["a"] * 6 + ["b"] * 5))
+
+
 CASES = {
     "llamacpp_json": case_llamacpp_json,
     "llamacpp_bin": case_llamacpp_bin,
@@ -447,6 +513,9 @@ CASES = {
     "router_logits:torch": case_router_logits_torch,
     "router_logits:safetensors": case_router_logits_safetensors,
     "segments_json": case_segments,
+    "vllm_routes_jsonl": case_vllm_routes,
+    "table": case_table,
+    "serving_json": case_serving,
 }
 
 
@@ -484,7 +553,8 @@ def imported(tmp_path_factory):
 
 
 def test_registry_covers_every_format():
-    assert set(IMPORTERS) == {n.split(":")[0] for n in CASES}
+    # olmoe_counts builds an aggregate-counts cube, not a routing cube: tests/test_olmoe_counts.py covers it
+    assert set(IMPORTERS) - {"olmoe_counts"} == {n.split(":")[0] for n in CASES}
     for fmt in IMPORTERS:
         assert "source" not in importer_options(fmt)
 
@@ -571,10 +641,13 @@ def test_llamacpp_prompt_records_only_on_request(tmp_path):
     write_binary(tmp_path / "run" / "tensor_trace.bin", truth, [0, 1], prompt=False)
     s = import_trace("llamacpp_bin", tmp_path / "run" / "tensor_trace.bin", tmp_path / "a.zarr", num_experts=E)
     assert s["tokens"] == 3
-    # a prompt batch record holds 16 ids of several tokens: refused as a token's top-k
+    # a prompt batch record holds 16 ids of several tokens: kept as one token, the batch's first k ids
     write_binary(tmp_path / "run" / "tensor_trace.bin", truth, [0, 1], prompt=True)
-    with pytest.raises(TraceError, match="num_experts.*ragged"):
-        import_trace("llamacpp_bin", tmp_path / "run" / "tensor_trace.bin", tmp_path / "b.zarr", include_prompt=True)
+    s = import_trace("llamacpp_bin", tmp_path / "run" / "tensor_trace.bin", tmp_path / "b.zarr")
+    assert s["tokens"] == 4 and s["top_k"] == K
+    np.testing.assert_array_equal(open_cube(tmp_path / "b.zarr")["expert_ids"].values[0, :, 0], [[0, 1], [0, 1]])
+    s = import_trace("llamacpp_bin", tmp_path / "run" / "tensor_trace.bin", tmp_path / "c.zarr", include_prompt=False)
+    assert s["tokens"] == 3
 
 
 def test_segments_default_is_soft_routing_over_all_experts(tmp_path):
@@ -677,7 +750,7 @@ def test_layer_missing_in_one_record_is_refused(tmp_path):
     doc["entries"] = [e for e in doc["entries"] if e.get("layer_id") != 3]
     victim.write_text(json.dumps(doc))
     out = tmp_path / "routing.zarr"
-    with pytest.raises(TraceError, match=r"token-00003\.json: field 'layer_id': MoE layers \[1\] differ .*missing \[3\]"):
+    with pytest.raises(TraceError, match=r"token-00003\.json: entry \d+ \(step 3 of domain-2-math\): field 'layer_id': MoE layers \[1\] differ .*missing \[3\]"):
         import_trace("llamacpp_json", case["sources"], out)
     _no_leftovers(tmp_path, out)
 
@@ -706,7 +779,7 @@ def test_binary_truncated_and_missing_layer(tmp_path):
     recs = np.frombuffer(raw, dtype=RECORD)
     keep = ~((recs["token_id"] == 4) & (recs["layer_id"] == 1))
     recs[keep].tofile(path)
-    with pytest.raises(TraceError, match=r"tensor_trace\.bin: token 4: field 'layer_id': no MUL_MAT_ID record for layer 1"):
+    with pytest.raises(TraceError, match=r"tensor_trace\.bin: step 4 \(record at byte offset \d+\): field 'layer_id': no MUL_MAT_ID record for layer 1"):
         import_trace("llamacpp_bin", path, out)
     _no_leftovers(tmp_path, out)
 

@@ -183,8 +183,9 @@ def test_dask_listens_on_loopback_only():
         (worker, w), = client.scheduler_info()["workers"].items()
         port = lambda address: int(address.rsplit(":", 1)[1].split("/")[0])  # noqa: E731
         # What Dask reports...
-        assert client.scheduler.address.startswith("tcp://127.0.0.1:")
-        assert worker.startswith("tcp://127.0.0.1:") and w["nanny"].startswith("tcp://127.0.0.1:")
+        # TLS with this run's credentials (test_cluster.py shows a client without them is refused).
+        assert client.scheduler.address.startswith("tls://127.0.0.1:")
+        assert worker.startswith("tls://127.0.0.1:") and w["nanny"].startswith("tls://127.0.0.1:")
         assert deploy.dashboard_link().startswith("http://127.0.0.1:")
         # ...and what the kernel says: every socket the cluster opened listens on loopback only.
         opened = [(ip, p, pid) for ip, p, pid in listening_sockets(descendants(me)) if (ip, p) not in before]

@@ -331,18 +331,30 @@ def eval_nll_by_domain(model, eval_ids: dict[str, list[list[int]]], pad_id: int)
     return out
 
 
+# Written into every checkpoint directory the demo saves: what proves a later save may replace it.
+SAVED_BY = "moe_atlas_demo_checkpoint.json"
+
+
 def save_checkpoint_atomic(model, tokenizer, final_dir: Path) -> None:
     """Save model (safetensors) and tokenizer to ``final_dir`` via a temp dir and a rename.
 
-    A directory named like a checkpoint is therefore always complete; a stale one from
-    an earlier run is replaced.
+    A directory named like a checkpoint is therefore always complete. A stale one from
+    an earlier run is replaced only if this function saved it (it holds
+    :data:`SAVED_BY`, written before the rename); any other directory of that name
+    is left alone and the save refused, so a user's files are never deleted.
     """
+    import uuid
+
     from transformers.utils import logging as hf_logging
 
+    if final_dir.exists() and not (final_dir / SAVED_BY).is_file():
+        raise FileExistsError(
+            f"{final_dir}: exists and was not saved by the moe-atlas demo (no {SAVED_BY}); not replacing it. "
+            "Move it away or use another output_dir."
+        )
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    # A fresh name: nothing of that name can exist, so nothing needs removing first.
+    tmp = final_dir.parent / f".{final_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     # transformers' own per-save progress bar would interleave with the training bar.
     bars_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -352,8 +364,9 @@ def save_checkpoint_atomic(model, tokenizer, final_dir: Path) -> None:
         if bars_on:
             hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(str(tmp))
+    (tmp / SAVED_BY).write_text(json.dumps({"saved_by": "moe-atlas demo", "checkpoint": final_dir.name}) + "\n")
     if final_dir.exists():
-        shutil.rmtree(final_dir)
+        shutil.rmtree(final_dir)  # ours: it holds SAVED_BY (checked above)
     os.replace(tmp, final_dir)
 
 

@@ -7,16 +7,20 @@ side table), so every analysis runs on it unchanged.
 
 Formats (``IMPORTERS`` keys; each module's docstring details the layout)::
 
-    llamacpp_json   llama.cpp tensor-trace per-token JSON folders (seed 004)
-    llamacpp_bin    llama.cpp tensor_trace.bin, packed 1024-byte records
+    llamacpp_json   llama.cpp tensor-trace per-token JSON folders (seed 004; steps split in record order)
+    llamacpp_bin    llama.cpp tensor_trace.bin, packed 1024-byte records (top_k states the model's routing)
     moe_trace_csv   llama.cpp moe-trace CSVs: layer,expert | pos,layer,id.. | phase,token,layer,rank,expert
     libmoe          LibMoE analyst logs (per-token ids, or per-layer aggregates only)
     olmoe_jsonl     OLMoE run_moe_analysis.py <prefix>_results[_<step>].jsonl
+    olmoe_counts    OLMoE routing_output/<model>/expert_counts/<domain>.pkl (a counts cube, no tokens)
     megatron        Megatron-LM router_trace_rank<r>.jsonl (+ bf16 logits sidecar)
     vllm_npy        vLLM routed_experts arrays saved with np.save, one per request
-    sglang          SGLang responses with meta_info.routed_experts (base64 int32)
+    sglang          SGLang responses: meta_info.routed_experts or choices[].sgl_ext.routed_experts (base64 int32)
     router_logits   output_router_logits saved with torch.save / safetensors + input ids
     segments_json   segment-level routing_probs reports (seed 002)
+    vllm_routes_jsonl  vLLM routing-logger JSONL (meta line + one route line per token and layer)
+    table           long routing tables, one row per (sample, layer, token): JSONL, CSV/TSV, Parquet
+    serving_json    serving responses: SGLang sgl_ext / meta_info routed_experts, vLLM choices[].routed_experts
 
 Usage::
 
@@ -53,7 +57,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import csvtrace, libmoe, llamacpp, logits, megatron, olmoe, segments, serving
+from . import csvtrace, libmoe, llamacpp, logits, megatron, olmoe, olmoe_counts, segments, serving, warmup, table, vllm_routes
 from ._core import Collected, Collector, TraceError, read_side_table, spool_dir_for, total_size, write_cube
 
 IMPORTERS: dict[str, Callable] = {
@@ -62,17 +66,27 @@ IMPORTERS: dict[str, Callable] = {
     "moe_trace_csv": csvtrace.read,
     "libmoe": libmoe.read,
     "olmoe_jsonl": olmoe.read,
+    "olmoe_counts": olmoe_counts.read,
     "megatron": megatron.read,
     "vllm_npy": serving.read_vllm,
     "sglang": serving.read_sglang,
     "router_logits": logits.read,
     "segments_json": segments.read,
+    "vllm_routes_jsonl": vllm_routes.read,
+    "table": table.read,
+    "serving_json": serving.read_serving,
 }
 
 
+# Options every per-token importer takes (the shared warm-up step, storage/importers/warmup.py).
+SHARED_OPTIONS = ("keep_warmup", "warmup_min_run")
+NO_TOKEN_FORMATS = frozenset({"olmoe_counts"})  # aggregate counts: no tokens, so no warm-up batches
+
+
 def importer_options(fmt: str) -> list[str]:
-    """The format-specific keyword options of importer ``fmt``."""
-    return [p for p in inspect.signature(_get(fmt)).parameters if p != "source"]
+    """The keyword options of importer ``fmt``: its own, then the shared ones."""
+    own = [p for p in inspect.signature(_get(fmt)).parameters if p != "source"]
+    return own + ([] if fmt in NO_TOKEN_FORMATS else [o for o in SHARED_OPTIONS if o not in own])
 
 
 def _get(fmt: str) -> Callable:
@@ -137,6 +151,12 @@ def import_trace(
         raise FileExistsError(f"{out_path}: already exists (pass overwrite=True to replace it)")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     side = read_side_table(side_table)
+    keep_warmup = options.pop("keep_warmup", False)
+    min_run = options.pop("warmup_min_run", warmup.DEFAULT_MIN_RUN)
+    if not isinstance(keep_warmup, bool):
+        raise ValueError(f"importer {format!r}: option keep_warmup={keep_warmup!r}; expected true or false")
+    if isinstance(min_run, bool) or not isinstance(min_run, int) or min_run < 2:
+        raise ValueError(f"importer {format!r}: option warmup_min_run={min_run!r}; expected an integer >= 2")
     spool = spool_dir_for(out_path)
     parts: list[Collected] = []
     try:
@@ -147,8 +167,18 @@ def import_trace(
                 collector = Collector(spool / str(i), num_experts=num_experts or trace.num_experts).feed(trace.events)
             parts.append(Collected(trace, collector, names[i] or trace.checkpoint or "", steps[i]))
         _name_checkpoints(parts, sources)
-        summary = write_cube(parts, out_path, side=side, num_experts=num_experts, top_k=options.get("top_k"),
-                             model_family=model_family, options={"format": format, **options}, overwrite=overwrite)
+        # Shared step for every per-token format: warm-up / dummy batches are excluded unless kept.
+        found = warmup.detect([p.collector for p in parts], min_run=min_run, num_experts=num_experts)
+        shared = {"keep_warmup": keep_warmup, "warmup_min_run": min_run} if found.mask is not None else {}
+        summary = write_cube(
+            parts, out_path, side=side, num_experts=num_experts, top_k=options.get("top_k"),
+            model_family=model_family, options={"format": format, **options, **shared}, overwrite=overwrite,
+            exclude_tokens=None if keep_warmup or not found.n_flagged else found.mask,
+            extra_attrs={"warmup_excluded": found.describe(parts[0].collector.metas, kept=keep_warmup)}
+            if found.n_flagged else None,
+        )
+        summary["warmup_tokens"] = found.n_flagged
+        summary["warmup_excluded"] = 0 if keep_warmup else found.n_flagged
     finally:
         shutil.rmtree(spool, ignore_errors=True)
     summary["bytes_read"] = int(sum(total_size(p.trace.paths) for p in parts))

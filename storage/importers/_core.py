@@ -71,6 +71,8 @@ class SampleMeta:
     domain: str = ""
     condition: str = ""
     pair: str = ""
+    # per token "prefill" / "decode" / "" (unknown), where the format records the phase; None = all unknown
+    phase: np.ndarray | None = None
 
 
 @dataclass
@@ -94,6 +96,8 @@ class Block:
     logits : (n, E) router logits, or None
     where : file and record, for error messages
     fields : the source field names of ids / weights / logits, for error messages
+    missing : (n,) bool, tokens the source has no routing for at this layer (kept with fill:
+        ids -1, weights NaN; their rows are not validated), or None
     """
 
     layer: int
@@ -102,6 +106,7 @@ class Block:
     weights: np.ndarray | None = None
     logits: np.ndarray | None = None
     fields: dict = field(default_factory=dict)
+    missing: np.ndarray | None = None
 
 
 @dataclass
@@ -249,7 +254,10 @@ class Collector:
             elif attr == "weights":
                 if a.shape[1] != self.k:
                     raise fail(b.where, fname, f"{a.shape[1]} weights per token, expected {self.k} (one per slot)")
-                if not np.all(np.isfinite(a)):
+                ok = np.isfinite(a)
+                if b.missing is not None:
+                    ok |= np.asarray(b.missing, dtype=bool)[:, None]
+                if not np.all(ok):
                     raise fail(b.where, fname, "non-finite weight")
             else:
                 if self.num_logits is None:
@@ -292,6 +300,20 @@ class Collector:
             raise fail(b.where, fname, f"{a.shape[1]} experts per token, earlier records had {self.k} (ragged top-k)")
         if a.size == 0:
             return a
+        if b.missing is not None and np.any(b.missing):
+            # tokens kept with fill: validate the others, write -1 (the cube's "not written") for these
+            miss = np.asarray(b.missing, dtype=bool)
+            if miss.all():
+                return np.full(a.shape, -1, dtype=np.int64)
+            keep = Block(layer=b.layer, where=b.where, ids=a[~miss], fields=b.fields,
+                         weights=None if b.weights is None else np.asarray(b.weights)[~miss])
+            out = np.full(a.shape, -1, dtype=np.int64)
+            out[~miss] = self._check_ids(a[~miss], keep, fname)
+            if b.weights is not None:
+                w = np.full(np.shape(b.weights), np.nan, dtype=np.float64)
+                w[~miss] = keep.weights
+                b.weights = w
+            return out
         lo, hi = int(a.min()), int(a.max())
         if lo < 0:
             row = int(np.argwhere(a < 0)[0][0])
@@ -354,6 +376,7 @@ def build_token_table(metas: Sequence[SampleMeta], side: dict | None = None) -> 
     token_id = cat("token_id", np.int32, lambda m: np.full(m.n, -1, np.int32))
     position = cat("position", np.int32, lambda m: np.arange(m.n, dtype=np.int32))
     text = cat("token_text", object, lambda m: np.full(m.n, "", dtype=object))
+    phase = cat("phase", object, lambda m: np.full(m.n, "", dtype=object))
     labels = {}
     for col in SIDE_COLUMNS:
         per_sample = np.array([str(side.get(m.key, {}).get(col, getattr(m, col))) for m in metas], dtype=object)
@@ -361,6 +384,7 @@ def build_token_table(metas: Sequence[SampleMeta], side: dict | None = None) -> 
     return token_table(
         sample=sample, position=position, token_id=token_id, token_text=text,
         dataset=labels["dataset"], domain=labels["domain"], condition=labels["condition"], pair=labels["pair"],
+        phase=phase,
     )
 
 
@@ -530,21 +554,32 @@ def write_cube(
     model_family: str | None,
     options: dict,
     overwrite: bool,
+    exclude_tokens: np.ndarray | None = None,
+    extra_attrs: dict | None = None,
 ) -> dict:
     """Build the routing cube of ``parts`` (one per checkpoint) at ``out_path``.
 
     Written into a temporary sibling and renamed into place only once every
-    checkpoint's region is written and marked complete.
+    checkpoint's region is written and marked complete. ``exclude_tokens``
+    (tokens,) bool leaves those tokens out of every checkpoint (warm-up
+    batches, :mod:`.warmup`); ``extra_attrs`` are added to the cube's attrs.
     """
-    from ..cube import prepare_routing
+    from ..cube import prepare_routing, seal_region
     import zarr
 
     first = parts[0]
     tr = first.trace
     aggregates_only = first.collector is None
+    keep_idx = None  # token rows written (None: all), after warm-up exclusion
     for p in parts[1:]:
         if (p.collector is None) != aggregates_only:
             raise TraceError(f"{p.trace.paths[0]}: mixes aggregates-only and per-token sources in one cube")
+    if aggregates_only and "slot_counts" in tr.aggregates:
+        # per-domain slot counts (OLMoE's expert_counts pickles): their own cube layout, no tokens
+        from .olmoe_counts import write_counts_cube
+
+        return write_counts_cube(parts, out_path, side=side, num_experts=num_experts, model_family=model_family,
+                                 options=options, overwrite=overwrite)
 
     if aggregates_only:
         tokens = build_token_table([])
@@ -576,6 +611,14 @@ def write_cube(
                     raise TraceError(
                         f"{p.trace.paths[0]}: {attr} {getattr(c, attr)} differ from {getattr(c0, attr)} in {tr.paths[0]}"
                     )
+        if exclude_tokens is not None:
+            from .warmup import drop_tokens
+
+            keep_idx = np.flatnonzero(~np.asarray(exclude_tokens, dtype=bool))
+            if keep_idx.size == 0:
+                raise TraceError(f"{tr.paths[0]}: every token looks like a warm-up/dummy batch (see "
+                                 "storage/importers/warmup.py); set keep_warmup = true to import them anyway")
+            tokens = drop_tokens(tokens, keep_idx)
         layers = c0.layers
         variables = c0.variables
         max_id = max(p.collector.max_id for p in parts)
@@ -606,6 +649,7 @@ def write_cube(
     }
     for key, value in tr.attrs.items():
         attrs.setdefault(key, value)
+    attrs.update(extra_attrs or {})
 
     template = empty_routing(
         tokens,
@@ -647,16 +691,17 @@ def write_cube(
                     group[name][ci] = np.asarray(arr.transpose(*spec.dims[1:]).values).astype(spec.dtype)
             else:
                 c = part.collector
-                T = c.n_tokens
+                T = c.n_tokens if keep_idx is None else keep_idx.size
                 for name in variables:
                     arr = group[name]
                     step = arr.chunks[2]
                     for li, layer in enumerate(layers):
                         mm = c.read(name, layer)
                         for t0 in range(0, T, step):
-                            arr[ci, li, t0:t0 + step] = np.asarray(mm[t0:t0 + step]).astype(arr.dtype, copy=False)
+                            rows = mm[t0:t0 + step] if keep_idx is None else mm[keep_idx[t0:t0 + step]]
+                            arr[ci, li, t0:t0 + step] = np.asarray(rows).astype(arr.dtype, copy=False)
                         del mm
-            group["complete"][ci] = 1  # written last: the region is whole
+            seal_region(tmp, ci)  # manifest, then complete = 1, written last: the region is whole
         if out_path.exists():
             if not overwrite:
                 raise FileExistsError(f"{out_path}: already exists (pass overwrite=True to replace it)")
@@ -674,7 +719,7 @@ def write_cube(
         "checkpoints": [p.checkpoint for p in parts],
         "steps": [int(p.step) for p in parts],
         "tokens": int(tokens.sizes["token"]),
-        "samples": 0 if aggregates_only else len(first.collector.metas),
+        "samples": 0 if aggregates_only else int(np.unique(tokens["sample"].values).size),
         "layers": [int(x) for x in layers],
         "num_experts": int(E),
         "top_k": int(k),

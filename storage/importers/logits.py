@@ -187,6 +187,9 @@ def _load_ids(path) -> np.ndarray:
         with open(p, "rb") as f:
             if not f.read(6) == b"\x93NUMPY":
                 raise TraceError(f"{p}: not a .npy file (pickles are never loaded)")
+        from ._npsafe import check_npy
+
+        check_npy(p)  # the declared size against the file before np.load allocates it
         return np.load(p, allow_pickle=False)
     if p.suffix == ".json":
         try:

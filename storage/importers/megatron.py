@@ -23,6 +23,12 @@ one sample. ``layer`` is the traced module's layer index (pipeline-local when
 the model was pipeline-parallel; ``layer_offset=`` shifts it). MTP records are
 skipped. Several ranks: pick one with ``rank=``, or ``ranks="data_parallel"``
 to import every rank's tokens as further samples (key ``rank<r>/step<s>``).
+
+Token ids: a record may carry ``semantic_token_ids`` [num_tokens] (the input
+token id of each row, flattened like the rows); the first record of a step that
+has it gives the step's token ids (the cube's ``token_id``; -1 stays unknown),
+and another record of the step with different ids is refused. Without it token
+ids are unknown (-1), and token-id statistics are NaN.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from ._core import (
     slice_int_array,
     weights_for,
 )
+from ._fastcheck import regular_shape
 
 VERSION = 1
 SEMANTICS_IDS_ONLY = (
@@ -115,7 +122,8 @@ def _top_indices(line: str, n: int, k: int, where: str) -> np.ndarray:
     txt = slice_int_array(line, "top_indices")
     if txt is not None and txt.count("[") == n + 1:
         flat = fast_ints(txt)
-        if flat is not None and flat.size == n * k:
+        # exact skeleton, not just counts: a ragged [[1, 2, 3], [4]] must not pass as [[1, 2], [3, 4]]
+        if flat is not None and flat.size == n * k and regular_shape(txt, flat.size, (n,), 2) == (n, k):
             return flat.reshape(n, k)
     try:
         rec = json.loads(line)
@@ -127,6 +135,26 @@ def _top_indices(line: str, n: int, k: int, where: str) -> np.ndarray:
     if a.shape != (n, k):
         raise fail(where, "top_indices", f"shape {list(a.shape)}, expected [num_tokens={n}, topk={k}]")
     return a
+
+
+def _token_ids(line: str, n: int, where: str) -> np.ndarray | None:
+    """The record's ``semantic_token_ids`` as (n,) int64, or None when it has none."""
+    if '"semantic_token_ids"' not in line:
+        return None
+    txt = slice_int_array(line, "semantic_token_ids")
+    flat = fast_ints(txt) if txt is not None and txt.count("[") == 1 else None
+    if flat is None:
+        rec = json.loads(line)
+        value = rec.get("semantic_token_ids")
+        if value is None:
+            return None
+        flat = int_array(value, where, "semantic_token_ids", 1)
+    if flat.size != n:
+        raise fail(where, "semantic_token_ids", f"{flat.size} token ids, num_tokens={n}")
+    if flat.size and (flat.min() < -1 or flat.max() > np.iinfo(np.int32).max):
+        raise fail(where, "semantic_token_ids", f"token id {int(flat.min() if flat.min() < -1 else flat.max())} "
+                                                "outside -1..2^31-1")
+    return flat.astype(np.int64)
 
 
 def _plan(path: Path, r: int, include_mtp: bool):
@@ -228,12 +256,26 @@ def read(source: Path, *, rank: int | None = None, ranks: str | None = None, mic
                                    f"{n} tokens are not a whole number of micro_batch_size={b} sequences")
                     S = n // b
                     prefix = f"rank{r}/" if multi else ""
-                    metas = [SampleMeta(key=f"{prefix}step{step}" + (f"/{j}" if b > 1 else ""), n=S) for j in range(b)]
+                    tids, tid_where = None, ""
+                    for line_no, offset, _, _ in recs:  # the step's token ids, from its first record with them
+                        f.seek(offset)
+                        tids = _token_ids(f.readline().decode("utf-8"), n, f"{path}: line {line_no}")
+                        if tids is not None:
+                            tid_where = f"{path}: line {line_no}"
+                            break
+                    per = None if tids is None else tids.reshape(S, b).T  # rows are [seq, batch] flattened
+                    metas = [SampleMeta(key=f"{prefix}step{step}" + (f"/{j}" if b > 1 else ""), n=S,
+                                        token_id=None if per is None else per[j]) for j in range(b)]
                     yield Samples(metas, where=where0)
                     for line_no, offset, layer, small in recs:
                         where = f"{path}: line {line_no}"
                         f.seek(offset)
                         line = f.readline().decode("utf-8")
+                        if tids is not None:
+                            other = _token_ids(line, n, where)
+                            if other is not None and not np.array_equal(other, tids):
+                                raise fail(where, "semantic_token_ids",
+                                           f"differs from the token ids of {tid_where} (same step, same tokens)")
                         k = small["topk"]
                         ids = _top_indices(line, n, k, where)
                         logits = None

@@ -15,9 +15,10 @@ names them. Each line is one sample (key ``<prefix>/<line index>``), domain =
 the prefix (``c4``).
 
 Lines are parsed with a fast path (slicing the two arrays out of the text and
-reading them with numpy) whose element counts are checked against the line's
-bracket structure; any line that does not pass falls back to ``json.loads`` so
-errors name the line and field exactly.
+reading them with numpy) accepted only when the arrays' whole bracket/comma
+skeleton is that of regular [n] and [n][k][L] arrays (``_fastcheck``); any line
+that does not pass falls back to ``json.loads`` so errors name the line and
+field exactly (a ragged ``exp_ids`` is refused there).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ._core import (
     need,
     slice_int_array,
 )
+from ._fastcheck import regular_shape
 
 VERSION = 1
 SEMANTICS = {
@@ -65,18 +67,14 @@ def parse_line(line: str, where: str) -> tuple[np.ndarray, np.ndarray]:
     if ids_txt is not None and exp_txt is not None and line.count('"exp_ids"') == 1 and line.count('"input_ids"') == 1:
         ids = fast_ints(ids_txt)
         exp = fast_ints(exp_txt)
-        n = ids.size if ids is not None else 0
-        if ids is not None and exp is not None and n and ids_txt.count("[") == 1:
-            opens = exp_txt.count("[")
-            # [n][k][L]: 1 + n + n*k opening brackets and n*k*L numbers
-            if (opens - 1 - n) > 0 and (opens - 1 - n) % n == 0:
-                k = (opens - 1 - n) // n
-                if exp.size % (n * k) == 0 and exp.size:
-                    L = exp.size // (n * k)
-                    try:
-                        return ids, exp.reshape(n, k, L)
-                    except ValueError:
-                        pass
+        if ids is not None and exp is not None and ids.size:
+            n = ids.size
+            # exact: the whole bracket/comma skeleton must be that of a regular [n] and [n][k][L] array;
+            # counts alone let a ragged exp_ids whose totals add up through, reshaped into other routing
+            if regular_shape(ids_txt, n, (), 1) == (n,):
+                shape = regular_shape(exp_txt, exp.size, (n,), 3)
+                if shape is not None:
+                    return ids, exp.reshape(shape)
     # slow path: exact errors
     try:
         rec = json.loads(line)
