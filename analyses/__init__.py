@@ -40,18 +40,35 @@ from .registry import (
     run,
 )
 
-def _code_version(report: bool) -> str:
-    """Hash of this package's source: results computed by other code are recomputed.
+def code_files(report: bool, root=None) -> list:
+    """The source files whose hash is ``REPORT_VERSION`` (``report``) or ``VERSION`` (not ``report``).
 
-    The report module is hashed apart: a new report layout needs no recomputation.
+    ``VERSION`` keys the result cache, so it covers the numerics only: the
+    top-level ``analyses/*.py`` except ``report.py``. ``REPORT_VERSION`` covers
+    what draws: ``report.py`` and every file of the ``figures`` package. A
+    figure edit therefore re-renders the report and recomputes nothing.
+    """
+    from pathlib import Path
+
+    root = Path(root) if root is not None else Path(__file__).parent
+    if report:
+        return sorted([root / "report.py", *(root / "figures").rglob("*.py")])
+    return sorted(f for f in root.glob("*.py") if f.name != "report.py")
+
+
+def _code_version(report: bool, root=None) -> str:
+    """Hash of the files :func:`code_files` lists (under ``root``, default this package).
+
+    Results computed by other code are recomputed.
     """
     import hashlib
     from pathlib import Path
 
+    root = Path(root) if root is not None else Path(__file__).parent
     h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        if (f.name == "report.py") == report:
-            h.update(f.name.encode() + f.read_bytes())
+    for f in code_files(report, root):
+        # the path relative to the package, so a figure moved between modules counts as an edit
+        h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
     return h.hexdigest()[:12]
 
 

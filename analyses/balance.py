@@ -34,7 +34,7 @@ import xarray as xr
 from storage.schema import is_counts_cube
 
 from . import bootstrap as bs
-from . import plotting
+from .figures import hook as figure_hook
 from .confidence import is_sigmoid_router, router_probabilities
 from .registry import (
     Analysis,
@@ -66,6 +66,28 @@ def lb_loss(top1: xr.DataArray, psum: xr.DataArray, n: xr.DataArray, num_experts
     f = safe_ratio(top1, n)
     p = safe_ratio(psum, n)
     return num_experts * (f * p).sum("expert", skipna=False)
+
+
+def _top_k_block(x: np.ndarray, k: int) -> np.ndarray:
+    """(..., E) scores -> (..., E) bool marking exactly k largest per row (argpartition: ties still give k)."""
+    idx = np.argpartition(-x, k - 1, axis=-1)[..., :k]
+    out = np.zeros(x.shape, dtype=bool)
+    np.put_along_axis(out, idx, True, axis=-1)
+    return out
+
+
+def top_k_of_logits(logits: xr.DataArray, k: int) -> xr.DataArray:
+    """(..., expert) bool: the k largest logits of each token, as transformers' aux loss selects them.
+
+    ``load_balancing_loss_func`` re-selects with ``torch.topk(softmax(logits), k)``
+    instead of reading the model's choice; softmax is monotone, so this is the
+    top k of the logits (it differs from ``expert_ids`` for routers that add a
+    bias or a group limit before choosing).
+    """
+    return xr.apply_ufunc(
+        _top_k_block, logits, kwargs={"k": int(k)}, input_core_dims=[["expert"]], output_core_dims=[["expert"]],
+        dask="parallelized", output_dtypes=[bool],
+    )
 
 
 def balance(
@@ -129,6 +151,12 @@ def balance(
             xr.ones_like(top1, dtype=np.int64), routing, dim="token", by={"expert": (top1.where(ok, -1), E)}
         )
         parts["n_lb"] = bs.per_sample_sums(ok.astype(np.int64), routing, dim="token")
+        # transformers' variant (lb_loss_hf): softmax even for sigmoid routers, its own top-k of the
+        # logits, all k slots counted. Kept out of ``ps`` so the bootstrap resamples exactly what it did
+        hf = {"topk": bs.per_sample_sums(top_k_of_logits(logits, k).where(ok, False).astype(np.int64), routing,
+                                         dim="token")}
+        hf["psum"] = (parts["psum"] if not is_sigmoid_router(routing) else bs.per_sample_sums(
+            router_probabilities(logits).astype(np.float64).where(ok, 0.0), routing, dim="token"))
     ps = xr.Dataset(parts)
     tot = bs.group_sums(ps)
 
@@ -168,8 +196,30 @@ def balance(
             lb_loss(tot["top1"], tot["psum"], tot["n_lb"], E), "Switch load-balancing loss", "ratio",
             "E · Σ_e f_e · P_e, f_e = share of tokens whose top-1 expert is e, P_e = mean router probability of e "
             "(" + ("normalised sigmoid scores" if is_sigmoid_router(routing) else "softmax of the logits")
-            + "), over tokens with a written top-1 and logits; 1 at perfect balance", ideal=1.0,
+            + "), over tokens with a written top-1 and logits; 1 at perfect balance. Not transformers' "
+            "load_balancing_loss_func, which counts all k slots and reads ≈ k at balance (lb_loss_hf)", ideal=1.0,
             nan_where="no token with a written top-1 slot and logits at this checkpoint and layer",
+        )
+        hf_tot = bs.group_sums(xr.Dataset(hf))
+        out["lb_loss_hf"] = describe(
+            lb_loss(hf_tot["topk"], hf_tot["psum"], tot["n_lb"], E),
+            "load-balancing loss, transformers' definition (per layer)", "ratio",
+            "transformers' load_balancing_loss_func on this layer's router logits alone: E · Σ_e f_e · P_e with "
+            "f_e = routing slots of expert e among the k largest logits of each token / tokens (all k slots "
+            "counted, so it reads ≈ k at perfect balance, not 1 as lb_loss does), P_e = mean softmax probability "
+            "(softmax even for sigmoid routers, as transformers does); same tokens as lb_loss; no interval",
+            ideal=float(k), nan_where="no token with a written top-1 slot and logits at this checkpoint and layer",
+        )
+        # what transformers logs as the model's aux_loss: rows of every layer pooled before the product
+        n_all = tot["n_lb"].sum("layer")
+        out["lb_loss_hf_all_layers"] = describe(
+            lb_loss(hf_tot["topk"].sum("layer"), hf_tot["psum"].sum("layer"), n_all, E),
+            "load-balancing loss, transformers' definition (all layers pooled)", "ratio",
+            "transformers' load_balancing_loss_func on the tuple of every layer's router logits, the value a "
+            "transformers MoE returns as aux_loss (before router_aux_loss_coef): E · Σ_e f_e · P_e with f_e and "
+            "P_e pooled over the tokens of all layers (not the mean of lb_loss_hf over layers); ≈ k at perfect "
+            "balance", ideal=float(k),
+            nan_where="no token with a written top-1 slot and logits at this checkpoint",
         )
 
     if n_boot > 0:
@@ -200,13 +250,16 @@ def balance(
         result, routing, name=NAME,
         definition="per (checkpoint, layer), from pooled usage u_e = share of the view's routing slots: "
         "CV = std_e(u)/mean_e(u) (population std), balance = 1/(1+CV); Switch load-balancing loss "
-        "E·Σ_e f_e·P_e (f_e = share of tokens whose top-1 is e, P_e = mean router probability); dead: "
+        "E·Σ_e f_e·P_e (f_e = share of tokens whose top-1 is e, P_e = mean router probability; 1 at balance); "
+        "lb_loss_hf / lb_loss_hf_all_layers: transformers' load_balancing_loss_func (f_e counts all k slots of "
+        "its own top-k of the logits, so ≈ k at balance), per layer and over all layers pooled; dead: "
         f"u_e < {dead_fraction:g}/E, cold: u_e < {cold_fraction:g}/E (cold includes dead). Intervals: "
         f"{100 * ci:g} % percentile bootstrap over samples resampled within each domain ({n_boot} replicates).",
         normalisation="CV is scale-free; balance in (0, 1]; LB loss is 1 at perfect balance and E at collapse "
         "onto one expert",
         chance="perfect balance: CV 0, balance 1, LB loss 1. Uniform random routing over N tokens gives "
-        "E[CV²] = (E − k)/(k·N) (variable cv_chance), balance ≈ 1/(1 + cv_chance), LB loss ≈ 1",
+        "E[CV²] = (E − k)/(k·N) (variable cv_chance), balance ≈ 1/(1 + cv_chance), LB loss ≈ 1, "
+        "lb_loss_hf ≈ k",
         params={"view": view, "dead_fraction": float(dead_fraction), "cold_fraction": float(cold_fraction),
                 "n_boot": n_boot, "ci": float(ci), "seed": int(seed)},
     )
@@ -280,63 +333,6 @@ def _steps_order(result):
     return np.argsort(result["step"].values, kind="stable")
 
 
-def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """CV, balance, LB loss and dead/cold counts vs training step, one line per layer, CI bands."""
-    result = result.compute()
-    result = result.isel(checkpoint=_steps_order(result))
-    steps = result["step"].values
-    layers = result["layer"].values
-    colours, mappable = plotting.series_colours(layers)
-    panels = [("cv", "CV of usage over experts"), ("balance", "balance 1 / (1 + CV)")]
-    if "lb_loss" in result:
-        panels.append(("lb_loss", "Switch LB loss E·Σ f·P"))
-    panels.append(("cold_count", "experts below threshold"))
-    with plotting.style():
-        fig, axes = plotting.new_figure(1, len(panels), panel_size=(2.8, 2.4), sharex=True)
-        handles = []
-        for ax, (var, ylabel) in zip(axes.flat, panels):
-            for li, layer in enumerate(layers):
-                if var == "cold_count":
-                    ax.plot(steps, result["cold_count"].sel(layer=layer).values, color=colours[li], marker="o",
-                            markersize=2.5)
-                    ax.plot(steps, result["dead_count"].sel(layer=layer).values, color=colours[li], marker="x",
-                            markersize=3, linestyle=":")
-                    continue
-                line = ax.plot(steps, result[var].sel(layer=layer).values, color=colours[li], marker="o",
-                               markersize=2.5, label=f"layer {layer}")
-                if var == "cv":
-                    handles += line
-                if f"{var}_lo" in result:
-                    ax.fill_between(steps, result[f"{var}_lo"].sel(layer=layer).values,
-                                    result[f"{var}_hi"].sel(layer=layer).values, color=colours[li], alpha=0.15,
-                                    linewidth=0)
-            if var == "cv":
-                ax.plot(steps, result["cv_chance"].mean("layer").values, **plotting.CHANCE_STYLE)
-                ax.text(0.98, 0.98, "dashed: uniform random routing", transform=ax.transAxes, ha="right",
-                        va="top", fontsize=6.5, color=plotting.CHANCE_STYLE["color"])
-                ax.set_ylim(bottom=0)
-            elif var == "balance":
-                plotting.chance_line(ax, 1.0, label="perfect")
-                ax.set_ylim(0, 1.05)
-            elif var == "lb_loss":
-                plotting.chance_line(ax, 1.0, label="perfect")
-                ax.set_ylim(bottom=0)
-            else:
-                ax.set_ylim(-0.2, result.sizes["expert"] + 0.2)
-                ax.text(0.02, 0.98, "solid: cold (< {:g} % of 1/E)\ndotted: dead (< {:g} % of 1/E)".format(
-                    *[100 * _param(result, key) for key in ("cold_fraction", "dead_fraction")]),
-                    transform=ax.transAxes, ha="left", va="top", fontsize=6.5)
-            plotting.label_axes(ax, "training step", ylabel)
-        if mappable is not None:
-            cbar = fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.85)
-            cbar.set_label("layer (MoE layer index)")
-        else:
-            fig.legend(handles=handles, loc="outside right center", frameon=False)
-        fig.suptitle("Load balance across checkpoints" + ("; bands: bootstrap CI over samples" if "cv_lo" in result
-                                                          else ""))
-        return plotting.savefig(fig, out_dir, NAME, formats)
-
-
 def _param(result: xr.Dataset, key: str) -> float:
     """A threshold parameter of the result (from its ``params`` attr)."""
     return float(json.loads(result.attrs["params"])[key])
@@ -345,7 +341,8 @@ def _param(result: xr.Dataset, key: str) -> float:
 def table(result: xr.Dataset) -> pd.DataFrame:
     """Rows (checkpoint, layer) with every scalar metric, and the dead / cold expert indices."""
     cols = [v for v in ("tokens", "cv", "cv_lo", "cv_hi", "cv_chance", "balance", "balance_lo", "balance_hi",
-                        "lb_loss", "lb_loss_lo", "lb_loss_hi", "dead_count", "cold_count") if v in result]
+                        "lb_loss", "lb_loss_lo", "lb_loss_hi", "lb_loss_hf", "dead_count", "cold_count")
+            if v in result]
     df = tidy(result, cols)
     res = result[["dead", "cold"]].compute()
     experts = res["expert"].values
@@ -365,6 +362,8 @@ def summary(result: xr.Dataset) -> dict:
         for var in ("cv", "balance", "lb_loss", "cv_chance"):
             if var in cell:
                 out[f"{var}_{which}"] = json_number(cell[var].mean("layer"))
+        if "lb_loss_hf_all_layers" in cell:  # transformers' aux loss (≈ k at balance), already over all layers
+            out[f"lb_loss_hf_all_layers_{which}"] = json_number(cell["lb_loss_hf_all_layers"])
         out[f"dead_experts_{which}"] = int(cell["dead_count"].sum())
         out[f"cold_experts_{which}"] = int(cell["cold_count"].sum())
     return out
@@ -374,14 +373,16 @@ ANALYSIS = register(
     Analysis(
         name=NAME,
         func=balance,
-        figure=figure,
+        figure=figure_hook(NAME),
         title="Load balance across checkpoints",
         caption=(
             "How evenly each MoE layer (one line per layer) spreads its routing slots over the experts, per "
             "training step (x). CV: coefficient of variation of usage over experts (0 = perfect balance; the "
             "dashed curve is what uniform random routing over the same number of tokens gives, sqrt((E−k)/(kN))). "
             "Balance = 1/(1+CV), 1 = perfect (dashed). Switch load-balancing loss E·Σ f·P (top-1 fractions times "
-            "mean router probabilities; 1 = perfect balance, E = collapse; needs router logits). Last panel: "
+            "mean router probabilities; 1 = perfect balance, E = collapse; needs router logits; not transformers' "
+            "aux loss, which counts all k slots and reads ≈ k at balance: variables lb_loss_hf, "
+            "lb_loss_hf_all_layers). Last panel: "
             "experts below 25 % (cold, solid) and 1 % (dead, dotted) of uniform usage 1/E. Bands: 95 % bootstrap "
             "intervals over samples."
         ),

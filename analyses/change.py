@@ -18,7 +18,7 @@ import xarray as xr
 from storage.schema import FILL_ID
 
 from . import bootstrap as bs
-from . import plotting
+from .figures import hook as figure_hook
 from .registry import (
     Analysis,
     attach_guard,
@@ -163,6 +163,8 @@ def _metrics(sums: xr.Dataset, has_prev: xr.DataArray) -> dict[str, xr.DataArray
         "switch_fraction": 1.0 - safe_ratio(sums["inter_prev"], sums["slots"]).where(has_prev),
         "position_match_final": safe_ratio(sums["pos_final"], sums["slots"]),
         "position_match_prev": safe_ratio(sums["pos_prev"], sums["slots"]).where(has_prev),
+        # LibMoE's average_switch_fraction is rank-aware: the complement of position_match_prev
+        "switch_fraction_libmoe": 1.0 - safe_ratio(sums["pos_prev"], sums["slots"]).where(has_prev),
         "drift_final": cosine(count, count.isel(checkpoint=-1, drop=True)),
         "drift_prev": cosine(count, count.shift(checkpoint=1)).where(has_prev),
     }
@@ -249,12 +251,19 @@ def change(
         "overlap_prev": ("overlap with previous checkpoint", "fraction of k",
                          "mean over tokens of |S_c ∩ S_(c-1)| / k", set_chance, nan_first),
         "switch_fraction": ("switch fraction", "fraction of k",
-                            "1 − overlap_prev: share of selected experts that changed since the previous checkpoint",
+                            "1 − overlap_prev: share of selected experts that changed since the previous checkpoint "
+                            "(set-based; LibMoE's rank-aware switch fraction is switch_fraction_libmoe)",
                             1.0 - set_chance, nan_first),
         "position_match_final": ("position match vs final checkpoint", "share of slots",
                                  "share of slots i (rank-aware) with id_c[i] = id_final[i]", pos_chance, nan_any),
         "position_match_prev": ("position match vs previous checkpoint", "share of slots",
                                 "share of slots i (rank-aware) with id_c[i] = id_(c-1)[i]", pos_chance, nan_first),
+        "switch_fraction_libmoe": ("switch fraction, LibMoE's definition (rank-aware)", "share of slots",
+                                   "1 − position_match_prev: LibMoE's average_switch_fraction, the share of slots "
+                                   "i whose expert id_c[i] differs from id_(c-1)[i] at the same rank (a reordered "
+                                   "but unchanged set counts as switched), not the set-based switch_fraction; "
+                                   "equal to LibMoE's per-token mean when every compared token has all k slots",
+                                   1.0 - pos_chance, nan_first),
         "drift_final": ("usage drift vs final checkpoint (cosine)", "cosine similarity",
                         "cosine similarity of the per-expert usage vectors (slot counts) of this and the final "
                         "checkpoint; 1 = same usage profile", 1.0, nan_any),
@@ -321,48 +330,7 @@ _PANELS = (
     ("drift_final", "usage drift vs final\ncosine(usage_c, usage_final)", "drift"),
     ("drift_prev", "usage drift vs previous\ncosine(usage_c, usage_c−1)", "drift"),
 )
-METRICS = tuple(p[0] for p in _PANELS) + ("switch_fraction",)
-
-
-def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """Curves vs training step, one line per layer with bootstrap bands, chance as a dashed line."""
-    result = result.compute()
-    E, k = int(result.attrs["num_experts"]), int(result.attrs["top_k"])
-    chance = {"set": (k / E, "chance k/E"), "pos": (1.0 / E, "chance 1/E"), "drift": (1.0, "uniform")}
-    layers = result["layer"].values
-    colours, mappable = plotting.series_colours(layers)
-    steps = result["step"].values
-    panels = [p for p in _PANELS if p[0] in result]
-    with plotting.style():
-        fig, axes = plotting.new_figure(2, 3, panel_size=(2.7, 2.4), sharex=True)
-        handles = []
-        for ax, (var, ylabel, kind) in zip(axes.T.flat, panels):  # column-wise: final above previous
-            handles = []
-            for li, layer in enumerate(layers):
-                handles += ax.plot(steps, result[var].sel(layer=layer).values, color=colours[li], marker="o",
-                                   markersize=2.5, label=f"layer {layer}")
-                if f"{var}_lo" in result:
-                    ax.fill_between(steps, result[f"{var}_lo"].sel(layer=layer).values,
-                                    result[f"{var}_hi"].sel(layer=layer).values, color=colours[li], alpha=0.15,
-                                    linewidth=0)
-            plotting.chance_line(ax, chance[kind][0], label=chance[kind][1])
-            if kind == "drift":
-                # cosines of usage vectors sit close to 1: zoom in rather than flatten them
-                lows = [result[v].min() for v in (var, f"{var}_lo") if v in result]
-                low = float(np.nanmin([float(x) for x in lows])) if lows else 0.0
-                ax.set_ylim(min(max(low - 0.02, 0.0), 0.95) if np.isfinite(low) else 0.0, 1.005)
-            else:
-                ax.set_ylim(0, 1.05)
-            plotting.label_axes(ax, "training step", ylabel)
-        plotting.hide_unused(axes.T.reshape(1, -1), len(panels))
-        if mappable is not None:
-            cbar = fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.85)
-            cbar.set_label("layer (MoE layer index)")
-        else:
-            fig.legend(handles=handles, loc="outside right center", frameon=False)
-        fig.suptitle("Routing change across checkpoints" + ("; bands: bootstrap CI over samples"
-                                                            if "saturation_lo" in result else ""))
-        return plotting.savefig(fig, out_dir, NAME, formats)
+METRICS = tuple(p[0] for p in _PANELS) + ("switch_fraction", "switch_fraction_libmoe")
 
 
 def table(result: xr.Dataset) -> pd.DataFrame:
@@ -389,14 +357,16 @@ ANALYSIS = register(
     Analysis(
         name=NAME,
         func=change,
-        figure=figure,
+        figure=figure_hook(NAME),
         title="Routing change across checkpoints",
         caption=(
             "How routing settles during training, on the same input tokens at every checkpoint (x: training "
             "step; one line per MoE layer; top row against the final checkpoint, bottom row against the previous "
             "one). Saturation: mean share of the final checkpoint's top-k expert set already selected (reaches 1 "
             "at the final checkpoint). Overlap with previous: mean share of the expert set kept since the "
-            "previous checkpoint (switch fraction = 1 − overlap). Position match: rank-aware share of slots "
+            "previous checkpoint (switch fraction = 1 − overlap, set-based; LibMoE's rank-aware switch fraction "
+            "= 1 − position match vs previous: variable switch_fraction_libmoe). Position match: rank-aware "
+            "share of slots "
             "holding the same expert. Usage drift: cosine similarity of the per-expert usage vectors — it "
             "compares the usage profile only, not which tokens go where. Dashed lines: chance under uniform "
             "random routing, k/E for set overlaps, 1/E for position match, 1 for drift (uniform usage vectors "

@@ -19,8 +19,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from . import plotting
-from .temporal import checkpoint_label, checkpoint_styles
+from .figures import hook as figure_hook
 from .bootstrap import add_interval, bootstrap_weights, interval, per_sample_sums, resample
 from .registry import (
     Analysis,
@@ -225,10 +224,18 @@ def coactivation(
     P = E * (E + 1) // 2
     ids = token_var(routing, "expert_ids")
     codes = _codes(ids, token_mask(routing, canonical_only), E)
-    # one token pass: bins 0..P-1 are the packed pair counts (diagonal = tokens holding a), bin P the bad slots
-    sums_s = per_sample_sums(
-        xr.ones_like(codes, dtype=np.int8), routing, dim=("token", "slot_pair"), by={"pair": (codes, P + 1)},
+    # OLMoE's variant counts only pairs of adjacent ranks (slots i, i+1): those slot pairs' codes again,
+    # shifted past bin P, ride in the same bincount instead of a second pass over the tokens
+    adjacent = [p for p, (i, j) in enumerate(zip(*np.triu_indices(k))) if j == i + 1]
+    adj = codes.isel(slot_pair=adjacent)
+    codes = xr.concat([codes, adj.where(adj < 0, adj + P + 1)], dim="slot_pair")
+    # one token pass: bins 0..P-1 are the packed pair counts (diagonal = tokens holding a), bin P the bad
+    # slots, bins P+1..2P the packed counts of adjacent-rank pairs
+    sums_all = per_sample_sums(
+        xr.ones_like(codes, dtype=np.int8), routing, dim=("token", "slot_pair"), by={"pair": (codes, 2 * P + 1)},
     ).transpose("checkpoint", "layer", "sample", "pair")
+    adjacent_packed = sums_all.isel(pair=slice(P + 1, None)).sum("sample").assign_coords(pair=np.arange(P))
+    sums_s = sums_all.isel(pair=slice(0, P + 1))
     n_samples = sums_s.sizes["sample"]
     weights = np.ones((1, n_samples), dtype=np.int64)
     if n_boot > 0:
@@ -251,7 +258,8 @@ def coactivation(
         "coactivation": describe(
             coact, "co-activation", "share of a's tokens",
             "count(a ∈ S and b ∈ S) / count(a ∈ S): share of the tokens routed to expert a (row) that are "
-            "also routed to expert b (column), over all pairs of the token's top-k set",
+            "also routed to expert b (column), over all pairs of the token's top-k set (OLMoE counts only "
+            "adjacent ranks: coactivation_olmoe)",
             chance=chance, nan_where=nan_coact,
         ),
         "coactivation_ratio": describe(
@@ -275,6 +283,17 @@ def coactivation(
             chance=0.0, nan_where="no token with two written slots at this checkpoint and layer",
         ),
     }
+    both_adj = _unpack(adjacent_packed, unpack)
+    if both_adj.chunks is not None:
+        both_adj = both_adj.chunk({"checkpoint": -1, "layer": -1})
+    coact_olmoe = safe_ratio(both_adj, active).where(off).transpose("checkpoint", "layer", "expert", "expert_b")
+    out["coactivation_olmoe"] = describe(
+        coact_olmoe, "co-activation, OLMoE's definition (adjacent ranks)", "share of a's tokens",
+        "OLMoE's run_moe_analysis.py: count(a and b in adjacent ranks of the token's ranked top-k list, either "
+        "order) / count(a ∈ S). Only pairs of consecutive ranks count (k − 1 of a token's k(k − 1)/2 pairs), so a "
+        "row sums to between 1 and 2, not k − 1; equal to coactivation when k = 2; no interval",
+        nan_where=nan_coact,
+    )
     if n_boot > 0:
         # the replicates of the E(E+1)/2 packed counts, unfolded: half the work of resampling (E, E)
         packed_r = reps.isel(boot=slice(1, None), pair=slice(0, P)).assign_coords(boot=np.arange(n_boot))
@@ -294,7 +313,8 @@ def coactivation(
     return finalise(
         result, routing, name=NAME,
         definition="C[c,l,a,b] = count(a ∈ S_t and b ∈ S_t) / count(a ∈ S_t) over tokens t, all pairs of the "
-        "top-k set S (not only adjacent ranks); partner_tv = count-weighted mean over a of the total variation "
+        "top-k set S (not only adjacent ranks; coactivation_olmoe is OLMoE's adjacent-rank count, equal when "
+        "k = 2); partner_tv = count-weighted mean over a of the total variation "
         "distance between a's partner distribution C[a,·]/Σ_b C[a,b] and uniform over the other E−1 experts. "
         "Ids of -1 (unwritten) are excluded.",
         normalisation="row-normalised by the tokens holding expert a; rows sum to k−1 (off-diagonal)",
@@ -302,9 +322,6 @@ def coactivation(
         "finite-sample bias)",
         params={"canonical_only": canonical_only, "n_boot": n_boot, "ci": ci, "seed": seed},
     )
-
-
-# ----------------------------------------------------------------------------- figure
 
 
 def cluster_order(coact: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -327,89 +344,10 @@ def cluster_order(coact: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return leaves_list(Z), Z
 
 
-def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """Per layer: dendrogram, co-activation at the final and at the earliest checkpoint (same order)."""
-    from scipy.cluster.hierarchy import dendrogram
-
-    result = result.compute()
-    E, k = int(result.attrs["num_experts"]), int(result.attrs["top_k"])
-    chance = coactivation_chance(E, k)
-    layers = result["layer"].values
-    ckpts = result["checkpoint"].values
-    steps = result["step"].values
-    show = [len(ckpts) - 1, 0] if len(ckpts) > 1 else [0]
-    coact = result["coactivation"]
-    finite = coact.values[np.isfinite(coact.values)]
-    vmax = max(float(finite.max()) if finite.size else 0.0, 2 * chance, 1e-6)
-    norm = plotting.mcolors.TwoSlopeNorm(vcenter=chance, vmin=0.0, vmax=vmax) if chance > 0 else None
-    side = min(max(1.9, 0.17 * E + 0.8), 4.0)
-    cmap = plotting.plt.get_cmap(plotting.DIVERGING).with_extremes(bad="0.6")  # grey diagonal, not "chance" white
-    paths = []
-    per_page = 4  # layers per figure: deep models get several pages, not one endless image
-    pages = [layers[i:i + per_page] for i in range(0, len(layers), per_page)]
-    for pi, page in enumerate(pages):
-        with plotting.style():
-            fig = plotting.plt.figure(figsize=(0.8 + side * (0.45 + len(show)), side * len(page) + 0.6),
-                                      layout="constrained")
-            grid = fig.add_gridspec(len(page), 1 + len(show), width_ratios=[0.45] + [1.0] * len(show))
-            im = None
-            for li, layer in enumerate(page):
-                final = coact.sel(checkpoint=ckpts[-1], layer=layer).values
-                order, Z = cluster_order(final)
-                dax = fig.add_subplot(grid[li, 0])
-                if Z is not None:
-                    dendrogram(Z, orientation="left", ax=dax, no_labels=True, color_threshold=0,
-                               above_threshold_color="0.3", link_color_func=lambda _: "0.3")
-                    dax.set_ylim(0, 10 * E)
-                dax.set_axis_off()
-                dax.set_title(f"layer {layer}\n1 − sym. C", fontsize=7)
-                for j, ci in enumerate(show):
-                    ax = fig.add_subplot(grid[li, 1 + j])
-                    m = coact.sel(checkpoint=ckpts[ci], layer=layer).values[np.ix_(order, order)]
-                    im = ax.imshow(m, origin="lower", extent=(0, E, 0, E), cmap=cmap, norm=norm,
-                                   interpolation="nearest", aspect="auto")  # auto: rows line up with the dendrogram
-                    ax.grid(False)
-                    which = "final" if ci == len(ckpts) - 1 else "earliest"
-                    ax.set_title(f"layer {layer} · {which} (step {steps[ci]})")
-                    if E <= 24:
-                        ticks = np.arange(E) + 0.5
-                        ax.set_xticks(ticks)
-                        ax.set_xticklabels([str(e) for e in order], fontsize=5)
-                        ax.set_yticks(ticks)
-                        ax.set_yticklabels([str(e) for e in order], fontsize=5)
-                    plotting.label_axes(ax, "expert b (clustered order)", "expert a")
-            cbar = fig.colorbar(im, ax=fig.axes, shrink=0.6)
-            cbar.set_label("C[a,b] = P(b ∈ S | a ∈ S)")
-            cbar.ax.axhline(chance, color="k", linewidth=0.8)
-            fig.suptitle(f"Expert co-activation, final vs earliest\nwhite = chance (k−1)/(E−1) = {chance:.3g}; "
-                         "grey = diagonal\norder: clustering of the final checkpoint", fontsize=8)
-            stem = f"{NAME}_heatmaps" if len(pages) == 1 else f"{NAME}_heatmaps_{pi:02d}"
-            paths += plotting.savefig(fig, out_dir, stem, formats)
-
-    styles = checkpoint_styles(steps)
-    with plotting.style():
-        fig, axes = plotting.new_figure(1, 1, panel_size=(3.6, 2.6))
-        ax = axes[0, 0]
-        for i, ckpt in enumerate(ckpts):
-            sel = {"checkpoint": ckpt}
-            if "partner_tv_lo" in result:
-                ax.fill_between(layers, result["partner_tv_lo"].sel(sel).values,
-                                result["partner_tv_hi"].sel(sel).values, color=styles[i]["color"], alpha=0.18,
-                                linewidth=0)
-            ax.plot(layers, result["partner_tv"].sel(sel).values, markersize=3,
-                    label=checkpoint_label(i, len(ckpts), steps[i]), **styles[i])
-        plotting.chance_line(ax, 0.0, label="random partners")
-        ax.set_xticks(layers)
-        plotting.label_axes(ax, "layer (MoE layer index)", "partner TV from uniform")
-        ax.legend(frameon=False, fontsize=6)
-        ax.set_title("How non-random co-selection is\n(bands: 95 % CI over samples; grey dashed = earliest)")
-        paths += plotting.savefig(fig, out_dir, f"{NAME}_partner_tv", formats)
-    return paths
-
-
 def table(result: xr.Dataset) -> pd.DataFrame:
     """Rows (checkpoint, layer, expert, expert_b) with C, its CI and ratio; partner_tv repeated per layer."""
-    df = tidy(result, ["coactivation", "coactivation_lo", "coactivation_hi", "coactivation_ratio", "pair_count"])
+    df = tidy(result, ["coactivation", "coactivation_lo", "coactivation_hi", "coactivation_ratio", "coactivation_olmoe",
+                       "pair_count"])
     tv = tidy(result, ["partner_tv", "partner_tv_lo", "partner_tv_hi"]).drop(columns=["step"], errors="ignore")
     return df.merge(tv, on=["checkpoint", "layer"], how="left")
 
@@ -437,11 +375,12 @@ ANALYSIS = register(
     Analysis(
         name=NAME,
         func=coactivation,
-        figure=figure,
+        figure=figure_hook(NAME),
         title="Expert co-activation",
         caption=(
             "C[a,b]: of the tokens routed to expert a (row), the share also routed to expert b (column), over all "
-            "pairs of each token's top-k set. One row of heatmaps per MoE layer: the final checkpoint beside the "
+            "pairs of each token's top-k set (OLMoE counts only adjacent ranks: variable coactivation_olmoe). One "
+            "row of heatmaps per MoE layer: the final checkpoint beside the "
             "earliest one, experts in the same order (average-linkage clustering of 1 − symmetric co-activation "
             "at the final checkpoint; dendrogram on the left). The diverging scale is centred on the chance "
             "level (k−1)/(E−1) under uniform random routing (white); red pairs are chosen together more often "

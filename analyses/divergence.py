@@ -31,7 +31,7 @@ import pandas as pd
 import xarray as xr
 
 from . import bootstrap as bs
-from . import plotting
+from .figures import hook as figure_hook
 from .registry import (
     Analysis,
     attach_guard,
@@ -508,15 +508,17 @@ def artifacts(result: xr.Dataset, out_dir: Path) -> list[Path]:
     and ``usage_maps.csv`` (checkpoint, view, layer, expert, usage per condition,
     difference, thresholded difference).
     """
+    from .figures.plotting import safe_stem  # the figures' file-name rule; imported here, at report time
+
     result = result.compute()
     out_dir = Path(out_dir)
     ckpt = str(result["checkpoint"].values[-1])
-    folder = out_dir / plotting.safe_stem(ckpt)
+    folder = out_dir / safe_stem(ckpt)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for view in map(str, result["view"].values):
         for key, points in mask_points(result, view=view).items():
-            p = folder / f"{view}_{plotting.safe_stem(key)}_points.json"
+            p = folder / f"{view}_{safe_stem(key)}_points.json"
             # one point per line: readable, and diffs of two runs line up
             p.write_text("[\n" + ",\n".join(" " + json.dumps(q) for q in points) + "\n]\n")
             paths.append(p)
@@ -564,94 +566,11 @@ def summary(result: xr.Dataset) -> dict:
     return out
 
 
-def _heat(ax, grid, norm, layers, E, title):
-    im = ax.imshow(grid, aspect="auto", cmap=plotting.DIVERGING, norm=norm, interpolation="nearest")
-    ax.set_title(title)
-    ax.grid(False)
-    ax.set_yticks(np.arange(len(layers)))
-    ax.set_yticklabels([str(x) for x in layers])
-    if E <= 16:
-        ax.set_xticks(np.arange(E))
-    plotting.label_axes(ax, "expert (index)", "layer (MoE layer index)")
-    return im
-
-
-def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """Usage maps (A, B, A − B, thresholded) per checkpoint, and the per-layer divergence curves."""
-    result = result.compute()
-    a, b = result.attrs["condition_a"], result.attrs["condition_b"]
-    E, L = result.sizes["expert"], result.sizes["layer"]
-    layers = [int(x) for x in result["layer"].values]
-    views = [str(v) for v in result["view"].values]
-    chance = 1.0 / E
-    umax = max(float(np.nanmax(result["usage"].values)) if np.isfinite(result["usage"].values).any() else 0.0,
-               2 * chance)
-    unorm = plotting.mcolors.TwoSlopeNorm(vcenter=chance, vmin=0.0, vmax=umax)
-    dmax = float(np.nanmax(np.abs(result["usage_diff"].values))) if np.isfinite(result["usage_diff"].values).any() else 0
-    dnorm = plotting.mcolors.TwoSlopeNorm(vcenter=0.0, vmin=-max(dmax, 1e-6), vmax=max(dmax, 1e-6))
-    panel = (max(2.4, 0.14 * E + 1.0), max(1.6, 0.16 * L + 0.9))
-    paths = []
-    for ci, ckpt in enumerate(result["checkpoint"].values):
-        step = int(result["step"].values[ci])
-        with plotting.style():
-            fig, axes = plotting.new_figure(len(views), 4, panel_size=panel, sharex=True, sharey=True)
-            for r, view in enumerate(views):
-                sel = result.sel(checkpoint=ckpt, view=view)
-                grids = [
-                    (sel["usage"].sel(condition=a), unorm, f"{view}: usage {plotting.display_label(a)}"),
-                    (sel["usage"].sel(condition=b), unorm, f"{view}: usage {plotting.display_label(b)}"),
-                    (sel["usage_diff"], dnorm, f"{view}: {a} − {b}"),
-                    (sel["usage_diff_thresholded"], dnorm,
-                     f"{view}: |Δ| ≥ {float(sel['threshold']):.3g}"),
-                ]
-                for c, (g, norm, title) in enumerate(grids):
-                    im = _heat(axes[r, c], g.transpose("layer", "expert").values, norm, layers, E, title)
-                    if c == 1:
-                        cb = fig.colorbar(im, ax=axes[r, :2].tolist(), shrink=0.9)
-                        cb.set_label("usage (share of slots)")
-                        cb.ax.axhline(chance, color="k", linewidth=0.8)
-                    if c == 3:
-                        fig.colorbar(im, ax=axes[r, 2:].tolist(), shrink=0.9).set_label(f"usage {a} − {b}")
-            fig.suptitle(f"Expert usage by condition — checkpoint {ckpt} (step {step}); "
-                         f"white = chance 1/E = {chance:.3g} (usage) or 0 (difference)")
-            paths += plotting.savefig(fig, out_dir, f"{NAME}_maps_{ci:03d}_{ckpt}", formats)
-
-    ej = expected_jaccard(E, int(result.attrs.get("top_k", 1)))
-    k = int(result.attrs.get("top_k", 1))
-    metrics = [("total_variation", "total variation (share of slots)", None),
-               ("jaccard", "Jaccard |S_A∩S_B| / |S_A∪S_B|", ej),
-               ("jaccard_corrected", "chance-corrected Jaccard", 0.0),
-               ("intersection", "shared experts |S_A∩S_B| / k", k / E)]
-    colours, mappable = plotting.ordered_colours(result["step"].values)
-    with plotting.style():
-        fig, axes = plotting.new_figure(len(views), len(metrics), panel_size=(3.0, 2.4), sharex=True)
-        for r, view in enumerate(views):
-            for c, (name, label, ch) in enumerate(metrics):
-                ax = axes[r, c]
-                for ci, ckpt in enumerate(result["checkpoint"].values):
-                    y = result[name].sel(checkpoint=ckpt, view=view).values
-                    ax.plot(layers, y, marker="o", ms=2.5, color=colours[ci])
-                    if ci == result.sizes["checkpoint"] - 1 and f"{name}_lo" in result:
-                        ax.fill_between(layers, result[f"{name}_lo"].sel(checkpoint=ckpt, view=view).values,
-                                        result[f"{name}_hi"].sel(checkpoint=ckpt, view=view).values,
-                                        color=colours[ci], alpha=0.2, linewidth=0)
-                if ch is not None:
-                    plotting.chance_line(ax, ch)
-                ax.set_title(f"{view}: {name.replace('_', ' ')}")
-                plotting.label_axes(ax, "layer (MoE layer index)", label)
-                ax.set_xticks(layers)
-        cb = fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8)
-        cb.set_label("checkpoint (training step)")
-        fig.suptitle(f"Routing divergence {a} vs {b} on aligned tokens (band: 95 % CI over pairs, last checkpoint)")
-        paths += plotting.savefig(fig, out_dir, f"{NAME}_curves", formats)
-    return paths
-
-
 ANALYSIS = register(
     Analysis(
         name=NAME,
         func=divergence,
-        figure=figure,
+        figure=figure_hook(NAME),
         title="Routing divergence between two conditions",
         caption=(
             "Tokens of the same content produced two ways (conditions A and B) are paired by their canonical "

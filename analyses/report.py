@@ -80,44 +80,93 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _training_figure(layout, formats) -> tuple[list[Path], dict]:
-    """Loss curve of the demo model, when the run trained one."""
+    """Loss curve of the demo model, when the run trained one (drawn by :mod:`analyses.figures.training`)."""
     log_path = layout.model_dir / "training_log.json"
     if not log_path.exists():
         return [], {}
-    log = json.loads(log_path.read_text())
-    rows = log.get("steps") or []
-    if not rows or not isinstance(rows[0], dict):
-        return [], {}
-    steps = [r["step"] for r in rows]
-    loss = [r["loss"] for r in rows]
-    aux = [r.get("aux_loss") for r in rows]
-    import matplotlib.pyplot as plt
+    try:
+        log = json.loads(log_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{log_path}: not valid JSON ({e})") from None
+    if not isinstance(log, dict):
+        raise ValueError(f"{log_path}: expected a JSON object with a 'steps' list")
+    from .figures import training
 
-    from .plotting import savefig, style
+    return training.figure(log, layout.figures_dir / "training", formats)
 
-    with style():
-        fig, (ax, ax3) = plt.subplots(1, 2, figsize=(10, 3.4))
-        ax.plot(steps, loss, label="LM loss (train)")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("cross-entropy (nats/token)")
-        if any(a is not None for a in aux):
-            ax2 = ax.twinx()
-            ax2.plot(steps, aux, color="0.5", lw=1, ls="--", label="load-balancing loss")
-            ax2.set_ylabel("load-balancing loss (dashed)")
-        ax.set_title("Training loss")
-        ck = log.get("checkpoints") or []
-        if ck and "eval_nll" in ck[0]:
-            for dom in ck[0]["eval_nll"]:
-                ax3.plot([c["step"] for c in ck], [c["eval_nll"][dom] for c in ck], marker="o", label=dom)
-            ax3.set_xlabel("checkpoint step")
-            ax3.set_ylabel("held-out NLL (nats/token)")
-            ax3.set_title("Held-out loss by domain")
-            ax3.legend(frameon=False)
+
+def _mirror(path: Path, src_root: Path, dst_root: Path) -> Path:
+    """Copy ``path`` (under ``src_root``) to the same relative place under ``dst_root``; return the copy."""
+    import shutil
+
+    dst = dst_root / Path(path).relative_to(src_root)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(path, dst)
+    return dst
+
+
+def _cell(value) -> str:
+    """One table cell: numbers to 4 significant digits (right-aligned), the rest as text; escaped."""
+    if isinstance(value, bool) or value is None:
+        return f"<td>{'—' if value is None else html.escape(str(value))}</td>"
+    if isinstance(value, (int, np.integer)):
+        return f'<td class="num">{int(value)}</td>'
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return f'<td class="num">{"—" if not np.isfinite(v) else f"{v:.4g}"}</td>'
+    if isinstance(value, (dict, list)):
+        return f"<td><code>{html.escape(json.dumps(value, default=_json_default))}</code></td>"
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def _records_table(rows: list[dict], caption: str = "", index: list[str] | None = None) -> str:
+    """An HTML table with a column per key of ``rows`` (first-seen order), optionally a leading index column."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    head = ("<th></th>" if index is not None else "") + "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + (f"<th>{html.escape(str(index[i]))}</th>" if index is not None else "")
+        + "".join(_cell(r.get(c)) for c in cols) + "</tr>"
+        for i, r in enumerate(rows)
+    )
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f'<table class="headline">{cap}<tr>{head}</tr>{body}</table>'
+
+
+def headline_html(headline: dict) -> str:
+    """The headline numbers of an analysis as small readable tables (the JSON stays in summary.json).
+
+    Scalars form one two-column table; a group of dicts with scalar values
+    (e.g. ``earliest`` / ``final``, or one per view) one table with a row per
+    key; a list of dicts (e.g. the top pairs) a table of its own; anything
+    deeper is flattened into ``outer › inner`` rows.
+    """
+    scalars, groups, lists = {}, {}, {}
+
+    def flat(prefix, value, into):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flat(f"{prefix} › {k}" if prefix else str(k), v, into)
         else:
-            ax3.set_visible(False)
-        fig.tight_layout()
-        files = savefig(fig, layout.figures_dir / "training", "training_loss", formats)
-    return files, {"final_lm_loss": float(loss[-1]), "initial_lm_loss": float(loss[0])}
+            into[prefix] = value
+
+    for key, value in (headline or {}).items():
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()) \
+                and all(not isinstance(x, (dict, list)) for v in value.values() for x in v.values()):
+            lists[key] = (list(value.values()), [str(k) for k in value])
+        elif isinstance(value, dict) and value and all(not isinstance(v, (dict, list)) for v in value.values()):
+            groups[key] = value
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            lists[key] = (value, None)
+        else:
+            flat(str(key), value, scalars)
+    parts = []
+    if scalars:
+        parts.append(_records_table([{"value": v} for v in scalars.values()], index=list(scalars)))
+    if groups:
+        parts.append(_records_table(list(groups.values()), index=list(groups)))
+    for key, (rows, index) in lists.items():
+        parts.append(_records_table(rows, caption=str(key), index=index))
+    return "".join(parts)
 
 
 def _img(path: Path, root: Path) -> str:
@@ -184,6 +233,10 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
     notes = {k: routing.attrs[k] for k in IMPORT_NOTES if routing.attrs.get(k)}
     if notes:
         summary["import_notes"] = notes
+    # The report folder stands on its own (copied or zipped alone it still shows and links everything):
+    # tables and extra files are written under report/tables/ and mirrored to tables/ (the README's place).
+    report_tables = layout.report_dir / "tables"
+    report_tables.mkdir(parents=True, exist_ok=True)
     layout.tables_dir.mkdir(parents=True, exist_ok=True)
 
     train_files, train_summary = _training_figure(layout, formats)
@@ -204,11 +257,13 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
         files = a.figure(result, out, formats)
         table = a.table(result)
         # labels and token text come from user data: escaped so the CSV cannot carry spreadsheet formulas
-        csv_safe(table).to_csv(layout.tables_dir / f"{name}.csv", index=False)
+        table_file = report_tables / f"{name}.csv"
+        csv_safe(table).to_csv(table_file, index=False)
         # Extra files for other tools (e.g. mask points for ablation sweeps), linked below.
-        extra = [Path(f) for f in a.artifacts(result, layout.tables_dir / name)] if a.artifacts else []
+        extra = [Path(f) for f in a.artifacts(result, report_tables / name)] if a.artifacts else []
+        mirrored = [_mirror(f, report_tables, layout.tables_dir) for f in [table_file, *extra]]
         if extra:
-            summary.setdefault("artifacts", {})[name] = [os.path.relpath(f, layout.root) for f in extra]
+            summary.setdefault("artifacts", {})[name] = [os.path.relpath(f, layout.root) for f in mirrored[1:]]
         headline = a.summary(result)
         summary["analyses"][name] = {
             "definition": result.attrs.get("definition", ""),
@@ -231,10 +286,10 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
   </dl>
   {''.join(_img(f, layout.report_dir) for f in pngs)}
   <p class="files">Cube: <code>{html.escape(os.path.relpath(layout.analysis(name), layout.report_dir))}</code>
-  · table: <a href="{html.escape(os.path.relpath(layout.tables_dir / f"{name}.csv", layout.report_dir))}">{name}.csv</a>
+  · table: <a href="{html.escape(os.path.relpath(table_file, layout.report_dir))}">{name}.csv</a>
   {''.join(f' · <a href="{html.escape(os.path.relpath(f, layout.report_dir))}">{html.escape(Path(f).name)}</a>' for f in others)}</p>
   {_artifact_list(extra, layout.report_dir)}
-  <pre class="headline">{html.escape(json.dumps(headline, indent=1, default=_json_default))}</pre>
+  {headline_html(headline)}
 </section>"""
         )
 
@@ -259,7 +314,9 @@ figure {{ margin: 1em 0; }}
 .caption {{ color: #333; }}
 dt {{ font-weight: 600; }} dd {{ margin: 0 0 .5em 1em; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: .2em .6em; }}
-pre.headline {{ background: #f6f6f6; padding: .5em; font-size: 85%; }}
+img {{ width: 100%; }}
+table.headline {{ font-size: 90%; margin: .5em 0 1em; }} table.headline td.num {{ text-align: right; }}
+table.headline caption {{ text-align: left; font-weight: 600; padding: .3em 0; }}
 .meta {{ color: #555; font-size: 90%; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
@@ -277,8 +334,8 @@ router: {html.escape(str(model.get("router_semantics")))}</li>
 </ul>
 <table><tr><th>domain</th><th>tokens</th></tr>{dom_rows}</table>
 <p>Routing cube: <code>{html.escape(os.path.relpath(layout.routing, layout.report_dir))}</code>
-(<code>xr.open_zarr</code>); per-analysis cubes in <code>analyses/</code>; tables in <code>tables/</code>;
-headline numbers in <code>summary.json</code>.</p>
+(<code>xr.open_zarr</code>); per-analysis cubes in <code>analyses/</code> of the run folder; tables in
+<a href="tables/">tables/</a> beside this page; headline numbers in <a href="summary.json">summary.json</a>.</p>
 <h2>Contents</h2><ol>{training_item}{toc}</ol>
 {training}
 {''.join(sections)}
@@ -287,5 +344,7 @@ headline numbers in <code>summary.json</code>.</p>
     _write_atomic(layout.report_index, page)
     summary["fingerprint"] = fingerprint
     summary["experiment_spec"] = dataclasses.asdict(exp)
-    _write_atomic(layout.summary, json.dumps(summary, indent=2, default=_json_default))
+    text = json.dumps(summary, indent=2, default=_json_default)
+    _write_atomic(layout.report_dir / "summary.json", text)  # the report folder's own copy
+    _write_atomic(layout.summary, text)  # last: its fingerprint marks the report complete
     return layout.report_index

@@ -51,8 +51,7 @@ import xarray as xr
 
 from storage.schema import FILL_ID, is_counts_cube
 
-from . import plotting
-from .temporal import checkpoint_label, checkpoint_styles
+from .figures import hook as figure_hook
 from .bootstrap import (
     add_interval,
     bootstrap_weights,
@@ -469,6 +468,30 @@ def _type_counts_block(ids: np.ndarray, codes: np.ndarray, *, n_types: int, E: i
     return out[:spare].reshape(*lead, 1, size)
 
 
+def top1_token_specialization(ids: xr.DataArray, type_codes: np.ndarray, n_types: int, *, E: int) -> xr.DataArray:
+    """OLMoE's token specialization: mean over every token type of max_e count(type → top-1 e) / n_type.
+
+    As ``do_token_analysis`` of OLMoE's run_moe_analysis.py: only the top-1
+    expert (slot 0) of each token, every type seen at least once (no
+    ``min_count``), types weighted equally.
+
+    Parameters
+    ----------
+    ids : (checkpoint, layer, token, k) expert ids (-1 = not counted).
+    type_codes : (token,) type of each token in 0..n_types-1, -1 for tokens not counted
+        (from :func:`_type_codes` with ``min_count=1``).
+    n_types : number of type codes.
+
+    Returns
+    -------
+    (checkpoint, layer) float64; NaN where no type has a routed top-1.
+    """
+    if n_types == 0:
+        return xr.full_like(ids.isel(token=0, k=0, drop=True), np.nan, dtype=np.float64)
+    counts, n = type_counts(ids.isel(k=slice(0, 1)), type_codes, n_types, E=E)
+    return (counts.max("_expert") / n.where(n > 0)).astype(np.float64).mean("_type", skipna=True)
+
+
 def next_token_ids(routing: xr.Dataset) -> np.ndarray:
     """(token,) id of the next token of the same sample, -1 at a sample's last token (coordinates only)."""
     tid = np.asarray(routing["token_id"].values, dtype=np.int64)
@@ -518,7 +541,9 @@ def specialization(
         (checkpoint, layer): mi [+_lo/_hi], mi_floor_mean, mi_floor_p95,
             domain_entropy, mi_component, significant_fraction,
             vocab_input, vocab_input_floor, vocab_input_types,
-            vocab_next, vocab_next_floor, vocab_next_types, vocab_component, score
+            vocab_next, vocab_next_floor, vocab_next_types, vocab_component, score,
+            token_specialization_olmoe_input, token_specialization_olmoe_next
+            (OLMoE's top-1, every-type variant of vocab_input / vocab_next)
 
     Raises
     ------
@@ -591,6 +616,9 @@ def specialization(
     nx_codes, n_nx = _type_codes(nxt, keep & (nxt >= 0), min_count)
     v_in, f_in, t_in = vocabulary_specialization(ids, in_codes, n_in, E=E, min_count=min_count)
     v_nx, f_nx, t_nx = vocabulary_specialization(ids, nx_codes, n_nx, E=E, min_count=min_count)
+    # OLMoE's variant: top-1 only and every type (types seen once score 1, so it sits above vocab_*)
+    o_in = top1_token_specialization(ids, *_type_codes(tid, keep & (tid >= 0), 1), E=E)
+    o_nx = top1_token_specialization(ids, *_type_codes(nxt, keep & (nxt >= 0), 1), E=E)
 
     chance = 1.0 / E
     nan_cl = "no routed token at this checkpoint and layer"
@@ -652,7 +680,8 @@ def specialization(
         "vocab_input": describe(
             v_in, "vocabulary specialization (input token)", "share of occurrences",
             f"mean over token types seen >= {min_count} times of max_e count(id → e)/n_id (tokens with an "
-            "unknown id, -1, are left out)", chance=k / E,
+            "unknown id, -1, are left out); top-k membership, not OLMoE's top-1 over every type "
+            "(token_specialization_olmoe_input)", chance=k / E,
             nan_where=f"no token type with >= {min_count} routed occurrences (e.g. the source logs no token ids)",
         ),
         "vocab_input_floor": describe(
@@ -675,6 +704,20 @@ def specialization(
         ),
         "vocab_next_types": describe(t_nx, "token types (next)", "types",
                                      f"next-token types with >= {min_count} routed occurrences"),
+        "token_specialization_olmoe_input": describe(
+            o_in, "token specialization, OLMoE's definition (input token)", "share of occurrences",
+            "OLMoE's run_moe_analysis.py: mean over every token type (seen at least once) of max_e "
+            "count(id → top-1 expert e)/n_id; top-1 expert only, unlike vocab_input (top-k membership, types "
+            f"seen >= {min_count} times); no simple chance level: a type seen once scores 1, so rare types pull "
+            "it up",
+            nan_where="no token with a known id and a written top-1 slot",
+        ),
+        "token_specialization_olmoe_next": describe(
+            o_nx, "token specialization, OLMoE's definition (next token)", "share of occurrences",
+            "as token_specialization_olmoe_input, grouping token t by the id of token t+1 of the same sample "
+            "(OLMoE's ground-truth next token)",
+            nan_where="no token with a known next id and a written top-1 slot",
+        ),
     }
     if n_boot > 0:
         weights = bootstrap_weights(domains.sizes["sample"], n_boot, seed, strata=domains)
@@ -733,7 +776,8 @@ def specialization(
         "dependent, so a token-level chi-square would be anti-conservative), Benjamini–Hochberg across all "
         f"cells, significant = q <= {fdr_q}. mi = I(domain; top-1 expert) in bits over tokens, floor from "
         f"{int(n_shuffle)} sample relabellings (mean, 95th percentile). vocab_* = mean over token types seen "
-        f">= {min_count} times of max_e count(id→e)/n_id, by input token and by next token (same sample). "
+        f">= {min_count} times of max_e count(id→e)/n_id, by input token and by next token (same sample); "
+        "token_specialization_olmoe_* = OLMoE's variant, top-1 expert only, over every type seen once or more. "
         "score = mean(clip((mi − mi_floor_mean)/H(domain), 0, 1), significant_fraction, "
         "clip((vocab_input − floor)/(1 − floor), 0, 1)).",
         normalisation="usage: share of routing slots (1/E uniform); lift and ratio_to_chance: ratios; mi: bits; "
@@ -840,102 +884,14 @@ def _specialization_from_counts(routing, *, E, k, canonical_only, fdr_q, n_shuff
     return result
 
 
-# ----------------------------------------------------------------------------- figures
-
-
-def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """Summary curves vs layer (earliest vs final highlighted) and lift heatmaps (earliest vs final)."""
-    result = result.compute()
-    E, k = int(result.attrs["num_experts"]), int(result.attrs["top_k"])
-    layers = result["layer"].values
-    steps = result["step"].values
-    ckpts = result["checkpoint"].values
-    C = len(ckpts)
-    styles = checkpoint_styles(steps)
-    paths = []
-    panels = (
-        ("mi", "MI(domain; top-1) (bits)", "mi_floor_p95"),
-        ("significant_fraction", "significant (expert, domain) cells", None),
-        ("vocab_input", "vocabulary specialization\n(input token, max share)", "vocab_input_floor"),
-        ("vocab_next", "vocabulary specialization\n(next token, max share)", "vocab_next_floor"),
-        ("score", "specialization score", None),
-    )
-    with plotting.style():
-        fig, axes = plotting.new_figure(1, len(panels), panel_size=(2.6, 2.5), sharex=True)
-        for ax, (var, ylabel, floor) in zip(axes.flat, panels):
-            for i in range(C):
-                sel = {"checkpoint": ckpts[i]}
-                st = styles[i]
-                if f"{var}_lo" in result:
-                    ax.fill_between(layers, result[f"{var}_lo"].sel(sel).values, result[f"{var}_hi"].sel(sel).values,
-                                    color=st["color"], alpha=0.15, linewidth=0)
-                ax.plot(layers, result[var].sel(sel).values, markersize=3, label=checkpoint_label(i, C, steps[i]), **st)
-                if floor is not None and (i == 0 or i == C - 1):
-                    ax.plot(layers, result[floor].sel(sel).values, color=st["color"], linestyle=":", linewidth=1)
-            if var.startswith("vocab"):
-                plotting.chance_line(ax, k / E, label="uniform k/E")
-            elif var == "significant_fraction":
-                plotting.chance_line(ax, float(json.loads(result.attrs["params"])["fdr_q"]), label="q")
-            ax.set_xticks(layers)
-            plotting.label_axes(ax, "layer (MoE layer index)", ylabel)
-        axes.flat[0].legend(frameon=False, fontsize=6)
-        fig.suptitle("Specialization per layer: earliest checkpoint (grey dashed) vs final (black)\nDotted: "
-                     "shuffled-label floor (MI, 95th pct) / independence floor (vocabulary); "
-                     "bands: 95 % CI over samples")
-        paths += plotting.savefig(fig, out_dir, f"{NAME}_summary", formats)
-
-    # lift heatmaps: earliest and final, one column per domain, significant cells dotted
-    show = [0, C - 1] if C > 1 else [0]
-    domains = result["domain"].values
-    D = len(domains)
-    # an expert a domain never uses has lift 0: show it as the strongest blue, not as a blank
-    cap = 5.0
-    log_lift = np.log2(result["lift"].clip(2.0**-cap, None))
-    finite = np.abs(log_lift.values[np.isfinite(log_lift.values)])
-    vmax = min(max(float(finite.max()) if finite.size else 1.0, 0.5), cap)
-    norm = plotting.mcolors.TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax)
-    cmap = plotting.plt.get_cmap(plotting.DIVERGING).with_extremes(bad="0.6")
-    L = len(layers)
-    panel = (min(max(2.2, 0.16 * E + 1.0), 4.5), min(max(1.5, 0.16 * L + 0.9), 4.5))
-    ncols = min(D, 4)  # many domains wrap onto several rows per checkpoint
-    rows_per = -(-D // ncols)
-    with plotting.style():
-        fig, axes = plotting.new_figure(len(show) * rows_per, ncols, panel_size=panel, sharex=True, sharey=True)
-        im = None
-        for r, ci in enumerate(show):
-            for j, dom in enumerate(domains):
-                ax = axes[r * rows_per + j // ncols, j % ncols]
-                grid = log_lift.sel(checkpoint=ckpts[ci], domain=dom).transpose("layer", "expert").values
-                im = ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
-                sig = result["significant"].sel(checkpoint=ckpts[ci], domain=dom).transpose("layer", "expert").values
-                yy, xx = np.nonzero(sig)
-                ax.scatter(xx, yy, s=4, c="k", marker="o", linewidths=0)
-                ax.grid(False)
-                which = "earliest" if (ci == 0 and C > 1) else "final"
-                ax.set_title(f"{plotting.display_label(dom)} · {which} (step {steps[ci]})")
-                if L <= 32:
-                    ax.set_yticks(np.arange(L))
-                    ax.set_yticklabels([str(v) for v in layers])
-                if E <= 16:
-                    ax.set_xticks(np.arange(E))
-                plotting.label_axes(ax, "expert (index)", "layer")
-            for j in range(D, rows_per * ncols):
-                axes[r * rows_per + j // ncols, j % ncols].set_visible(False)
-        cbar = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.85)
-        cbar.set_label(f"log2 lift (domain / pooled usage), clipped at ±{vmax:.2g}")
-        fig.suptitle("Domain preference of each expert, earliest vs final checkpoint\n(white = no preference, "
-                     "the chance level; dots = significant after BH; grey = undefined)")
-        paths += plotting.savefig(fig, out_dir, f"{NAME}_lift", formats)
-    return paths
-
-
 def table(result: xr.Dataset) -> pd.DataFrame:
     """Rows (checkpoint, layer, expert, domain) with the cell statistics, and the per-layer metrics merged in."""
     cells = tidy(result, ["usage", "lift", "lift_lo", "lift_hi", "ratio_to_chance", "excess", "z", "p_value",
                           "q_value", "significant"])
     per_layer = tidy(result, ["mi", "mi_lo", "mi_hi", "mi_floor_mean", "mi_floor_p95", "domain_entropy",
                               "significant_fraction", "vocab_input", "vocab_input_floor", "vocab_next",
-                              "vocab_next_floor", "score"]).drop(columns=["step"], errors="ignore")
+                              "vocab_next_floor", "token_specialization_olmoe_input",
+                              "token_specialization_olmoe_next", "score"]).drop(columns=["step"], errors="ignore")
     return cells.merge(per_layer, on=["checkpoint", "layer"], how="left")
 
 
@@ -964,7 +920,7 @@ ANALYSIS = register(
     Analysis(
         name=NAME,
         func=specialization,
-        figure=figure,
+        figure=figure_hook(NAME),
         title="Expert specialization by domain and by token",
         caption=(
             "Always compare with the earliest checkpoint (grey dashed): an untrained router already looks "
@@ -973,7 +929,9 @@ ANALYSIS = register(
             "across samples, the chance level), the share of (expert, domain) cells whose usage differs from the "
             "pooled usage (randomisation test across samples, Benjamini–Hochberg q ≤ fdr_q; dashed = q, the "
             "expected share under the null), vocabulary specialization by input and next token (mean max share "
-            "of a token type's occurrences on one expert; dashed = uniform k/E, dotted = floor if routing ignored "
+            "of a token type's occurrences on one of its top-k experts, types seen ≥ 10 times; OLMoE's top-1 "
+            "over every type is variable token_specialization_olmoe_*; dashed = uniform k/E, dotted = floor if "
+            "routing ignored "
             "the token id), and the score = mean(clip((MI − floor)/H(domain)), significant share, "
             "clip((vocab − floor)/(1 − floor))). Lift figure: log2(usage by domain / pooled usage) per layer × "
             "expert for the earliest and final checkpoint (white = no preference, chance), dots = significant."

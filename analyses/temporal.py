@@ -35,7 +35,7 @@ import xarray as xr
 
 from storage.schema import FILL_ID, phases_present
 
-from . import plotting
+from .figures import hook as figure_hook
 from .bootstrap import add_interval, bootstrap_weights, interval, sample_index
 from .registry import (
     Analysis,
@@ -606,131 +606,6 @@ def temporal(
     )
 
 
-# ----------------------------------------------------------------------------- figures
-
-
-def checkpoint_styles(steps: Sequence[int]) -> list[dict]:
-    """Line style per checkpoint that makes "final vs earliest" obvious.
-
-    Earliest: grey, dashed, square markers; final: black, solid; the others
-    thin and coloured by step (viridis).
-    """
-    colours, _ = plotting.ordered_colours(np.asarray(steps, dtype=float))
-    styles = []
-    for i in range(len(steps)):
-        if i == 0 and len(steps) > 1:
-            styles.append({"color": "0.45", "linestyle": "--", "marker": "s", "linewidth": 1.8})
-        elif i == len(steps) - 1:
-            styles.append({"color": "k", "linestyle": "-", "marker": "o", "linewidth": 1.8})
-        else:
-            styles.append({"color": colours[i], "linestyle": "-", "marker": "o", "linewidth": 0.9, "alpha": 0.7})
-    return styles
-
-
-def checkpoint_label(i: int, n: int, step: int) -> str:
-    """Legend label of the i-th of n checkpoints: 'earliest (step s)', 'final (step s)' or 'step s'."""
-    if i == 0 and n > 1:
-        return f"earliest (step {step})"
-    return f"final (step {step})" if i == n - 1 else f"step {step}"
-
-
-def _band(ax, x, result, name, sel, style):
-    lo, hi = f"{name}_lo", f"{name}_hi"
-    if lo in result and hi in result:
-        ax.fill_between(x, result[lo].sel(sel).values, result[hi].sel(sel).values, color=style["color"],
-                        alpha=0.18, linewidth=0)
-
-
-def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """Repeat rates vs layer, transition heatmaps (earliest and final), autocorrelation vs lag."""
-    result = result.compute()
-    E, k = int(result.attrs["num_experts"]), int(result.attrs["top_k"])
-    layers = result["layer"].values
-    ckpts = result["checkpoint"].values
-    steps = result["step"].values
-    styles = checkpoint_styles(steps)
-    paths = []
-
-    with plotting.style():
-        fig, axes = plotting.new_figure(1, 2, panel_size=(3.4, 2.7), sharex=True)
-        for ax, (var, ylabel, chance, clabel) in zip(axes.flat, (
-            ("top1_repeat", "top-1 repeat P(top1_t = top1_t+1)", 1.0 / E, "chance 1/E"),
-            ("set_repeat", "set repeat P(S_t ∩ S_t+1 ≠ ∅)", set_repeat_chance(E, k), "chance"),
-        )):
-            for ci, ckpt in enumerate(ckpts):
-                st = styles[ci]
-                sel = {"checkpoint": ckpt}
-                _band(ax, layers, result, var, sel, st)
-                ax.plot(layers, result[var].sel(sel).values, markersize=3,
-                        label=checkpoint_label(ci, len(ckpts), steps[ci]), **st)
-            if var == "top1_repeat":
-                ax.plot(layers, result["top1_repeat_independent"].isel(checkpoint=-1).values, color="k",
-                        linestyle=":", linewidth=1, label="if independent (final)")
-            plotting.chance_line(ax, chance, label=clabel)
-            ax.set_ylim(0, 1.02)
-            ax.set_xticks(layers)
-            plotting.label_axes(ax, "layer (MoE layer index)", ylabel)
-        axes.flat[0].legend(frameon=False, fontsize=6)
-        fig.suptitle("Routing repeats between adjacent tokens of one sample\n(bands: 95 % bootstrap CI over "
-                     "samples; grey dashed = earliest checkpoint, black = final)")
-        paths += plotting.savefig(fig, out_dir, f"{NAME}_repeat", formats)
-
-    # transition heatmaps: earliest and final checkpoint, one panel per layer
-    show = [0, len(ckpts) - 1] if len(ckpts) > 1 else [0]
-    L = len(layers)
-    ncols = min(L, 6)
-    rows_per = -(-L // ncols)
-    trans = result["transition"]
-    vmax = max(float(np.nanmax(trans.values)) if np.isfinite(trans.values).any() else 0.0, 2.0 / E)
-    norm = plotting.mcolors.TwoSlopeNorm(vcenter=1.0 / E, vmin=0.0, vmax=vmax)
-    cmap = plotting.plt.get_cmap(plotting.DIVERGING).with_extremes(bad="0.6")  # empty rows grey, not "chance"
-    with plotting.style():
-        side = min(max(1.8, 0.16 * E + 0.8), 3.2)
-        fig, axes = plotting.new_figure(rows_per * len(show), ncols, panel_size=(side, side))
-        im = None
-        for r, ci in enumerate(show):
-            for li, layer in enumerate(layers):
-                ax = axes[r * rows_per + li // ncols, li % ncols]
-                grid = trans.sel(checkpoint=ckpts[ci], layer=layer).values
-                im = ax.imshow(grid, cmap=cmap, norm=norm, interpolation="nearest")
-                ax.grid(False)
-                ax.set_title(f"step {steps[ci]} · layer {layer}")
-                if E <= 16:
-                    ax.set_xticks(np.arange(E))
-                    ax.set_yticks(np.arange(E))
-                plotting.label_axes(ax, "top-1 at t+1", "top-1 at t")
-            for j in range(L, rows_per * ncols):
-                axes[r * rows_per + j // ncols, j % ncols].set_visible(False)
-        cbar = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
-        cbar.set_label("P(top1_t+1 = column | top1_t = row)")
-        cbar.ax.axhline(1.0 / E, color="k", linewidth=0.8)
-        fig.suptitle(f"Top-1 transitions, earliest (top) and final checkpoint\n(white = chance 1/E = {1 / E:.3g}; "
-                     "grey = expert never top-1)")
-        paths += plotting.savefig(fig, out_dir, f"{NAME}_transition", formats)
-
-    # autocorrelation vs lag, one panel per layer, one line per checkpoint
-    lags = result["lag"].values
-    with plotting.style():
-        fig, axes = plotting.new_figure(rows_per, ncols, panel_size=(2.5, 2.1), sharex=True, sharey=True)
-        for li, layer in enumerate(layers):
-            ax = axes.flat[li]
-            for ci, ckpt in enumerate(ckpts):
-                st = styles[ci]
-                sel = {"checkpoint": ckpt, "layer": layer}
-                _band(ax, lags, result, "autocorrelation_mean", sel, st)
-                ax.plot(lags, result["autocorrelation_mean"].sel(sel).values, markersize=2.5,
-                        label=checkpoint_label(ci, len(ckpts), steps[ci]), **st)
-            plotting.chance_line(ax, 0.0, label="chance")
-            ax.set_title(f"layer {layer}")
-            plotting.label_axes(ax, "lag m (tokens)", "mean autocorrelation (r)")
-        plotting.hide_unused(axes, L)
-        axes.flat[0].legend(frameon=False, fontsize=6)
-        fig.suptitle("Autocorrelation of expert activation along the sequence, mean over experts\n"
-                     "(bands: 95 % CI over samples; grey dashed = earliest checkpoint, black = final)")
-        paths += plotting.savefig(fig, out_dir, f"{NAME}_autocorrelation", formats)
-    return paths
-
-
 def table(result: xr.Dataset) -> pd.DataFrame:
     """Rows (checkpoint, layer) with the repeat rates, their CIs and pair counts."""
     cols = ["top1_repeat", "top1_repeat_lo", "top1_repeat_hi", "top1_repeat_independent", "set_repeat",
@@ -773,7 +648,7 @@ ANALYSIS = register(
     Analysis(
         name=NAME,
         func=temporal,
-        figure=figure,
+        figure=figure_hook(NAME),
         title="Routing along the sequence: repeats, transitions, autocorrelation",
         caption=(
             "How the routing of token t+1 (t+m) depends on the routing of token t, over token pairs inside one "

@@ -81,7 +81,12 @@ OVERRIDES: dict[str, dict[str, object]] = {
     "dots3_note": {"audio_config.adapter_input_size": 32, "audio_config.adapter_out_dim": 32, "vision_config.pyramid_num_routed": [0, 0],
                    "vision_config.adapter_in_dim": 32, "vision_config.adapter_out_dim": 32,
                    "vision_config.adapter_merge_size": 1},
-    "glm5_next": {"text_config.mlp_layer_types": ["dense", "sparse"], "text_config.qk_rope_head_dim": 0, "text_config.index_head_dim": 8, "text_config.index_n_heads": 2,
+    # (attention that is not a linear-attention kernel: those run a slow reference implementation on CPU)
+    "kimi_linear": {"layer_types": ["full_attention", "full_attention"]},
+    "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]},
+    "qwen3_5_moe": {"text_config.layer_types": ["full_attention", "full_attention"]},
+    "glm5_next": {"text_config.mlp_layer_types": ["dense", "sparse"],
+                  "text_config.layer_types": ["indexed_attention", "indexed_attention"], "text_config.qk_rope_head_dim": 0, "text_config.index_head_dim": 8, "text_config.index_n_heads": 2,
                   "text_config.index_topk": 16},
     "llama4": {"vision_config.vision_output_dim": 32, "vision_config.projector_input_dim": 32,
                "vision_config.projector_output_dim": 32},

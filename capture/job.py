@@ -3,6 +3,9 @@
 ``capture_into_cube`` is submitted to a Dask worker, one job per checkpoint.
 It reads the token table from the cube itself (so every checkpoint sees
 identical inputs) and streams routing into that checkpoint's region.
+``submit_captures`` submits the jobs of several checkpoints at once (they run
+side by side; regions are disjoint whole chunks) and ``wait_captures`` waits
+for all of them, reporting every failure in one error.
 """
 
 from __future__ import annotations

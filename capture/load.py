@@ -92,15 +92,20 @@ class ModelInfo:
         if self.weight_sum_min is not None:
             out["weight_sum_min"] = float(self.weight_sum_min)
             out["weight_sum_max"] = float(self.weight_sum_max)
-            out["renormalised_observed"] = int(weight_sums_constant(self.weight_sum_min, self.weight_sum_max))
+            out["renormalised_observed"] = int(weight_sums_constant(self.weight_sum_min, self.weight_sum_max,
+                                                                    self.dtype))
         if self.capacity is not None:
             out["capacity"] = json.dumps(self.capacity, sort_keys=True)
         return out
 
 
-def weight_sums_constant(lo: float, hi: float) -> bool:
-    """Whether observed per-token weight sums in [lo, hi] are one constant (float32 rounding aside)."""
-    return bool(abs(hi - lo) <= 1e-4 * max(1.0, abs(hi)))
+def weight_sums_constant(lo: float, hi: float, dtype: str = "float32") -> bool:
+    """Whether observed per-token weight sums in [lo, hi] are one constant, rounding in ``dtype`` aside.
+
+    Routers renormalise in the model's dtype: bfloat16 sums spread by ~1e-2 around 1.
+    """
+    tol = 1e-4 if dtype in ("float32", "float64") else 2e-2
+    return bool(abs(hi - lo) <= tol * max(1.0, abs(hi)))
 
 
 def _dtype_name(dt) -> str:
@@ -340,11 +345,20 @@ def _auto_class(config):
     import transformers
     from transformers import AutoModelForCausalLM
 
+    arch = None
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None) if isinstance(name, str) else None
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            return cls
-    return AutoModelForCausalLM
+            arch = cls
+            break
+    if arch is None:
+        return AutoModelForCausalLM  # remote code or no architectures: the auto class decides (trust_remote_code)
+    try:
+        mapped = AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        mapped = None
+    # The auto class when it builds the very class the checkpoint names (plain causal LMs).
+    return AutoModelForCausalLM if mapped is arch else arch
 
 
 def describe_checkpoint(model_dir, *, trust_remote_code: bool = False) -> ModelInfo:

@@ -214,7 +214,7 @@ def capture_model(model, tokens: xr.Dataset, sink, *, keep_logits: bool = False,
     runner = language_model(model)
     sites = find_routers(runner, where=where)
     info = describe_model(model, where=where)
-    if runner is not model and (keep_lens or keep_js) and getattr(model.config, "is_encoder_decoder", False):
+    if runner is not model and (keep_lens or keep_js) and runner is not getattr(model, "thinker", None):
         raise ValueError(f"{where}: the logit lens needs a decoder reading the token table; this encoder-decoder "
                          f"model's routing is captured on its encoder only (no lens_logprob / lens_js)")
     wsums: list[torch.Tensor] = []  # per batch: (min, max) of the per-token sum of the k weights, on the device
@@ -352,10 +352,10 @@ def capture_model(model, tokens: xr.Dataset, sink, *, keep_logits: bool = False,
         warnings.warn(f"{where}: the logit lens at the last decoder layer differs from the model's own NLL by up to "
                       f"{state['lens_check']:.3g} nats; the model transforms its logits in a way the lens "
                       f"(final norm + LM head) does not reproduce", stacklevel=2)
-    return _weight_self_test(info, wsums, where)
+    return _weight_self_test(info, wsums, where, n_tokens=int(lengths.sum()))
 
 
-def _weight_self_test(info: ModelInfo, wsums: list, where: str) -> ModelInfo:
+def _weight_self_test(info: ModelInfo, wsums: list, where: str, *, n_tokens: int) -> ModelInfo:
     """``info`` with the observed per-token weight sums, checked against what the semantics claim.
 
     A claim of renormalisation needs every token's k weights to sum to one
@@ -371,10 +371,10 @@ def _weight_self_test(info: ModelInfo, wsums: list, where: str) -> ModelInfo:
     mm = torch.stack(wsums).cpu().numpy().astype(np.float64)
     lo, hi = float(mm[:, 0].min()), float(mm[:, 1].max())
     info = dataclasses.replace(info, weight_sum_min=lo, weight_sum_max=hi)
-    constant = weight_sums_constant(lo, hi)
+    constant = weight_sums_constant(lo, hi, info.dtype)
     claim = info.renormalised_claim
-    if info.capacity is not None:
-        return info  # dropped slots weigh 0: sums are not a renormalisation test there
+    if info.capacity is not None or n_tokens < 2:
+        return info  # dropped slots weigh 0 / one token always has "one" sum: no test there
     if (claim is True and not constant) or (claim is False and constant and info.top_k > 1):
         seen = f"observed per-token weight sums in [{lo:.6g}, {hi:.6g}]"
         msg = (f"{where}: router semantics claim {'renormalised' if claim else 'not renormalised'} weights but the "

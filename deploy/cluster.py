@@ -28,7 +28,8 @@ Dying workers
 Workers import what tasks need before running any (``deploy.worker``), and the
 LocalCluster's scheduler fails a task after :data:`ALLOWED_FAILURES` retries
 on workers that died running it (``KilledWorker``), or after
-:data:`NO_WORKERS_TIMEOUT` without any worker able to run it, so a crashed
+:data:`NO_WORKERS_TIMEOUT` without any worker able to run it (a nanny gets
+:data:`LOST_WORKER_TIMEOUT` to restart its worker), so a crashed
 worker ends the Luigi task with a message (:func:`cluster_errors`) instead of
 waiting forever.
 """
@@ -54,7 +55,12 @@ _ADDRESS = None
 #: Retries of a task whose worker died while running it (distributed's default is 3: four full captures).
 ALLOWED_FAILURES = 1
 #: A task no worker can run (all dead and not restarted; no worker with a GPU) fails after this long.
-NO_WORKERS_TIMEOUT = "120s"
+#: Longer than a nanny's restart of a worker (which imports torch again: a minute on two busy cores).
+NO_WORKERS_TIMEOUT = "300s"
+#: How long the LocalCluster waits for a dead worker's nanny to bring it back before it closes that nanny
+#: for good. distributed's default (15 s) is shorter than a restart on a busy machine: the cluster then lost
+#: its only worker for good and the run waited for the no-workers timeout.
+LOST_WORKER_TIMEOUT = "600s"
 #: Worker processes per core at most: each one is a Python process that may load a whole model.
 MAX_WORKERS_PER_CORE = 2
 #: Connecting to an external scheduler gives up after this long (distributed's default is 30 s).
@@ -293,6 +299,8 @@ def _start_local(*, n_workers, threads_per_worker, host, dashboard_port, memory_
                            "pip install cryptography") from exc
     # The dashboard is HTTP and separate from the TLS comm: always loopback (reach it with an SSH tunnel).
     port = 0 if dashboard_port == 0 else _free_port("127.0.0.1", dashboard_port)
+    # Read by the cluster whenever a worker is lost (not only at start), so set for the process.
+    dask.config.set({"distributed.deploy.lost-worker-timeout": LOST_WORKER_TIMEOUT})
     # Read by the scheduler when it is made (in this process) and passed on to the nannies' workers.
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
                           "distributed.scheduler.no-workers-timeout": NO_WORKERS_TIMEOUT}):

@@ -156,14 +156,16 @@ def start(a: argparse.Namespace) -> Launch:
         raise LaunchError('deploy.slurm needs dask-jobqueue: pip install -e ".[deploy]"') from exc
     from distributed import Security
 
+    if a.port:
+        _check_port(a.host or "", a.port)
     cred = Path(a.credentials_dir or Path.home() / ".moe-atlas" / "slurm" / str(a.port or os.getpid()))
     cred = cred.expanduser().absolute()
-    made_dir = _private_dir(cred)
     try:
         security = Security.temporary()
     except ImportError as exc:
         raise LaunchError("the cluster's TLS credentials need the 'cryptography' package: pip install cryptography") \
             from exc
+    made_dir = _private_dir(cred)
     # One self-signed certificate is this launch's CA and everyone's certificate (Security.temporary()).
     cert, key = cred / "cert.pem", cred / "key.pem"
     made: list[Path] = []
@@ -191,12 +193,18 @@ def start(a: argparse.Namespace) -> Launch:
             shared_temp_directory=str(cred),
             job_script_prologue=["export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false"],
         )
-    except OSError as exc:
+    except Exception as exc:
         for p in made:
             p.unlink()
         if made_dir:
-            cred.rmdir()
-        raise LaunchError(f"cannot start the Dask scheduler on port {a.port}: {exc} (another scheduler there? "
+            try:
+                cred.rmdir()
+            except OSError:  # jobqueue's own temporary files are still open; they go with it
+                pass
+        bind = _os_error(exc)
+        if bind is None:
+            raise
+        raise LaunchError(f"cannot start the Dask scheduler on port {a.port}: {bind} (another scheduler there? "
                           "pass --port N, or --port 0 for any free port)") from exc
 
     address = cluster.scheduler_address
@@ -207,6 +215,32 @@ def start(a: argparse.Namespace) -> Launch:
         "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": str(key),
     }
     return Launch(cluster, env, _dashboard(cluster, a.dashboard_address), cred, made, made_dir)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail early, before any credentials are written, when the scheduler's port is taken."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as distributed's listener does
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise LaunchError(f"cannot start the Dask scheduler on port {port}: {exc.strerror} (another scheduler "
+                              "there? pass --port N, or --port 0 for any free port)") from exc
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError (e.g. address in use) behind distributed's "Scheduler failed to start", if any."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _dashboard(cluster, requested: str) -> str:

@@ -193,6 +193,12 @@ def claim_run(root: str | os.PathLike, identity: dict, *, experiment_file: str =
         os.link(tmp, root / MARKER)
     except FileExistsError:
         pass
+    except OSError:  # a file system without hard links: exclusive create (the run lock is held)
+        try:
+            with open(root / MARKER, "x") as f:
+                f.write(tmp.read_text())
+        except FileExistsError:
+            pass
     finally:
         tmp.unlink(missing_ok=True)
     if not precheck_run(root, identity, experiment_file=experiment_file):  # pragma: no cover - marker just written

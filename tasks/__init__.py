@@ -314,7 +314,8 @@ class RoutingTemplate(_Stage):
 def _batch_checkpoints(names) -> str:
     """Luigi ``batch_method`` of ``Capture.checkpoint``: the pending captures of an experiment, as one task."""
     names = list(names)
-    return names[0] if len(names) == 1 else json.dumps(names)
+    # No spaces: Luigi's log lines separate parameters with ", ".
+    return names[0] if len(names) == 1 else json.dumps(names, separators=(",", ":"))
 
 
 class Capture(_Stage):

@@ -314,6 +314,12 @@ def test_slurm_job_script_and_addresses(launch):
     bound = {(ip, p) for ip, p, _ in listening_sockets([os.getpid()])}
     assert ("127.0.0.1", dash) in bound and not any(p == dash and ip != "127.0.0.1" for ip, p in bound)
     assert la.announce().splitlines()[0] == f"export MOE_ATLAS_SCHEDULER=tls://127.0.0.1:{port}"
+    # deploy/README.md shows what the launcher prints: the same lines, in the same order
+    doc = (REPO / "deploy" / "README.md").read_text()
+    (shown,) = re.findall(r"```text\n(export MOE_ATLAS_SCHEDULER=.*?)```", doc, re.S)
+    shape = lambda text: [line.split("=")[0] if line.startswith("export ") else line.split(":")[0]  # noqa: E731
+                          for line in text.strip().splitlines()]
+    assert shape(shown) == shape(la.announce())
 
     script = la.job_script()
     assert "#SBATCH --gres=gpu:1" in script

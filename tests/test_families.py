@@ -171,6 +171,12 @@ def test_family_capture_is_exact_or_refused_by_name(family):
             np.testing.assert_array_equal(np.where(e_w > 0, e_ids, -1), np.where(x_w > 0, x_ids, -1))
             continue
         x_ids, x_w = _sorted(r_ids, r_w)
+        if info.capacity is not None:
+            # A slot dropped by capacity reaches no expert: its weight must be 0 and its id (the router's
+            # choice, checked in test_routers against the capacity rule) has no counterpart here.
+            ran = x_w > 0
+            np.testing.assert_array_equal(got["capacity_dropped"][i] == 1, ~ran)
+            x_ids = np.where(ran, x_ids, got["expert_ids"][i])
         np.testing.assert_array_equal(got["expert_ids"][i], x_ids)
         np.testing.assert_allclose(got["expert_weights"][i], x_w, rtol=1e-5, atol=1e-6)
     # The weight self-test ran and agrees with what the semantics claim.

@@ -71,6 +71,10 @@ class Ran:
         return self
 
     def _ok(self, task):
+        if task.task_id.startswith("Capture_"):
+            # Luigi batches pending captures into one task (tasks.Capture): one name per checkpoint it captured.
+            self.names.extend(f"Capture:{n}" for n in task._names())
+            return
         self.names.append(task.task_id.split("_")[0] + ":" + "/".join(str(v) for k, v in task.param_kwargs.items() if k != "experiment"))
 
     def _fail(self, task, exc):

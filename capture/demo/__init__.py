@@ -65,8 +65,13 @@ def _remove_previous_outputs(out_dir: Path) -> None:
     rm(out_dir / "tokenizer")
     ckpt = out_dir / "checkpoints"
     if ckpt.is_dir():
+        from .train import SAVED_BY
+
+        # Only folders the demo's trainer wrote (they hold its SAVED_BY file): a
+        # user's own step_* folder is never ours to delete.
         for p in list(ckpt.glob("step_*")) + list(ckpt.glob(".step_*.tmp-*")):
-            rm(p)
+            if p.is_dir() and not p.is_symlink() and (p / SAVED_BY).is_file():
+                rm(p)
     for p in list(out_dir.glob(".*.tmp-*")) + list((out_dir / "data").glob(".*.tmp-*")):
         rm(p)
 

@@ -3,8 +3,11 @@
 The model is a ``transformers`` ``MixtralForCausalLM`` built from a ``MixtralConfig``
 (no download), trained from a seeded initialisation with the language-modelling loss plus
 the Switch-style auxiliary load-balancing loss (``output_router_logits=True``,
-``router_aux_loss_coef``). Each training sequence is ``<|bos|>`` followed by
-``seq_len - 1`` tokens from one domain's token stream (documents joined by ``<|eos|>``);
+``router_aux_loss_coef``), in transformers' definition: it counts all k slots, so it reads
+≈ k (2 here) at perfect balance, where the ``balance`` analysis' ``lb_loss`` (top-1
+fractions) reads 1; the analysis reproduces it as ``lb_loss_hf_all_layers``. Each training
+sequence is ``<|bos|>`` followed by ``seq_len - 1`` tokens from one domain's token stream
+(documents joined by ``<|eos|>``);
 each batch holds an equal share of every domain, so the balancing loss sees all domains
 at once and leaves the router free to split them.
 
@@ -68,7 +71,8 @@ class DemoConfig:
     warmup_steps: int = 20
     """Linear learning-rate warm-up steps."""
     aux_loss_coef: float = 0.02
-    """Weight of the auxiliary load-balancing loss (``router_aux_loss_coef``)."""
+    """Weight of the auxiliary load-balancing loss (``router_aux_loss_coef``; transformers' definition, ≈ top_k
+    at balance)."""
     eval_samples_per_domain: int = 16
     """Held-out evaluation samples per domain."""
     eval_max_chars: int = 600
@@ -398,8 +402,11 @@ def train_demo_model(
     -------
     dict
         The training log: per step ``loss`` (LM cross-entropy), ``aux_loss`` (load
-        balancing, unscaled) and ``lr``; per checkpoint the held-out NLL by domain;
-        sequence counts and wall time.
+        balancing, unscaled, transformers' ``load_balancing_loss_func`` over all layers:
+        ≈ top_k at perfect balance, not 1 as the ``balance`` analysis' ``lb_loss``; the
+        log's ``aux_loss_name``/``aux_loss_label``/``aux_loss_description``/``aux_loss_ideal``
+        say so) and ``lr``; per checkpoint the held-out NLL by domain; sequence counts
+        and wall time.
     """
     import numpy as np
     import torch
@@ -430,6 +437,17 @@ def train_demo_model(
         "train_sequences_per_domain": {d: int(len(p)) for d, p in zip(DOMAINS, packed)},
         "tokens_per_step": cfg.batch_size * cfg.seq_len,
         "aux_loss_coef": cfg.aux_loss_coef,
+        # the model's aux_loss is transformers' definition (all k slots, ≈ top_k at balance): it must not
+        # be read against the balance analysis' lb_loss (top-1, 1 at balance); name it as the analysis does
+        "aux_loss_name": "lb_loss_hf_all_layers",
+        "aux_loss_label": f"aux loss, transformers' definition (≈ k = {cfg.top_k} at balance)",
+        "aux_loss_description": (
+            "transformers' load_balancing_loss_func over every layer's router logits, unscaled (before "
+            "router_aux_loss_coef): E · Σ_e f_e · P_e with f_e counting all k slots of each token, so it reads "
+            f"≈ k = {cfg.top_k} at perfect balance and E = {cfg.num_experts} at collapse. Not the balance analysis' "
+            "lb_loss (top-1 fractions, 1 at balance); that analysis' lb_loss_hf_all_layers is this quantity"
+        ),
+        "aux_loss_ideal": float(cfg.top_k),
     }
     wanted = set(cfg.checkpoint_steps)
 
@@ -479,7 +497,7 @@ def train_demo_model(
                     raise FloatingPointError(f"demo training diverged at step {step + 1}: {rec}")
                 log["steps"].append(rec)
                 bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", aux=f"{rec['aux_loss']:.3f}")
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", aux_hf=f"{rec['aux_loss']:.3f}")
                 if step + 1 in wanted:
                     checkpoint(step + 1)
         finally:
