@@ -1,8 +1,9 @@
 """The analysis library: pure functions over the routing cube, registered by name.
 
 Importing the package registers every analysis, so ``analyses.REGISTRY`` is
-complete on import. To add one: a module that calls ``register(Analysis(...))``,
-one import line below, and its tests (``tests/test_contract.py`` covers the
+complete on import. To add one: a module that calls ``register(Analysis(...,
+figure=figure_hook(NAME)))``, its figures in ``analyses/figures/<name>.py`` (kept
+out of :data:`VERSION`, see :func:`code_files`), one import line below, and its tests (``tests/test_contract.py`` covers the
 contract for every registered analysis automatically).
 
 How an analysis stays near the speed of a numpy pass

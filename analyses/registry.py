@@ -73,7 +73,9 @@ class Analysis:
     ----------
     name : registry key, also the file stem of its outputs.
     func : ``(routing, **params) -> xr.Dataset``; pure, lazy when the input is.
-    figure : ``(result, out_dir, formats=("png",)) -> list[Path]``; PNG at 300 dpi.
+    figure : ``(result, out_dir, formats=("png",)) -> list[Path]``; PNG at 300 dpi, the report's
+        width. Registered as ``analyses.figures.hook(name)``: the drawing lives in
+        ``analyses/figures/<name>.py``, outside ``VERSION`` (the result cache key).
     title, caption : what the figure shows, how to read it, the chance level.
     requires : cube variables that must be present.
     params : default keyword parameters of ``func``.

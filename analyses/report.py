@@ -159,9 +159,21 @@ def headline_html(headline: dict) -> str:
             lists[key] = (value, None)
         else:
             flat(str(key), value, scalars)
+    # x_first / x_last (or _earliest / _final) side by side: one row per quantity, a column per checkpoint
+    paired: dict[str, dict] = {}
+    for key in list(scalars):
+        m = re.match(r"^(.+)_(first|last|earliest|final)$", key)
+        if m:
+            paired.setdefault(m[1], {})[m[2]] = scalars[key]
+    paired = {stem: v for stem, v in paired.items() if len(v) > 1}
+    for stem, v in paired.items():
+        for suffix in v:
+            scalars.pop(f"{stem}_{suffix}")
     parts = []
     if scalars:
         parts.append(_records_table([{"value": v} for v in scalars.values()], index=list(scalars)))
+    if paired:
+        parts.append(_records_table(list(paired.values()), index=list(paired)))
     if groups:
         parts.append(_records_table(list(groups.values()), index=list(groups)))
     for key, (rows, index) in lists.items():

@@ -52,7 +52,8 @@ class StagedBatch:
     Attributes
     ----------
     host : {name: tensor on the CPU} (pinned when copied from a GPU).
-    event : ``torch.cuda.Event`` recorded after the copies, or None (CPU tensors).
+    event : list of ``torch.cuda.Event`` recorded after the copies (one per GPU
+        the tensors came from), or None (CPU tensors).
     meta : whatever the producer needs to interpret the batch.
     """
 
@@ -65,8 +66,8 @@ class StagedBatch:
 
     def numpy(self) -> dict:
         """Wait for the copies (the one synchronisation per batch, off the forward's thread); numpy views."""
-        if self.event is not None:
-            self.event.synchronize()
+        for ev in self.event or ():
+            ev.synchronize()
         return {k: v.numpy() for k, v in self.host.items()}
 
 
@@ -82,11 +83,14 @@ def stage_to_host(tensors: dict[str, torch.Tensor], *, meta: Any = None) -> Stag
     host = {}
     for k, t in tensors.items():
         h = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-        h.copy_(t, non_blocking=True)
+        h.copy_(t, non_blocking=True)  # queued on the current stream of t's device
         host[k] = h
-    event = torch.cuda.Event()
-    event.record()  # on the current stream, after the copies
-    return StagedBatch(host, event, meta)
+    events = []
+    for dev in {t.device for t in tensors.values() if t.device.type == "cuda"}:
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(dev))  # after the copies from that device
+        events.append(ev)
+    return StagedBatch(host, events, meta)
 
 
 class BackgroundWriter:

@@ -19,7 +19,6 @@ import functools
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import luigi

@@ -201,7 +201,7 @@ def test_stage_to_host_on_cpu_is_a_view_without_event():
 def test_stage_to_host_on_cuda_copies_to_pinned_memory():
     dev = torch.arange(1 << 20, device="cuda", dtype=torch.float32).reshape(16, -1)
     staged = stage_to_host({"x": dev * 2})
-    assert staged.event is not None and staged.host["x"].is_pinned()
+    assert staged.event and staged.host["x"].is_pinned()
     np.testing.assert_array_equal(staged.numpy()["x"], (np.arange(1 << 20, dtype=np.float32) * 2).reshape(16, -1))
 
 

@@ -69,6 +69,16 @@ def test_every_registered_figure_reads_cleanly(name, cube, checked, tmp_path):
     _assert_clean(checked, paths)
 
 
+@pytest.mark.parametrize("name", ["divergence", "lens"])
+def test_condition_figures_read_cleanly_with_the_demos_long_condition_names(name, cube, checked, tmp_path):
+    long = {"A": "tool_context", "B": "plain"}
+    cond = np.asarray(cube["condition"].values).astype(object)
+    ds = cube.assign_coords(condition=(cube["condition"].dims, np.array([long.get(c, c) for c in cond], dtype=object)))
+    ds.attrs.update(condition_a="tool_context", condition_b="plain")
+    paths = analyses.get(name).figure(analyses.run(name, ds), tmp_path)
+    _assert_clean(checked, paths)
+
+
 def test_training_figure_reads_cleanly(checked, tmp_path):
     rng = np.random.default_rng(0)
     log = {

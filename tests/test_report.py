@@ -133,4 +133,9 @@ def test_headline_html_shapes_and_escaping():
     assert "per_view › all › n › deep" in out
     assert "<b>" not in out and "&lt;b&gt;label&lt;/b&gt;" in out
     assert report.headline_html({}) == ""
+    # x_first / x_last pairs side by side; an unpaired one stays a plain row
+    paired = report.headline_html({"cv_first": 0.5, "cv_last": 0.25, "dead_first": 0, "dead_last": 2, "n_last": 7})
+    assert "<th>first</th><th>last</th>" in paired
+    assert '<th>cv</th><td class="num">0.5</td><td class="num">0.25</td>' in paired
+    assert '<th>n_last</th><td class="num">7</td>' in paired
     assert np.isnan(h["final"]["partner_tv"])  # the input is left as it was

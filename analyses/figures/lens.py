@@ -44,7 +44,7 @@ def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",))
             if r == 0:  # one key for both views, under the panels: inside it covered the curves
                 handles, labels = ax.get_legend_handles_labels()
                 fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
-            panels = [("lens_nll_diff", f"NLL {a} − {b} (nats)", "difference")]
+            panels = [("lens_nll_diff", f"NLL {a} − {b}\n(nats)", "difference")]  # two lines: long condition names
             if has_js:
                 panels.append(("js", "JS divergence (nats)", "JS divergence"))
             for j, (name, ylabel, title) in enumerate(panels, start=1):
