@@ -86,6 +86,7 @@ from . import temporal  # noqa: E402,F401
 from . import specialization  # noqa: E402,F401
 from . import divergence  # noqa: E402,F401
 from . import lens  # noqa: E402,F401
+from . import capacity  # noqa: E402,F401
 
 __all__ = [
     "VERSION",

@@ -124,6 +124,50 @@ def build_template(token_paths: list[str], *, checkpoints, keep_logits: bool, tr
     )
 
 
+WEIGHT_SELF_TEST_ATTR = "weight_self_test"
+
+
+def weight_self_test(info, *, n_tokens: int) -> dict:
+    """The per-token weight-sum self-test of one capture, as stored in the cube attr ``weight_self_test``.
+
+    Parameters
+    ----------
+    info : the ``capture.load.ModelInfo`` that ``capture_model`` returned
+        (``weight_sum_min`` / ``weight_sum_max``: per-token sum of the k
+        captured weights over every token and layer).
+    n_tokens : tokens captured.
+
+    Returns
+    -------
+    dict with ``weight_sum_min``, ``weight_sum_max`` (None when no weight was
+    seen), ``sums_constant`` (one constant, rounding in the model's dtype
+    aside), ``claim`` (what the router semantics say: ``renormalised``, ``not
+    renormalised`` or ``none``) and ``verdict``: ``consistent``,
+    ``contradicts the router semantics``, or ``not tested: <why>``. The rule is
+    ``capture.run``'s self-test (which also warns and marks ``router_semantics``).
+    """
+    from .load import weight_sums_constant
+
+    lo, hi = info.weight_sum_min, info.weight_sum_max
+    claim = {True: "renormalised", False: "not renormalised", None: "none"}[info.renormalised_claim]
+    out = {"weight_sum_min": None if lo is None else float(lo), "weight_sum_max": None if hi is None else float(hi),
+           "sums_constant": None, "claim": claim}
+    if lo is None:
+        return {**out, "verdict": "not tested: no routing weight was captured"}
+    constant = weight_sums_constant(lo, hi, info.dtype)
+    out["sums_constant"] = constant
+    if info.capacity is not None:
+        return {**out, "verdict": "not tested: capacity-dropped slots weigh 0, so sums vary by design"}
+    if n_tokens < 2:
+        return {**out, "verdict": "not tested: one token always has one sum"}
+    if info.renormalised_claim is None:
+        return {**out, "verdict": "not tested: the router semantics make no claim about the sum"}
+    # top-1 of a full softmax is not renormalised yet may look constant only by accident: no contradiction then
+    contradicts = (info.renormalised_claim and not constant) or (
+        not info.renormalised_claim and constant and info.top_k > 1)
+    return {**out, "verdict": "contradicts the router semantics" if contradicts else "consistent"}
+
+
 def capture_into_cube(
     model_dir: str,
     routing_path: str,
@@ -157,13 +201,18 @@ def capture_into_cube(
     tokens = ds.drop_vars(list(ds.data_vars)).drop_dims([d for d in ds.dims if d != "token"])
     model = load_model(model_dir, device=device, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     with cubes.RoutingWriter(routing_path, checkpoint) as writer:
-        capture_model(
+        seen = capture_model(
             model, tokens, writer,
             keep_logits="router_logits" in ds, keep_nll="nll" in ds,
             keep_lens="lens_logprob" in ds, keep_js="lens_js" in ds,
             batch_size=batch_size, progress=progress, desc=f"capture {checkpoint}", where=str(model_dir),
         )
-    return {"checkpoint": checkpoint, "tokens": int(ds.sizes["token"]), "model_dir": str(Path(model_dir))}
+        # before the writer closes (and sets ``complete``): a complete checkpoint always carries its self-test,
+        # since a rerun never recaptures it. Merged under the cube's lock: other checkpoints write theirs at once.
+        test = weight_self_test(seen, n_tokens=int(ds.sizes["token"]))
+        cubes.set_routing_attrs(routing_path, {}, merge_json={WEIGHT_SELF_TEST_ATTR: {checkpoint: test}})
+    return {"checkpoint": checkpoint, "tokens": int(ds.sizes["token"]), "model_dir": str(Path(model_dir)),
+            "weight_self_test": test["verdict"]}
 
 
 def submit_captures(client, jobs: list[dict], *, run_key: str, gpu: bool = False) -> dict:

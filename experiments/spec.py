@@ -10,6 +10,7 @@ run), like the default ``experiments/demo.toml``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import tomllib
 import typing
@@ -134,6 +135,13 @@ class DaskSpec:
     """Allow ``host`` to be a non-loopback interface (or set MOE_ATLAS_ALLOW_REMOTE_DASK=1). The scheduler
     and workers run code for whoever reaches them, so binding them beyond this machine must be asked for;
     the cluster then warns loudly when it starts (deploy.cluster.check_settings)."""
+    tls_ca_file: str = ""
+    """With ``scheduler = "tls://..."``: the CA certificate the scheduler's certificate is signed by (PEM).
+    Empty = distributed's own config (``distributed.comm.tls.*``)."""
+    tls_cert: str = ""
+    """With ``scheduler``: this client's certificate (PEM; may also hold the key)."""
+    tls_key: str = ""
+    """With ``scheduler``: this client's private key (PEM), if not inside ``tls_cert``."""
 
 
 @dataclass(frozen=True)
@@ -406,11 +414,21 @@ def _check_dask(d: DaskSpec, file: str) -> None:
         if not ok:
             raise SpecError(f"{file}: 'dask.memory_limit' must be 'auto' or a size such as '4GB', "
                             f"got {d.memory_limit!r}")
+    tls = {k: getattr(d, f"tls_{k}") for k in ("ca_file", "cert", "key")}
+    if any(tls.values()):
+        if not d.scheduler:
+            raise SpecError(f"{file}: 'dask.tls_*' only apply to an external 'dask.scheduler'; the LocalCluster "
+                            f"moe-atlas starts makes its own per-run credentials")
+        if bool(tls["ca_file"]) != bool(tls["cert"]):
+            raise SpecError(f"{file}: 'dask.tls_ca_file' and 'dask.tls_cert' go together (got only "
+                            f"{'tls_ca_file' if tls['ca_file'] else 'tls_cert'})")
+        for k, v in tls.items():
+            if v and not os.path.isfile(v):
+                raise SpecError(f"{file}: 'dask.tls_{k}' = {v!r}: no such file")
     if d.scheduler:
         return  # host is where a LocalCluster binds; an external scheduler has its own
     if not d.host:
         raise SpecError(f"{file}: 'dask.host' is empty; use '127.0.0.1' (this machine only)")
-    import os
 
     # the same opt-ins as deploy.cluster.check_settings, which warns loudly when the cluster starts
     if not _is_loopback(d.host) and not d.allow_remote and os.environ.get("MOE_ATLAS_ALLOW_REMOTE_DASK") != "1":

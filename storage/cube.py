@@ -579,7 +579,7 @@ def seal_region(path: str | os.PathLike, ci: int) -> None:
     g["complete"][int(ci)] = 1
 
 
-def set_routing_attrs(path: str | os.PathLike, attrs: dict) -> None:
+def set_routing_attrs(path: str | os.PathLike, attrs: dict, *, merge_json: dict | None = None) -> None:
     """Merge attributes into the routing cube (e.g. what capture learnt about the model).
 
     Safe when writers of different checkpoints call it at once (captures run
@@ -587,6 +587,11 @@ def set_routing_attrs(path: str | os.PathLike, attrs: dict) -> None:
     rewritten under an exclusive ``flock`` on the store directory itself, so
     no writer's attributes are lost. Region data and the ``complete`` flags
     need no lock: every checkpoint owns whole chunks (``schema.storage_chunks``).
+
+    ``merge_json`` : ``{attr: {key: value}}`` for attrs holding a JSON object
+    keyed e.g. by checkpoint: each entry is added to (or replaces its key in)
+    the object already stored, under the same lock, so concurrent writers of
+    different keys all keep theirs.
     """
     import fcntl
 
@@ -594,6 +599,17 @@ def set_routing_attrs(path: str | os.PathLike, attrs: dict) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         g = zarr.open_group(str(path), mode="r+")
+        attrs = dict(attrs)
+        for name, entries in (merge_json or {}).items():
+            old = g.attrs.get(name)
+            try:
+                merged = json.loads(old) if old else {}
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: attribute {name!r} is not a JSON object; cannot merge into it") from None
+            if not isinstance(merged, dict):
+                raise ValueError(f"{path}: attribute {name!r} is not a JSON object; cannot merge into it")
+            merged.update(entries)
+            attrs[name] = json.dumps(merged, sort_keys=True)
         g.attrs.update(attrs)
         zarr.consolidate_metadata(str(path))
         if manifests.has_manifests(path):

@@ -494,6 +494,7 @@ def mock_cube(
     ragged: bool = True,
     paired: bool = True,
     with_lens: bool = True,
+    capacity_factor: float | None = None,
     seed: int = 0,
 ) -> xr.Dataset:
     """A seeded routing cube in memory, with realistic structure.
@@ -503,6 +504,12 @@ def mock_cube(
     final checkpoint). Routing follows Mixtral semantics: softmax over all
     experts, top-k, renormalised weights. ``uniform=True`` gives i.i.d.
     uniformly random k-subsets in random order (for chance-level tests).
+
+    ``capacity_factor``: add ``capacity_dropped`` as a capacity-limited router
+    would set it (Switch Transformers rule): within each sample, slots in
+    position order (then slot order), an expert takes at most
+    ceil(capacity_factor · tokens · k / E) slots and later ones are dropped.
+    Ids and weights are left as routed (no random draw: the routing is the same).
 
     ``paired``: consecutive samples of a domain form pairs (conditions 'A' and
     'B', attrs ``condition_a``/``condition_b``); tokens at the same position
@@ -591,6 +598,7 @@ def mock_cube(
         keep_logits=with_logits,
         keep_lens=with_lens,
         keep_js=with_lens and paired,
+        keep_capacity=capacity_factor is not None,
         attrs={
             "model_family": "mock",
             "router_semantics": "softmax over all experts, top-k, renormalised (Mixtral)",
@@ -604,6 +612,18 @@ def mock_cube(
     if with_logits:
         ds["router_logits"].values[...] = logits.astype(np.float16)
     ds["nll"].values[...] = nll
+    if capacity_factor is not None:
+        # rank of each slot among the slots of its sample that chose the same expert, in position order
+        cap = np.ceil(capacity_factor * lengths * K / E).astype(np.int64)[sample]
+        flat_sample = np.repeat(sample, K)
+        for c in range(C):
+            for layer in range(L):
+                key = flat_sample * E + ids[c, layer].reshape(-1).astype(np.int64)
+                order = np.argsort(key, kind="stable")
+                starts_g = np.r_[0, np.flatnonzero(np.diff(key[order])) + 1]
+                rank = np.empty(key.size, dtype=np.int64)
+                rank[order] = np.arange(key.size) - np.repeat(starts_g, np.diff(np.r_[starts_g, key.size]))
+                ds["capacity_dropped"].values[c, layer] = (rank.reshape(T, K) >= cap[:, None]).astype(np.int8)
     if with_lens:
         lrng = np.random.default_rng([seed, 1])
         depth = (L - 1 - np.arange(L, dtype=np.float32)) / max(L - 1, 1)  # 1 at the first layer, 0 at the last

@@ -25,7 +25,8 @@ def _cases():
 
 @pytest.fixture(scope="module")
 def cubes():
-    ds = punch_holes(small_cube(n_checkpoints=2, seed=5), seed=1)
+    # capacity_factor adds capacity_dropped (analyses that need it run too); the routing is unchanged
+    ds = punch_holes(small_cube(n_checkpoints=2, seed=5, capacity_factor=1.0), seed=1)
     return {True: ds, False: ds.drop_vars("router_logits")}
 
 

@@ -264,3 +264,19 @@ def test_config_from_dict_and_defaults():
         DemoConfig.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="cfg must be a DemoConfig"):
         prepare_demo(Path("/nonexistent"), {"steps": 3})  # type: ignore[arg-type]
+
+
+def test_rebuild_keeps_a_users_own_step_folder(demo, tmp_path):
+    """A step_* folder the trainer did not write (no SAVED_BY file) survives a rebuild."""
+    from capture.demo.train import SAVED_BY
+
+    src, manifest = demo
+    out = tmp_path / "demo"
+    shutil.copytree(src, out)
+    (out / "manifest.json").unlink()
+    mine = out / "checkpoints" / "step_9999"
+    mine.mkdir()
+    (mine / "weights.bin").write_bytes(b"user data")
+    assert all((Path(out / "checkpoints" / c["name"]) / SAVED_BY).is_file() for c in manifest["checkpoints"])
+    prepare_demo(out, TINY, progress=False)
+    assert (mine / "weights.bin").read_bytes() == b"user data"

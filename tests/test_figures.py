@@ -32,8 +32,9 @@ ROOT = Path(analyses.__file__).parent
 @pytest.fixture(scope="module")
 def cube():
     # the demo's shape: four checkpoints, four MoE layers, four domains (five usage panels), E = 8, k = 2
-    return punch_holes(small_cube(n_checkpoints=4, n_layers=4, domains=("code", "prose", "math", "data"), seed=5),
-                       seed=1)
+    # capacity_factor adds capacity_dropped (for the capacity figure); the routing is unchanged
+    return punch_holes(small_cube(n_checkpoints=4, n_layers=4, domains=("code", "prose", "math", "data"), seed=5,
+                                  capacity_factor=1.0), seed=1)
 
 
 @pytest.fixture

@@ -69,3 +69,27 @@ def test_bad_spec_names_file_and_key(tmp_path, text, key, expected):
 def test_missing_file(tmp_path):
     with pytest.raises(SpecError, match="not found"):
         load_experiment(tmp_path / "none.toml")
+
+
+@pytest.mark.parametrize(
+    "dask, expected",
+    [
+        ('tls_ca_file = "ca.pem"\ntls_cert = "me.pem"\n', "only apply to an external"),
+        ('scheduler = "tls://127.0.0.1:8786"\ntls_cert = "me.pem"\n', "go together"),
+        ('scheduler = "tls://127.0.0.1:8786"\ntls_ca_file = "nope-ca.pem"\ntls_cert = "nope.pem"\n', "no such file"),
+    ],
+)
+def test_dask_tls_settings_are_checked(tmp_path, dask, expected):
+    p = _write(tmp_path, GOOD + "\n[dask]\n" + dask)
+    with pytest.raises(SpecError, match=expected) as err:
+        load_experiment(p)
+    assert str(p) in str(err.value) and "dask.tls_" in str(err.value)
+
+
+def test_dask_tls_files_that_exist_are_accepted(tmp_path):
+    (tmp_path / "ca.pem").write_text("x")
+    (tmp_path / "me.pem").write_text("x")
+    dask = (f'scheduler = "tls://127.0.0.1:8786"\ntls_ca_file = "{tmp_path / "ca.pem"}"\n'
+            f'tls_cert = "{tmp_path / "me.pem"}"\n')
+    exp = load_experiment(_write(tmp_path, GOOD + "\n[dask]\n" + dask))
+    assert exp.dask.tls_cert.endswith("me.pem")

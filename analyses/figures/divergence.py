@@ -57,7 +57,7 @@ def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",))
                     (sel["usage_diff_thresholded"], dnorm, f"|Δ| ≥ {float(sel['threshold']):.3g}"),
                 ]
                 for c, (g, norm, title) in enumerate(grids):
-                    im = _heat(axes[r, c], g.transpose("layer", "expert").values, norm, layers, E, title)
+                    _heat(axes[r, c], g.transpose("layer", "expert").values, norm, layers, E, title)
                 axes[r, 0].set_ylabel(f"{view}\nMoE layer")
             for c in range(4):
                 axes[-1, c].set_xlabel("expert (index)")

@@ -67,10 +67,15 @@ def _remove_previous_outputs(out_dir: Path) -> None:
     if ckpt.is_dir():
         from .train import SAVED_BY
 
-        # Only folders the demo's trainer wrote (they hold its SAVED_BY file): a
-        # user's own step_* folder is never ours to delete.
-        for p in list(ckpt.glob("step_*")) + list(ckpt.glob(".step_*.tmp-*")):
+        # Only folders the demo's trainer wrote: a finished step_* holds its SAVED_BY
+        # file (a user's own step_* folder is never ours to delete); a half-written one
+        # carries the trainer's temporary name (.step_N.tmp-PID) inside this run's own,
+        # claimed model folder.
+        for p in ckpt.glob("step_*"):
             if p.is_dir() and not p.is_symlink() and (p / SAVED_BY).is_file():
+                rm(p)
+        for p in ckpt.glob(".step_*.tmp-*"):
+            if p.name.rsplit(".tmp-", 1)[1].isdigit():
                 rm(p)
     for p in list(out_dir.glob(".*.tmp-*")) + list((out_dir / "data").glob(".*.tmp-*")):
         rm(p)
