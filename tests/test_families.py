@@ -25,7 +25,8 @@ import transformers
 from capture.families import moe_families, tiny_model
 from capture.load import language_model
 from capture.run import capture_model
-from storage.schema import token_table
+
+from capture_helpers import ListSink, seeded_tokens  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -44,21 +45,8 @@ FAMILIES = moe_families()
 
 
 def _tokens(seed=0):
-    rng = np.random.default_rng(seed)
-    sample = np.repeat(np.arange(len(LENGTHS)), LENGTHS)
-    position = np.concatenate([np.arange(n) for n in LENGTHS])
-    return token_table(sample=sample, position=position, token_id=rng.integers(3, 100, size=len(sample)))
+    return seeded_tokens(LENGTHS, seed)
 
-
-class ListSink:
-    def __init__(self):
-        self.parts = []
-
-    def append(self, **arrays):
-        self.parts.append(arrays)
-
-    def result(self):
-        return {k: np.concatenate([p[k] for p in self.parts], axis=0 if k == "nll" else 1) for k in self.parts[0]}
 
 
 def _first_index(name: str) -> int:

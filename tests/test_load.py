@@ -20,7 +20,8 @@ import transformers
 from capture.families import tiny_model
 from capture.load import describe_checkpoint, language_model, load_model
 from capture.run import capture_checkpoint, capture_model
-from storage.schema import token_table
+
+from capture_helpers import ListSink, seeded_tokens  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -28,21 +29,8 @@ COMPOSITE = ["qwen3_vl_moe", "qwen3_omni_moe", "glm4v_moe", "mistral4", "switch_
 
 
 def _tokens(lengths=(4, 7, 2)):
-    rng = np.random.default_rng(1)
-    sample = np.repeat(np.arange(len(lengths)), lengths)
-    position = np.concatenate([np.arange(n) for n in lengths])
-    return token_table(sample=sample, position=position, token_id=rng.integers(3, 100, size=len(sample)))
+    return seeded_tokens(lengths, 1)
 
-
-class ListSink:
-    def __init__(self):
-        self.parts = []
-
-    def append(self, **arrays):
-        self.parts.append(arrays)
-
-    def result(self):
-        return {k: np.concatenate([p[k] for p in self.parts], axis=0 if k == "nll" else 1) for k in self.parts[0]}
 
 
 @pytest.mark.parametrize("family", COMPOSITE)

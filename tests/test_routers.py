@@ -23,7 +23,8 @@ from capture.families import tiny_config, tiny_model
 from capture.load import describe_model
 from capture.routers import find_routers
 from capture.run import capture_model
-from storage.schema import token_table
+
+from capture_helpers import ListSink, seeded_tokens  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -31,21 +32,8 @@ LENGTHS = [5, 8, 3, 8]
 
 
 def _tokens(lengths=LENGTHS, seed=0):
-    rng = np.random.default_rng(seed)
-    sample = np.repeat(np.arange(len(lengths)), lengths)
-    position = np.concatenate([np.arange(n) for n in lengths])
-    return token_table(sample=sample, position=position, token_id=rng.integers(3, 100, size=len(sample)))
+    return seeded_tokens(lengths, seed)
 
-
-class ListSink:
-    def __init__(self):
-        self.parts = []
-
-    def append(self, **arrays):
-        self.parts.append(arrays)
-
-    def result(self):
-        return {k: np.concatenate([p[k] for p in self.parts], axis=0 if k == "nll" else 1) for k in self.parts[0]}
 
 
 def _capture(model, tokens=None, **kw):
