@@ -1,10 +1,12 @@
 """The analysis library: pure functions over the routing cube, registered by name.
 
 Importing the package registers every analysis, so ``analyses.REGISTRY`` is
-complete on import. To add one: a module that calls ``register(Analysis(...,
-figure=figure_hook(NAME)))``, its figures in ``analyses/figures/<name>.py`` (kept
-out of :data:`VERSION`, see :func:`code_files`), one import line below, and its tests (``tests/test_contract.py`` covers the
-contract for every registered analysis automatically).
+complete on import. To add one (docs/adding-an-analysis.md): a module with the
+function, its ``OUTPUTS`` table and ``register(Analysis(..., figure=figure_hook(NAME)))``,
+its figures in ``analyses/figures/<name>.py`` (kept out of :data:`VERSION`, see
+:func:`code_files`), one import line below, and one test file
+(``tests/test_contract.py`` covers the contract for every registered analysis
+automatically).
 
 How an analysis stays near the speed of a numpy pass
 ----------------------------------------------------
@@ -87,6 +89,7 @@ from . import specialization  # noqa: E402,F401
 from . import divergence  # noqa: E402,F401
 from . import lens  # noqa: E402,F401
 from . import capacity  # noqa: E402,F401
+from . import router_probability  # noqa: E402,F401
 
 __all__ = [
     "VERSION",

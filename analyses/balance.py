@@ -24,8 +24,6 @@ loss (no probabilities) or intervals (no samples).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,13 +36,11 @@ from .figures import hook as figure_hook
 from .confidence import is_sigmoid_router, router_probabilities
 from .registry import (
     Analysis,
-    attach_guard,
     cube_sizes,
     describe,
     finalise,
     json_number,
     over_slots,
-    refuse_if,
     register,
     safe_ratio,
     tidy,
@@ -131,12 +127,13 @@ def balance(
         return _balance_from_counts(routing, E=E, k=k, view=view, dead_fraction=dead_fraction,
                                     cold_fraction=cold_fraction, n_boot=n_boot, ci=ci, seed=seed)
     ids = view_ids(routing, view)
-    groups = bs.sample_groups(routing, "domain")
+    samples = bs.Samples.of(routing)  # once: every token pass below shares it
+    groups = bs.sample_groups(routing, "domain", samples)
 
     parts = {"count": bs.per_sample_sums(
-        xr.ones_like(ids, dtype=np.int64), routing, dim=("token", "k"), by={"expert": (ids, E)}
+        xr.ones_like(ids, dtype=np.int64), samples, dim=("token", "k"), by={"expert": (ids, E)}
     )}
-    parts["tokens"] = bs.per_sample_sums(over_slots(ids >= 0, "any").astype(np.int64), routing, dim="token")
+    parts["tokens"] = bs.per_sample_sums(over_slots(ids >= 0, "any").astype(np.int64), samples, dim="token")
     with_lb = "router_logits" in routing
     if with_lb:
         logits = token_var(routing, "router_logits")
@@ -146,17 +143,17 @@ def balance(
         if mask is not None:
             ok = ok & mask
         p = router_probabilities(logits, sigmoid=is_sigmoid_router(routing)).astype(np.float64)
-        parts["psum"] = bs.per_sample_sums(p.where(ok, 0.0), routing, dim="token")
+        parts["psum"] = bs.per_sample_sums(p.where(ok, 0.0), samples, dim="token")
         parts["top1"] = bs.per_sample_sums(
-            xr.ones_like(top1, dtype=np.int64), routing, dim="token", by={"expert": (top1.where(ok, -1), E)}
+            xr.ones_like(top1, dtype=np.int64), samples, dim="token", by={"expert": (top1.where(ok, -1), E)}
         )
-        parts["n_lb"] = bs.per_sample_sums(ok.astype(np.int64), routing, dim="token")
+        parts["n_lb"] = bs.per_sample_sums(ok.astype(np.int64), samples, dim="token")
         # transformers' variant (lb_loss_hf): softmax even for sigmoid routers, its own top-k of the
         # logits, all k slots counted. Kept out of ``ps`` so the bootstrap resamples exactly what it did
-        hf = {"topk": bs.per_sample_sums(top_k_of_logits(logits, k).where(ok, False).astype(np.int64), routing,
+        hf = {"topk": bs.per_sample_sums(top_k_of_logits(logits, k).where(ok, False).astype(np.int64), samples,
                                          dim="token")}
         hf["psum"] = (parts["psum"] if not is_sigmoid_router(routing) else bs.per_sample_sums(
-            router_probabilities(logits).astype(np.float64).where(ok, 0.0), routing, dim="token"))
+            router_probabilities(logits).astype(np.float64).where(ok, 0.0), samples, dim="token"))
     ps = xr.Dataset(parts)
     tot = bs.group_sums(ps)
 
@@ -234,18 +231,6 @@ def balance(
             bs.add_interval(out, "lb_loss", lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
 
     result = xr.Dataset(out)
-    raw = token_var(routing, "expert_ids")
-    bad = ((raw >= E) | (raw < -1)).sum(("token", "k"))
-    guard = refuse_if(bad, f"expert_ids: slots with ids outside -1..{E - 1} (num_experts={E})")
-    # every variable, boolean ones included, must depend on the guard (attach_guard
-    # would turn a boolean into int8); a mix of guarded and unguarded variables
-    # also trips the distributed scheduler (one key, two definitions)
-    flags = [n for n, v in result.data_vars.items() if v.dtype == bool]
-    guarded = attach_guard(result.drop_vars(flags), guard)
-    g = guard.drop_vars([c for c in guard.coords if c not in guard.dims]).astype(bool)
-    for n in flags:
-        guarded[n] = (result[n] | g).transpose(*result[n].dims).assign_attrs(result[n].attrs)
-    result = guarded[list(out)]
     return finalise(
         result, routing, name=NAME,
         definition="per (checkpoint, layer), from pooled usage u_e = share of the view's routing slots: "
@@ -275,7 +260,7 @@ def _balance_from_counts(routing, *, E, k, view, dead_fraction, cold_fraction, n
 
     if view != "all":
         raise ValueError(f"balance: view {view!r} needs per-token routing; an aggregate-counts cube has only view 'all'")
-    counts, guard = slot_counts(routing)
+    counts = slot_counts(routing)
     count = counts.sum("domain")
     usage = safe_ratio(count, count.sum("expert"))
     cv = coefficient_of_variation(usage)
@@ -306,14 +291,8 @@ def _balance_from_counts(routing, *, E, k, view, dead_fraction, cold_fraction, n
                                f"number of experts with usage < {cold_fraction:g} / E (dead ones included)"),
         "tokens": describe(tokens, "routed tokens", "tokens", "slots / k: tokens implied by the counts"),
     }
-    result = xr.Dataset(out)
-    flags = ["dead", "cold"]
-    guarded = attach_guard(result.drop_vars(flags), guard)
-    g = guard.drop_vars([c for c in guard.coords if c not in guard.dims]).astype(bool).any()
-    for n in flags:
-        guarded[n] = (result[n] | g).transpose(*result[n].dims).assign_attrs(result[n].attrs)
     result = finalise(
-        guarded[list(out)], routing, name=NAME,
+        xr.Dataset(out), routing, name=NAME,
         definition="per (checkpoint, layer), from pooled usage u_e = share of the counted routing slots (an "
         "aggregate-counts cube, domains pooled): CV = std_e(u)/mean_e(u) (population std), balance = 1/(1+CV); "
         f"dead: u_e < {dead_fraction:g}/E, cold: u_e < {cold_fraction:g}/E (cold includes dead).",
@@ -389,7 +368,6 @@ ANALYSIS = register(
         requires=("expert_ids",),
         accepts_counts=True,
         optional=("router_logits",),
-        params={"view": "all", "dead_fraction": 0.01, "cold_fraction": 0.25, "n_boot": 200, "ci": 0.95, "seed": 0},
         table=table,
         summary=summary,
     )

@@ -25,21 +25,38 @@ from . import bootstrap as bs
 from .figures import hook as figure_hook
 from .registry import (
     Analysis,
-    attach_guard,
     cube_sizes,
-    describe,
     finalise,
     json_number,
-    refuse_if,
     register,
     safe_ratio,
     tidy,
     token_var,
 )
+from .outputs import Output
 from .usage import position_buckets
 
 NAME = "capacity"
 CHANCE = 0.0  # perfectly balanced routing with capacity factor >= 1 fills no expert beyond capacity
+
+_NAN_WHY = "no written slot at this checkpoint and layer"
+# suffix -> (words added to long_name, words added to description): per layer, per position bucket, per expert
+_GROUPS = {"": ("", ""), "_by_position": (" by position bucket", " in the position bucket"),
+           "_by_expert": (" by chosen expert", " whose chosen expert is this one")}
+OUTPUTS = {
+    name: spec
+    for suffix, (what, where) in _GROUPS.items()
+    for name, spec in (
+        (f"drop_rate{suffix}", Output(
+            f"capacity drop rate{what}", "share of routing slots",
+            f"routing slots{where} that expert capacity dropped (capacity_dropped = 1) over written slots{where}",
+            chance=CHANCE, nan_where=_NAN_WHY + (where and f" (or none{where})"))),
+        (f"dropped{suffix}", Output(f"dropped slots{what}", "routing slots",
+                                    f"routing slots{where} with capacity_dropped = 1")),
+        (f"slots{suffix}", Output(f"written slots{what}", "routing slots",
+                                  f"routing slots{where} with capacity_dropped >= 0 and a valid expert id")),
+    )
+}
 
 
 def capacity(
@@ -83,39 +100,27 @@ def capacity(
     parts = xr.Dataset({"dropped": (written & (flag == 1)).astype(np.int64), "slots": written.astype(np.int64)})
     pos_codes, edges = position_buckets(routing, position_bins)
     n_pos = len(edges) - 1
+    samples = bs.Samples.of(routing)  # once: every token pass below shares it
     # three per-sample sums in one token pass each (per_sample_sums: one bincount per block for both variables)
-    ps = bs.per_sample_sums(parts, routing, dim=("token", "k"))
-    ps_pos = bs.per_sample_sums(parts, routing, dim=("token", "k"), by={"position_bin": (pos_codes, n_pos)})
-    ps_exp = bs.per_sample_sums(parts, routing, dim=("token", "k"), by={"expert": (ids, E)})
+    ps = bs.per_sample_sums(parts, samples, dim=("token", "k"))
+    ps_pos = bs.per_sample_sums(parts, samples, dim=("token", "k"), by={"position_bin": (pos_codes, n_pos)})
+    ps_exp = bs.per_sample_sums(parts, samples, dim=("token", "k"), by={"expert": (ids, E)})
 
-    nan_why = "no written slot at this checkpoint and layer"
     out = {}
     weights = bs.bootstrap_weights(ps.sizes[bs.SAMPLE], n_boot, seed) if n_boot > 0 else None
-    for suffix, sums, where in (("", ps, ""), ("_by_position", ps_pos, " in the position bucket"),
-                                ("_by_expert", ps_exp, " whose chosen expert is this one")):
+    for suffix, sums in (("", ps), ("_by_position", ps_pos), ("_by_expert", ps_exp)):
         total = sums.sum(bs.SAMPLE)
-        what = {"": "", "_by_position": " by position bucket", "_by_expert": " by chosen expert"}[suffix]
-        out[f"drop_rate{suffix}"] = describe(
-            safe_ratio(total["dropped"], total["slots"]), f"capacity drop rate{what}", "share of routing slots",
-            f"routing slots{where} that expert capacity dropped (capacity_dropped = 1) over written slots{where}",
-            chance=CHANCE, nan_where=nan_why + (where and f" (or none{where})"),
-        )
-        out[f"dropped{suffix}"] = describe(total["dropped"], f"dropped slots{what}", "routing slots",
-                                           f"routing slots{where} with capacity_dropped = 1")
-        out[f"slots{suffix}"] = describe(total["slots"], f"written slots{what}", "routing slots",
-                                         f"routing slots{where} with capacity_dropped >= 0 and a valid expert id")
+        out[f"drop_rate{suffix}"] = safe_ratio(total["dropped"], total["slots"])
+        out[f"dropped{suffix}"] = total["dropped"]
+        out[f"slots{suffix}"] = total["slots"]
         if n_boot > 0:
             lo, hi = bs.ratio_interval(sums["dropped"], sums["slots"], weights, ci=ci)
             bs.add_interval(out, f"drop_rate{suffix}", lo, hi, ci=ci, n_boot=n_boot)
 
     result = xr.Dataset(out).assign_coords(
         position_start=("position_bin", edges[:-1]), position_end=("position_bin", edges[1:]))
-    raw_ids = token_var(routing, "expert_ids")
-    bad = ((raw_ids >= E) | (raw_ids < -1)).sum(("token", "k")) + ((flag < -1) | (flag > 1)).sum(("token", "k"))
-    result = attach_guard(result, refuse_if(
-        bad, f"expert_ids outside -1..{E - 1} (num_experts={E}) or capacity_dropped outside -1..1: slots"))
     return finalise(
-        result, routing, name=NAME,
+        result, routing, name=NAME, outputs=OUTPUTS,
         definition="share of written routing slots (capacity_dropped >= 0, expert id >= 0) that expert capacity "
         "dropped (capacity_dropped = 1: the router chose the expert but it was full, so the token skipped the "
         "layer's experts); per (checkpoint, layer), per bucket of the token position inside its sample, and per "
@@ -177,7 +182,7 @@ ANALYSIS = register(
             "is 0: perfectly balanced routing with capacity factor >= 1 drops nothing."
         ),
         requires=("expert_ids", "capacity_dropped"),
-        params={"position_bins": 8, "n_boot": 200, "ci": 0.95, "seed": 0},
+        outputs=OUTPUTS,
         table=table,
         summary=summary,
     )

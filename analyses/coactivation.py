@@ -12,23 +12,20 @@ are chosen at random).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
 from .figures import hook as figure_hook
-from .bootstrap import add_interval, bootstrap_weights, interval, per_sample_sums, resample
+from .bootstrap import add_interval, bootstrap_weights, interval, resample
+from .token_pass import Samples, per_sample_sums
 from .registry import (
     Analysis,
-    attach_guard,
     cube_sizes,
     describe,
     finalise,
     json_number,
-    refuse_if,
     register,
     safe_ratio,
     tidy,
@@ -95,8 +92,8 @@ def _pair_codes(ids: np.ndarray, keep: np.ndarray | None = None, *, num_experts:
     slots i < j the index of the unordered pair {id_i, id_j} in the packed
     upper triangle (a <= b) of the E × E matrix (:func:`_packed_index`); for
     i = j the index of (id_i, id_i), so the diagonal counts the tokens holding
-    each expert. E(E+1)/2 marks a slot whose id is outside -1..E-1 (counted
-    for the guard); -1 (no bin) marks unwritten slots, slots paired with an
+    each expert. E(E+1)/2 marks a slot whose id is outside -1..E-1 (a dump
+    bin: :func:`analyses.registry.checked_cube` refuses such ids before); -1 (no bin) marks unwritten slots, slots paired with an
     out-of-range id and repeated ids in two slots.
     """
     E = num_experts
@@ -229,10 +226,11 @@ def coactivation(
     adjacent = [p for p, (i, j) in enumerate(zip(*np.triu_indices(k))) if j == i + 1]
     adj = codes.isel(slot_pair=adjacent)
     codes = xr.concat([codes, adj.where(adj < 0, adj + P + 1)], dim="slot_pair")
-    # one token pass: bins 0..P-1 are the packed pair counts (diagonal = tokens holding a), bin P the bad
-    # slots, bins P+1..2P the packed counts of adjacent-rank pairs
+    # one token pass: bins 0..P-1 are the packed pair counts (diagonal = tokens holding a), bin P a dump
+    # for out-of-range ids (never reached: run() checks the ids), bins P+1..2P the packed counts of adjacent-rank pairs
+    samples = Samples.of(routing)  # once: every token pass below shares it
     sums_all = per_sample_sums(
-        xr.ones_like(codes, dtype=np.int8), routing, dim=("token", "slot_pair"), by={"pair": (codes, 2 * P + 1)},
+        xr.ones_like(codes, dtype=np.int8), samples, dim=("token", "slot_pair"), by={"pair": (codes, 2 * P + 1)},
     ).transpose("checkpoint", "layer", "sample", "pair")
     adjacent_packed = sums_all.isel(pair=slice(P + 1, None)).sum("sample").assign_coords(pair=np.arange(P))
     sums_s = sums_all.isel(pair=slice(0, P + 1))
@@ -244,7 +242,7 @@ def coactivation(
     reps = resample(sums_s, weights)
     if reps.chunks is not None:
         reps = reps.chunk({"checkpoint": -1, "layer": -1})  # E²/2 · (n_boot + 1) numbers per (checkpoint, layer)
-    bad, packed = reps.isel(boot=0, pair=P, drop=True), reps.isel(boot=0, pair=slice(0, P), drop=True)
+    packed = reps.isel(boot=0, pair=slice(0, P), drop=True)
     unpack, diag = _unpack_index(E)
     # pair_count already holds tokens(a) on its diagonal; every use of ``both`` ignores the diagonal
     both = pair_count = _unpack(packed, unpack)
@@ -306,10 +304,6 @@ def coactivation(
         lo, hi = interval(partner_tv(both_r, active_r), ci)
         add_interval(out, "partner_tv", lo, hi, ci=ci, n_boot=n_boot, scheme=scheme)
     result = xr.Dataset(out)
-
-    result = attach_guard(result, refuse_if(
-        bad, f"coactivation: expert_ids has slots with ids outside -1..{E - 1} (num_experts={E})"
-    ))
     return finalise(
         result, routing, name=NAME,
         definition="C[c,l,a,b] = count(a ∈ S_t and b ∈ S_t) / count(a ∈ S_t) over tokens t, all pairs of the "
@@ -389,7 +383,6 @@ ANALYSIS = register(
             "95 % bootstrap CIs over samples."
         ),
         requires=("expert_ids",),
-        params={"canonical_only": False, "n_boot": 200, "ci": 0.95, "seed": 0},
         table=table,
         summary=summary,
     )

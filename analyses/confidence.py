@@ -19,8 +19,6 @@ shape behind the means.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,13 +28,11 @@ from . import bootstrap as bs
 from .figures import hook as figure_hook
 from .registry import (
     Analysis,
-    attach_guard,
     cube_sizes,
     describe,
     finalise,
     json_number,
     over_slots,
-    refuse_if,
     register,
     safe_ratio,
     tidy,
@@ -224,10 +220,11 @@ def confidence(
         ok = v.notnull()
         parts[f"{name}_sum"] = v.where(ok, 0.0).astype(np.float64)
         parts[f"{name}_n"] = ok.astype(np.int64)
-    groups = bs.sample_groups(routing, "domain")
-    ps = bs.per_sample_sums(xr.Dataset(parts), routing, dim="token")
+    samples = bs.Samples.of(routing)  # once: every token pass below shares it
+    groups = bs.sample_groups(routing, "domain", samples)
+    ps = bs.per_sample_sums(xr.Dataset(parts), samples, dim="token")
     ps_count = bs.per_sample_sums(
-        xr.ones_like(ids, dtype=np.int64), routing, dim=("token", "k"), by={"expert": (ids, E)}
+        xr.ones_like(ids, dtype=np.int64), samples, dim=("token", "k"), by={"expert": (ids, E)}
     )
     sums = bs.group_sums(ps, groups)
     count = bs.group_sums(ps_count, groups).transpose(..., "domain", "expert")
@@ -282,7 +279,7 @@ def confidence(
             continue
         codes = _hist_codes(per_token[name], hist_bins)
         hist = bs.per_sample_sums(
-            xr.ones_like(codes, dtype=np.int64), routing, dim="token", by={"bin": (codes, hist_bins)}
+            xr.ones_like(codes, dtype=np.int64), samples, dim="token", by={"bin": (codes, hist_bins)}
         ).sum("sample")
         out[f"{name}_hist"] = describe(
             safe_ratio(hist, hist.sum("bin")), f"histogram of {info[name][0]}", "share of tokens",
@@ -307,9 +304,6 @@ def confidence(
     edges = np.linspace(0.0, 1.0, hist_bins + 1)
     if "bin" in result.dims:
         result = result.assign_coords(bin_start=("bin", edges[:-1]), bin_end=("bin", edges[1:]))
-    raw = token_var(routing, "expert_ids")
-    bad = ((raw >= E) | (raw < -1)).sum(("token", "k"))
-    result = attach_guard(result, refuse_if(bad, f"expert_ids: slots with ids outside -1..{E - 1} (num_experts={E})"))
     return finalise(
         result, routing, name=NAME,
         definition="per token: H(p)/ln E (p = router probabilities over all E experts, float32), "
@@ -373,7 +367,6 @@ ANALYSIS = register(
         ),
         requires=("expert_ids", "expert_weights"),
         optional=("router_logits",),
-        params={"view": "all", "hist_bins": 20, "n_boot": 200, "ci": 0.95, "seed": 0},
         table=table,
         summary=summary,
     )

@@ -14,25 +14,21 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from .registry import refuse_if
-
 NO_SAMPLES = (
     "not available for an aggregate-counts cube: it holds slot counts per layer × domain × expert, no samples "
     "to resample or relabel and no tokens"
 )
 
 
-def slot_counts(routing: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray]:
-    """The slot counts (checkpoint, layer, domain, expert) int64 and a guard refusing unrecorded cells.
+def slot_counts(routing: xr.Dataset) -> xr.DataArray:
+    """The slot counts (checkpoint, layer, domain, expert) int64.
 
-    A cell of -1 (not recorded) would silently count as a negative number of
-    slots; the guard (zeros, :func:`analyses.registry.refuse_if`) raises
-    naming the cell when computed. Attach it with ``attach_guard``.
+    A cell of -1 (not recorded) would count as a negative number of slots:
+    :func:`analyses.registry.checked_cube` refuses such a cube where the analysis
+    opens it, naming the cell.
     """
     counts = routing["slot_counts"].reset_coords(drop=True).astype(np.int64)
-    bad = (counts < 0).sum("expert")
-    guard = refuse_if(bad, "slot_counts: cells not recorded (-1) in the counts cube")
-    return counts.where(counts >= 0, 0), guard
+    return counts.where(counts >= 0, 0)
 
 
 def implied_tokens(counts: xr.DataArray, top_k: int) -> xr.DataArray:

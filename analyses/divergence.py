@@ -31,16 +31,15 @@ import pandas as pd
 import xarray as xr
 
 from . import bootstrap as bs
+from .token_pass import SAMPLE, Samples, per_sample_sums
 from .figures import hook as figure_hook
 from .registry import (
     Analysis,
-    attach_guard,
     cube_sizes,
     describe,
     finalise,
     is_lazy,
     json_number,
-    refuse_if,
     register,
     safe_ratio,
     tidy,
@@ -48,7 +47,8 @@ from .registry import (
 )
 
 NAME = "divergence"
-VIEWS = ("canonical", "last_canonical")
+# The token views of a paired comparison (aligned pairs), not registry.VIEWS (views of one cube's tokens).
+PAIR_VIEWS = ("canonical", "last_canonical")
 
 
 # ---------------------------------------------------------------- token pairs
@@ -143,21 +143,21 @@ def stacked_views(views: dict) -> tuple[np.ndarray, ...]:
 
     Parameters
     ----------
-    views : {view: (tok_a (n_v,), tok_b (n_v,), unit (n_v,), *more (n_v,))} in :data:`VIEWS` order.
+    views : {view: (tok_a (n_v,), tok_b (n_v,), unit (n_v,), *more (n_v,))} in :data:`PAIR_VIEWS` order.
 
     Returns
     -------
     (tok_a, tok_b, unit, *more, view_code), each (sum n_v,); ``view_code`` is the
-    index of the view in :data:`VIEWS`.
+    index of the view in :data:`PAIR_VIEWS`.
     """
-    parts = [views[v] for v in VIEWS]
+    parts = [views[v] for v in PAIR_VIEWS]
     cols = [np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(len(parts[0]))]
-    code = np.repeat(np.arange(len(VIEWS), dtype=np.int64), [len(p[0]) for p in parts])
+    code = np.repeat(np.arange(len(PAIR_VIEWS), dtype=np.int64), [len(p[0]) for p in parts])
     return (*cols, code)
 
 
 def per_pair_sums(data, unit: np.ndarray, n_units: int, *, dim, by: dict | None = None):
-    """Sums of ``data`` over the tokens of each pair of samples (:func:`analyses.bootstrap.per_sample_sums`).
+    """Sums of ``data`` over the tokens of each pair of samples (:func:`analyses.token_pass.per_sample_sums`).
 
     Parameters
     ----------
@@ -181,11 +181,9 @@ def per_pair_sums(data, unit: np.ndarray, n_units: int, *, dim, by: dict | None 
     np.minimum.at(first, unit, np.arange(unit.size, dtype=np.int64))
     rank = np.empty(n_units, dtype=np.int64)
     rank[np.argsort(first, kind="stable")] = np.arange(n_units)
-    units = xr.Dataset(coords={bs.SAMPLE: ("token", rank[unit])})
-    out = bs.per_sample_sums(data, units, dim=dim, by=by)
-    if out.sizes[bs.SAMPLE] != n_units:  # pairs without any token: ranked last, absent from the sums
-        out = out.reindex({bs.SAMPLE: np.arange(n_units)}, fill_value=0)
-    return out.isel({bs.SAMPLE: rank}).assign_coords({bs.SAMPLE: np.arange(n_units)})
+    # pairs without any token are ranked last and hold 0
+    out = per_sample_sums(data, Samples.from_codes(rank[unit], n_units), dim=dim, by=by)
+    return out.isel({SAMPLE: rank}).assign_coords({SAMPLE: np.arange(n_units)})
 
 
 def _overlaps(ia: np.ndarray, ib: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -354,23 +352,22 @@ def divergence(
     # One gather of both sides' ids, A tokens then B tokens (ckpt, layer, 2M, k), feeding two token passes:
     # slot counts per (pair of samples, expert, view, condition), and overlaps per (pair of samples, view).
     ids = token_var(routing, "expert_ids").isel(token=np.concatenate([tok_a, tok_b]))
-    # out-of-range ids counted in an extra group E: the guard needs their number, usage must not see them
+    # out-of-range ids (refused before, by registry.checked_cube) would fall in a dump group E
     codes = ids.copy(data=ids.data.map_blocks(_expert_codes, E=E, dtype=ids.dtype) if is_lazy(ids)
                      else _expert_codes(ids.values, E))
     # view and condition of each gathered token as one grouper (one index fewer to build per slot)
     side = np.concatenate([view_code * 2, view_code * 2 + 1])
     counts = per_pair_sums(
         xr.ones_like(codes, dtype=np.int64), np.concatenate([unit, unit]), n_units, dim=("token", "k"),
-        by={"expert": (codes, E + 1), "side": (xr.DataArray(side, dims="token"), 2 * len(VIEWS))},
+        by={"expert": (codes, E + 1), "side": (xr.DataArray(side, dims="token"), 2 * len(PAIR_VIEWS))},
     )
-    counts = _split_dim(counts, "side", {"view": len(VIEWS), "condition": 2})  # (.., sample, expert, view, cond.)
-    bad_total = counts.isel(expert=E, drop=True).sum((bs.SAMPLE, "view", "condition"))
+    counts = _split_dim(counts, "side", {"view": len(PAIR_VIEWS), "condition": 2})  # (.., sample, expert, view, cond.)
     counts = counts.isel(expert=slice(0, E))
     # separate variables, not one stacked array: the token pass builds its index once for all of them
     parts = per_token_vars(_overlaps, [ids.isel(token=slice(0, M)), ids.isel(token=slice(M, None))],
                            ("inter", "jac", "n"), reduce=("k",), k=k)
     ps = per_pair_sums(parts, unit, n_units, dim="token",
-                       by={"view": (xr.DataArray(view_code, dims="token"), len(VIEWS))})  # (.., sample, view)
+                       by={"view": (xr.DataArray(view_code, dims="token"), len(PAIR_VIEWS))})  # (.., sample, view)
 
     def overlap_means(sums):
         return {"jaccard": safe_ratio(sums["jac"], sums["n"]), "intersection": safe_ratio(sums["inter"], sums["n"])}
@@ -396,13 +393,13 @@ def divergence(
         out["jaccard_corrected_lo"] = (out["jaccard_lo"] - ej) / (1.0 - ej)
         out["jaccard_corrected_hi"] = (out["jaccard_hi"] - ej) / (1.0 - ej)
         out["total_variation_lo"], out["total_variation_hi"] = bs.interval(tv(bs.resample(counts, weights)), ci)
-    res = xr.Dataset(out).assign_coords(view=np.array(VIEWS, dtype=object))
+    res = xr.Dataset(out).assign_coords(view=np.array(PAIR_VIEWS, dtype=object))
     thr = _threshold(res["usage_diff"], float(percentile), float(min_abs))
     res["threshold"] = thr
     res["usage_diff_thresholded"] = res["usage_diff"].where(abs(res["usage_diff"]) >= thr, 0.0)
     res = res.transpose("checkpoint", "layer", "view", "condition", "expert", ...)
-    sample_pairs = xr.DataArray([int(np.unique(views[v][2]).size) for v in VIEWS], dims="view",
-                                coords={"view": np.array(VIEWS, dtype=object)})
+    sample_pairs = xr.DataArray([int(np.unique(views[v][2]).size) for v in PAIR_VIEWS], dims="view",
+                                coords={"view": np.array(PAIR_VIEWS, dtype=object)})
     if is_lazy(routing):
         sample_pairs = sample_pairs.chunk()  # lazy in, lazy out: every variable
 
@@ -443,11 +440,7 @@ def divergence(
                 out[f"{name}_{side}"] = describe(
                     v, f"{out[name].attrs['long_name']} ({'lower' if side == 'lo' else 'upper'} bound)",
                     out[name].attrs["units"], ci_note, nan_where=nan_no_pair + "; or every replicate undefined")
-    # Per (checkpoint, layer) variables carry the guard; the two without those dims are added after.
-    plain = {n: out.pop(n) for n in ("threshold",)}
-    result = attach_guard(xr.Dataset(out), refuse_if(
-        bad_total, f"expert_ids: slots with ids outside -1..{E - 1} (num_experts={E})"))
-    result["threshold"] = plain["threshold"]
+    result = xr.Dataset(out)
     result["sample_pairs"] = describe(sample_pairs, "pairs of samples", "pairs",
                                       "pairs of samples with tokens in the view (the bootstrap unit)")
     result = finalise(
@@ -585,8 +578,6 @@ ANALYSIS = register(
             "linked for ablation sweeps."
         ),
         requires=("expert_ids",),
-        params={"condition_a": "", "condition_b": "", "percentile": 99.0, "min_abs": 0.005, "n_boot": 200,
-                "ci": 0.95, "seed": 0},
         table=table,
         summary=summary,
         artifacts=artifacts,

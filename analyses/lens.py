@@ -21,8 +21,6 @@ it). Intervals resample pairs of samples.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,7 +28,7 @@ import xarray as xr
 
 from . import bootstrap as bs
 from .figures import hook as figure_hook
-from .divergence import VIEWS, conditions, per_pair_sums, per_token_vars, stacked_views, token_pairs
+from .divergence import PAIR_VIEWS, conditions, per_pair_sums, per_token_vars, stacked_views, token_pairs
 from .registry import Analysis, describe, finalise, json_number, register, safe_ratio, token_var
 
 NAME = "lens"
@@ -117,7 +115,7 @@ def lens(
     has_js = "lens_js" in routing
     has_nll = "nll" in routing
     condition = np.array([a, b], dtype=object)
-    by_view = {"view": (xr.DataArray(view_code, dims="token"), len(VIEWS))}
+    by_view = {"view": (xr.DataArray(view_code, dims="token"), len(PAIR_VIEWS))}
 
     def values(name, tokens):
         return token_var(routing, name).isel(token=tokens)
@@ -152,7 +150,7 @@ def lens(
         mt = per_pair_sums(model, unit, n_units, dim="token", by=by_view).sum(bs.SAMPLE)
         out["model_nll"] = safe_ratio(xr.concat([mt["a"], mt["b"]], dim="condition"),
                                       mt["n"]).assign_coords(condition=condition)
-    res = xr.Dataset(out).assign_coords(view=np.array(VIEWS, dtype=object))
+    res = xr.Dataset(out).assign_coords(view=np.array(PAIR_VIEWS, dtype=object))
     res = res.transpose("checkpoint", "layer", "view", "condition", ...)
 
     nan_none = "no target of the view has a finite lens value on both sides at this checkpoint and layer"
@@ -263,7 +261,6 @@ ANALYSIS = register(
         ),
         requires=("expert_ids", "lens_logprob"),
         optional=("lens_js", "nll"),
-        params={"condition_a": "", "condition_b": "", "n_boot": 200, "ci": 0.95, "seed": 0},
         table=table,
         summary=summary,
     )

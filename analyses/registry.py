@@ -1,9 +1,12 @@
 """The analysis registry and the conventions every analysis follows.
 
-An analysis is a pure function ``(routing: xr.Dataset, **params) -> xr.Dataset``
+An analysis is a pure function ``(routing: xr.Dataset, *, **params) -> xr.Dataset``
 over the routing cube of :mod:`storage.schema`, registered here by name with
-its figure, table and summary functions. Adding an analysis = one module that
-calls :func:`register` + one import line in ``analyses/__init__.py`` + tests.
+its figure, table and summary functions and its ``OUTPUTS`` table. Adding an
+analysis touches one analysis module (function, ``OUTPUTS``, :func:`register`),
+one figure module ``analyses/figures/<name>.py``, one import line in
+``analyses/__init__.py`` and one test file: docs/adding-an-analysis.md walks
+through ``router_probability``.
 
 Conventions (checked by :func:`check_result` and the contract test)
 -------------------------------------------------------------------
@@ -18,15 +21,23 @@ Conventions (checked by :func:`check_result` and the contract test)
   (chunk-wise reductions, ``flox`` for grouped ones) and never reads a cube
   variable; the caller computes. Token *coordinates* (e.g. ``domain``, one
   label per token) may be read eagerly to fix group labels.
-* Invalid expert ids (``FILL_ID`` = -1, unwritten) never count.
-* Parameters are keyword arguments with type annotations; their allowed values
-  come from ``Annotated[T, Range(...)]``, ``Analysis.constraints`` or the shared
-  :data:`PARAM_RULES`, and :func:`validate_params` checks an experiment's
-  ``[analyses.params.<name>]`` against them before anything runs.
+* Unwritten slots (``FILL_ID`` = -1) never count. Ids outside ``-1..E-1`` never
+  reach an analysis: :func:`run` checks them once, where it hands the cube over
+  (:func:`checked_cube`); analyses carry no guard of their own.
+* Outputs are declared as data: each module's ``OUTPUTS`` maps a variable to an
+  :class:`analyses.outputs.Output` (long_name, units, description, chance,
+  nan_where), and :func:`finalise` stamps it (bootstrap ``_lo``/``_hi`` bounds
+  inherit their variable's).
+* Parameters are the function's keyword-only parameters with type annotations
+  and defaults (``Analysis.params`` reads them back; nothing is written twice);
+  their allowed values come from ``Annotated[T, Range(...)]``,
+  ``Analysis.constraints`` or the shared :data:`PARAM_RULES`, and
+  :func:`validate_params` checks an experiment's ``[analyses.params.<name>]``
+  against them before anything runs.
 
 The helpers below the registry (``domain_codes``, ``reduce_by_domain``,
-``refuse_if``, ``finalise``, ``tidy``...) are the shared building blocks that
-keep those conventions in one place.
+``finalise``, ``tidy``...) are the shared building blocks that keep those
+conventions in one place.
 """
 
 from __future__ import annotations
@@ -43,6 +54,8 @@ import pandas as pd
 import xarray as xr
 
 from storage.schema import FILL_ID
+
+from .outputs import Output, apply_outputs
 
 # Dims an analysis result may use. Later analyses add names here (one place),
 # so that reports and writers know every dim they can meet.
@@ -78,7 +91,8 @@ class Analysis:
         ``analyses/figures/<name>.py``, outside ``VERSION`` (the result cache key).
     title, caption : what the figure shows, how to read it, the chance level.
     requires : cube variables that must be present.
-    params : default keyword parameters of ``func``.
+    params : (property) the default parameters, read from ``func``'s keyword-only
+        parameters with defaults; there is no second list to keep in step.
     table : ``result -> pandas.DataFrame`` (tidy), written as ``tables/<name>.csv``.
     summary : ``result -> dict`` of a few JSON-able headline numbers.
     optional : cube variables used when present (their outputs are left out
@@ -89,6 +103,8 @@ class Analysis:
     constraints : per-parameter constraints (:class:`Range`, :class:`OneOf`,
         :class:`SubsetOf`) overriding :data:`PARAM_RULES` for this analysis; a
         ``typing.Annotated[int, Range(...)]`` annotation on ``func`` does the same.
+    outputs : the module's ``OUTPUTS`` table (variable -> :class:`analyses.outputs.Output`),
+        which :func:`finalise` stamps on the result.
     """
 
     name: str
@@ -97,7 +113,6 @@ class Analysis:
     title: str
     caption: str
     requires: tuple[str, ...]
-    params: Mapping[str, Any]
     table: Callable[[xr.Dataset], pd.DataFrame]
     summary: Callable[[xr.Dataset], dict]
     optional: tuple[str, ...] = field(default=())
@@ -109,6 +124,15 @@ class Analysis:
     accepts_counts: bool = False
     min_checkpoints: int = 1
     min_domains: int = 1
+    outputs: Mapping[str, Output] = field(default_factory=dict)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The default parameters: ``func``'s keyword-only parameters and their defaults."""
+        import inspect
+
+        return {p.name: p.default for p in inspect.signature(self.func).parameters.values()
+                if p.kind is p.KEYWORD_ONLY and p.default is not p.empty}
 
     def __call__(self, routing: xr.Dataset, **params) -> xr.Dataset:
         return run(self.name, routing, **params)
@@ -206,9 +230,72 @@ def run(name: str, routing: xr.Dataset, **params) -> xr.Dataset:
     if unknown:
         raise ValueError(f"analysis {name!r}: unknown parameter(s) {unknown}; known: {sorted(analysis.params)}")
     params = validate_params(name, params)  # a wrong type or range fails here, naming the key, not deep in a graph
-    result = analysis.func(routing, **{**analysis.params, **params})
+    result = analysis.func(checked_cube(routing, analysis.requires), **params)
     check_result(result, name)  # metadata only: cheap, and stops a malformed result at its source
     return result
+
+
+# What a valid cube holds, checked where an analysis opens it (:func:`run`), never in the analyses:
+# variable -> (the bad cells, the dims a message sums over, the message).
+def _bad_ids(ids, E):
+    return (ids >= E) | (ids < FILL_ID)
+
+
+def _id_checks(routing: xr.Dataset, requires: Sequence[str]) -> dict:
+    from storage.schema import is_counts_cube
+
+    if is_counts_cube(routing):
+        return {"slot_counts": (lambda a: a < 0, ("expert",), "slot_counts: cells not recorded (-1) in the counts cube")}
+    E, _ = cube_sizes(routing)
+    checks = {"expert_ids": (lambda a: _bad_ids(a, E), ("token", "k"),
+                             f"expert_ids: slots with ids outside -1..{E - 1} (num_experts={E})")}
+    if "capacity_dropped" in requires:
+        checks["capacity_dropped"] = (lambda a: (a < -1) | (a > 1), ("token", "k"),
+                                      "capacity_dropped outside -1..1: slots")
+    return checks
+
+
+def checked_cube(routing: xr.Dataset, requires: Sequence[str] = ("expert_ids",)) -> xr.Dataset:
+    """``routing`` whose expert ids (and the other variables ``requires`` names that have a valid range) are checked.
+
+    An id outside ``-1..E-1`` would silently fall out of every group, so it is refused
+    here, once, for every analysis. In memory the check runs now and raises ValueError
+    naming the (checkpoint, layer) cells and how many slots are bad. On dask each block
+    of the variable is checked as it is read, inside the graph: no extra pass over the
+    cube, and every kernel downstream sees checked blocks only, so the ValueError is
+    what computing the result raises. An aggregate-counts cube gets its ``slot_counts``
+    checked for unrecorded (-1) cells the same way.
+    """
+    out = routing
+    for vname, (is_bad, over, what) in _id_checks(routing, requires).items():
+        if vname not in routing.data_vars:
+            continue
+        var = routing[vname]
+        checked = _checked_data(var, is_bad, over, what)
+        if checked is not None:
+            out = out.copy() if out is routing else out
+            out[vname] = var.copy(data=checked)
+    return out
+
+
+def _checked_data(var: xr.DataArray, is_bad, over: Sequence[str], what: str):
+    """None after checking an in-memory ``var`` now; for dask, its data with a check per block."""
+    axes = tuple(var.get_axis_num(d) for d in over if d in var.dims)
+    keep = [i for i in range(var.ndim) if i not in axes]
+    labels = {var.dims[i]: (np.asarray(var[var.dims[i]].values) if var.dims[i] in var.coords
+                            else np.arange(var.shape[i])) for i in keep}
+
+    def check(block, block_info=None):
+        bad = np.asarray(is_bad(np.asarray(block))).sum(axis=axes)
+        if np.any(bad):
+            offset = [block_info[0]["array-location"][i][0] for i in keep] if block_info else None
+            raise ValueError(f"{what} at " + offenders(bad, labels, offset))
+        return block
+
+    if var.chunks is None:
+        check(var.values)
+        return None
+    return var.data.map_blocks(check, dtype=var.dtype)
 
 
 def _is_counts(routing: xr.Dataset) -> bool:
@@ -478,13 +565,19 @@ def finalise(
     normalisation: str,
     chance: float | str,
     params: Mapping[str, Any],
+    outputs: Mapping[str, Output] | None = None,
 ) -> xr.Dataset:
     """Attach coordinates and attrs every result carries.
 
     ``step`` (numpy, on ``checkpoint``), the provenance of the cube
     (num_experts, top_k, inputs_hash, source, model_family, router_semantics)
     and the analysis' own ``definition``/``normalisation``/``chance``/``params``.
+    With ``outputs`` (the module's ``OUTPUTS`` table) every data variable gets its
+    declared attrs (:func:`analyses.outputs.apply_outputs`; an undeclared variable
+    is refused).
     """
+    if outputs is not None:
+        result = apply_outputs(result, outputs, where=f"result of analysis {name!r}")
     if "checkpoint" in result.dims:
         steps = pd.Series(checkpoint_steps(routing), index=np.asarray(routing["checkpoint"].values))
         result = result.assign_coords(
@@ -638,9 +731,9 @@ def over_slots(x: xr.DataArray, how: str = "sum", dim: str = "k") -> xr.DataArra
 # Parameters: declared by each analysis' signature, validated in one place
 # ---------------------------------------------------------------------------
 #
-# An analysis declares its parameters by its function signature (name, type
-# annotation, default) and ``Analysis.params`` (the defaults the pipeline
-# uses). The allowed values come, first match wins, from a
+# An analysis declares its parameters by its function signature only: keyword-only
+# parameters with a type annotation and a default (``Analysis.params`` reads them
+# back). The allowed values come, first match wins, from a
 # ``typing.Annotated[T, <constraint>]`` annotation, ``Analysis.constraints``,
 # then :data:`PARAM_RULES` (shared names such as ``n_boot`` and ``ci`` mean the
 # same in every analysis). :func:`validate_params` checks an experiment's
@@ -756,11 +849,10 @@ def _param_type_words(tp) -> str:
 def param_specs(name: str) -> dict[str, ParamSpec]:
     """The declared parameters of analysis ``name``, keyed by parameter name.
 
-    Type and constraint come from ``func``'s annotations (``Annotated`` metadata
-    first), then ``Analysis.constraints``, then :data:`PARAM_RULES`; defaults
-    from ``Analysis.params`` (else the signature).
+    The parameters are ``func``'s keyword-only parameters with defaults. Type and
+    constraint come from their annotations (``Annotated`` metadata first), then
+    ``Analysis.constraints``, then :data:`PARAM_RULES`.
     """
-    import inspect
     import typing
 
     analysis = get(name)
@@ -768,13 +860,8 @@ def param_specs(name: str) -> dict[str, ParamSpec]:
         hints = typing.get_type_hints(analysis.func, include_extras=True)
     except (NameError, TypeError):  # an unresolvable annotation: fall back to the defaults' types
         hints = {}
-    sig = inspect.signature(analysis.func)
-    # Analysis.params lists what run() accepts; the signature, when there are none declared there
-    names = list(analysis.params) or [p.name for p in list(sig.parameters.values())[1:]
-                                      if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     specs = {}
-    for pname in names:
-        default = analysis.params.get(pname, sig.parameters[pname].default if pname in sig.parameters else None)
+    for pname, default in analysis.params.items():
         tp = hints.get(pname)
         constraint = None
         if typing.get_origin(tp) is typing.Annotated:

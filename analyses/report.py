@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from storage import atomic
 from storage import cube as cubes
 from storage.schema import is_counts_cube
 
@@ -70,13 +71,6 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _training_figure(layout, formats) -> tuple[list[Path], dict]:
@@ -305,6 +299,8 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
 </section>"""
         )
 
+    from .figures.explorer import report_section as explorer_section  # issue 17: report/explorer.html
+    explorer_html = explorer_section(layout, routing, formats, analysis_names)
     title = exp.report.title or f"moe-atlas report — {exp.name}"
     model = summary["model"]
     ckpts = ", ".join(f"{c} (step {s})" for c, s in summary["checkpoints"].items())
@@ -315,6 +311,10 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
 <p class="caption">Language-model loss during training of the demo model (the load-balancing auxiliary loss
 dashed, right axis). Checkpoints analysed below were saved along this curve.</p>
 {''.join(_img(f, layout.report_dir) for f in train_files if Path(f).suffix == '.png')}</section>"""
+    from .figures.training_runs import report_hook  # issue 16: training runs side by side (tasks/training.py)
+    training += report_hook(layout, formats, summary)
+    from .weights_report import report_hook as weights_hook  # issue 14: experts as objects, masks (tasks/experts.py)
+    training += weights_hook(layout, formats, summary)
     training_item = '<li><a href="#training">The model&rsquo;s training</a></li>' if training else ""
     toc = "".join(f'<li><a href="#{html.escape(n)}">{html.escape(get(n).title)}</a></li>' for n in analysis_names)
     page = f"""<!doctype html>
@@ -348,15 +348,16 @@ router: {html.escape(str(model.get("router_semantics")))}</li>
 <p>Routing cube: <code>{html.escape(os.path.relpath(layout.routing, layout.report_dir))}</code>
 (<code>xr.open_zarr</code>); per-analysis cubes in <code>analyses/</code> of the run folder; tables in
 <a href="tables/">tables/</a> beside this page; headline numbers in <a href="summary.json">summary.json</a>.</p>
+{explorer_html}
 <h2>Contents</h2><ol>{training_item}{toc}</ol>
 {training}
 {''.join(sections)}
 </body></html>
 """
-    _write_atomic(layout.report_index, page)
+    atomic.write_text(layout.report_index, page)
     summary["fingerprint"] = fingerprint
     summary["experiment_spec"] = dataclasses.asdict(exp)
     text = json.dumps(summary, indent=2, default=_json_default)
-    _write_atomic(layout.report_dir / "summary.json", text)  # the report folder's own copy
-    _write_atomic(layout.summary, text)  # last: its fingerprint marks the report complete
+    atomic.write_text(layout.report_dir / "summary.json", text)  # the report folder's own copy
+    atomic.write_text(layout.summary, text)  # last: its fingerprint marks the report complete
     return layout.report_index

@@ -16,8 +16,7 @@ def compute_analysis(routing_path, name: str, params: dict, *, checkpoints=None,
 
     Returns an in-memory Dataset (dims as documented by the analysis).
     """
-    from . import get
-    from .registry import skip_reason
+    from .registry import run, skip_reason
 
     ds = cubes.open_routing(routing_path, complete_only=True)
     if checkpoints is not None:
@@ -29,7 +28,7 @@ def compute_analysis(routing_path, name: str, params: dict, *, checkpoints=None,
     reason = skip_reason(name, ds)
     if reason:
         raise ValueError(f"{routing_path}: analysis {name!r} cannot run: {reason}")
-    result = get(name).func(ds, **params)
+    result = run(name, ds, **params)  # checks the cube's ids (registry.checked_cube) and the result's metadata
     try:
         return _compute(result, client)
     except (ValueError, cubes.CubeError):

@@ -26,8 +26,6 @@ replicates by one matrix product with the weights, inside the graph, so only
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -39,12 +37,10 @@ from .figures import hook as figure_hook
 from .bootstrap import add_interval, bootstrap_weights, interval, sample_index
 from .registry import (
     Analysis,
-    attach_guard,
     cube_sizes,
     describe,
     finalise,
     json_number,
-    refuse_if,
     register,
     routed_ids,
     safe_ratio,
@@ -192,7 +188,7 @@ def local_pair_stats(ids: np.ndarray, sample: np.ndarray, n_core: int, *, E: int
     return packed.reshape(*lead, -1)
 
 
-def _add_pair_sums(out: dict[str, np.ndarray], raw: np.ndarray, sample: np.ndarray, n_core: int, *, E: int, M: int):
+def _add_pair_sums(out: dict[str, np.ndarray], raw: np.ndarray, sample: np.ndarray, n_core: int, *, E: int, M: int):  # long: numerical kernel
     """Add the sums of the pairs starting at the first ``n_core`` of T tokens to ``out`` (:func:`pair_stats`).
 
     raw : (G, T, k) expert ids; sample : (T,) int64 sample codes, counted
@@ -360,7 +356,7 @@ def _replicates(packed: np.ndarray, weights: np.ndarray, *, E: int, S: int, M: i
     return np.concatenate([top1[..., None, :], sets[..., None, :], ac], axis=-2)
 
 
-def _pair_sums(
+def _pair_sums(  # long: numerical kernel (block overlap + the fused pair pass in one graph)
     ids: xr.DataArray, sample: np.ndarray, *, E: int, S: int, M: int, weights: np.ndarray | None
 ) -> tuple[xr.Dataset, xr.Dataset | None]:
     """Pair sums over all samples, and their bootstrap replicates.
@@ -589,9 +585,6 @@ def temporal(
             lo, hi = interval(reps[name], ci)
             add_interval(out, name, lo, hi, ci=ci, n_boot=n_boot, scheme=scheme)
     result = xr.Dataset(out)
-
-    result = attach_guard(result, refuse_if(totals["bad"], f"temporal: expert_ids has slots with ids outside "
-                                                           f"-1..{E - 1} (num_experts={E})"))
     return finalise(
         result, routing, name=NAME,
         definition="over token pairs (t, t+m) of the same sample, both written: top1_repeat = "
@@ -661,7 +654,6 @@ ANALYSIS = register(
             "experts; chance 0."
         ),
         requires=("expert_ids",),
-        params={"max_lag": 8, "n_boot": 200, "ci": 0.95, "seed": 0},
         table=table,
         summary=summary,
     )

@@ -21,7 +21,6 @@ each domain (:mod:`analyses.bootstrap`) at no extra pass over the tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -34,13 +33,11 @@ from .figures import hook as figure_hook
 from .registry import (
     VIEWS,
     Analysis,
-    attach_guard,
     cube_sizes,
     describe,
     finalise,
     json_number,
     over_slots,
-    refuse_if,
     register,
     safe_ratio,
     tidy,
@@ -172,7 +169,8 @@ def usage(
         return _usage_from_counts(routing, E=E, k=k, views=views, position_bins=position_bins, n_boot=n_boot,
                                   ci=ci, seed=seed)
     ids_all = view_ids(routing, "all")
-    groups = bs.sample_groups(routing, "domain")
+    samples = bs.Samples.of(routing)  # once: every token pass below shares it
+    groups = bs.sample_groups(routing, "domain", samples)
     classes, member = view_classes(routing, views)
     present = phases_present(routing)
     phase_views = present if len(present) > 1 else []  # one phase only: its view would repeat 'all'
@@ -185,8 +183,8 @@ def usage(
     if "expert_weights" in routing:
         parts["wsum"] = token_var(routing, "expert_weights").astype(np.float64).where(ids_all >= 0, 0.0)
     by_class = {"view_class": (classes, member.sizes["view_class"])}
-    ps = bs.per_sample_sums(xr.Dataset(parts), routing, dim=("token", "k"), by={**by_class, "expert": (ids_all, E)})
-    ps_tokens = bs.per_sample_sums(over_slots(ids_all >= 0, "any").astype(np.int64), routing, dim="token", by=by_class)
+    ps = bs.per_sample_sums(xr.Dataset(parts), samples, dim=("token", "k"), by={**by_class, "expert": (ids_all, E)})
+    ps_tokens = bs.per_sample_sums(over_slots(ids_all >= 0, "any").astype(np.int64), samples, dim="token", by=by_class)
 
     def by_view(x):
         # group sums and bootstrap replicates are linear in the per-sample sums, so the
@@ -194,7 +192,7 @@ def usage(
         return xr.dot(member, x, dim="view_class").transpose("checkpoint", "layer", "view", ...)
     pos_codes, edges = position_buckets(routing, int(position_bins))
     ps_pos = bs.per_sample_sums(
-        xr.ones_like(ids_all, dtype=np.int64), routing, dim=("token", "k"),
+        xr.ones_like(ids_all, dtype=np.int64), samples, dim=("token", "k"),
         by={"position_bin": (pos_codes, len(edges) - 1), "expert": (ids_all, E)},
     )
 
@@ -263,11 +261,6 @@ def usage(
     result = xr.Dataset(out).assign_coords(
         position_start=("position_bin", edges[:-1]), position_end=("position_bin", edges[1:])
     )
-    # An id >= E (or < -1) would silently fall out of the groups: refuse instead.
-    raw = token_var(routing, "expert_ids")
-    bad = ((raw >= E) | (raw < -1)).sum(("token", "k"))
-    guard = refuse_if(bad, f"expert_ids: slots with ids outside -1..{E - 1} (num_experts={E})")
-    result = attach_guard(result, guard)
     return finalise(
         result, routing, name=NAME,
         definition="usage[c,l,v,d,e] = #slots of domain d's tokens in view v routed to expert e / #valid slots "
@@ -299,7 +292,7 @@ def _usage_from_counts(routing: xr.Dataset, *, E: int, k: int, views, position_b
     if list(views) != ["all"] and "all" not in views:
         raise ValueError(f"usage: views {list(views)} need per-token routing; an aggregate-counts cube has only "
                          "view 'all'")
-    counts, guard = slot_counts(routing)
+    counts = slot_counts(routing)
     count = counts.expand_dims(view=np.asarray(["all"], dtype=object), axis=2).transpose(
         "checkpoint", "layer", "view", "domain", "expert")
     chance = 1.0 / E
@@ -320,9 +313,8 @@ def _usage_from_counts(routing: xr.Dataset, *, E: int, k: int, views, position_b
             chance=chance, nan_where="no counted slot at this checkpoint and layer",
         ),
     }
-    result = attach_guard(xr.Dataset(out), guard)
     result = finalise(
-        result, routing, name=NAME,
+        xr.Dataset(out), routing, name=NAME,
         definition="usage[c,l,d,e] = slots of domain d counted for expert e / all slots counted for d "
         "(checkpoint c, layer l), from an aggregate-counts cube (view 'all' only).",
         normalisation="share of routing slots; sums to 1 over experts. Per-token share (uniform k/E) is usage × k.",
@@ -392,7 +384,6 @@ ANALYSIS = register(
         requires=("expert_ids",),
         accepts_counts=True,
         optional=("expert_weights",),
-        params={"views": list(VIEWS), "position_bins": 8, "n_boot": 200, "ci": 0.95, "seed": 0},
         table=table,
         summary=summary,
     )

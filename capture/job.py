@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from storage import cube as cubes
-from storage.schema import empty_routing, tokens_hash
+from storage.schema import empty_routing
 
 
 def load_token_tables(paths: list[str]) -> xr.Dataset:
@@ -49,15 +49,6 @@ def aligned_token_tables(token_paths: list[str], conditions: tuple[str, str] = (
 
     a, b = conditions
     return align_tokens(load_token_tables(token_paths), a, b, where=f"token tables {[str(p) for p in token_paths]}")
-
-
-def routing_inputs_hash(token_paths: list[str], conditions: tuple[str, str] = ("", "")) -> str:
-    """The ``inputs_hash`` a routing cube built from these token tables (and this pairing) carries."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # build_template warns once; checks need not repeat it
-        return tokens_hash(aligned_token_tables(token_paths, conditions)[0])
 
 
 def _versions() -> dict:

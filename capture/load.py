@@ -21,7 +21,7 @@ import torch
 from .routers import capacity_info, count_shared_experts, describe_semantics, find_routers
 
 __all__ = ["ModelInfo", "weight_sums_constant", "language_model", "describe_checkpoint", "describe_model", "load_model", "load_tokenizer", "check_checkpoint_dir",
-           "device_problem"]
+           "check_checkpoints", "device_problem"]
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -392,6 +392,38 @@ def describe_checkpoint(model_dir, *, trust_remote_code: bool = False) -> ModelI
                          f"'{getattr(config, 'model_type', '?')}'): {e}") from e
     declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return describe_model(model, where=str(d), dtype=_dtype_name(declared))
+
+
+def check_checkpoints(checkpoints, *, trust_remote_code: bool = False) -> list[ModelInfo]:
+    """Check an experiment's checkpoints and that they share one routing architecture.
+
+    Parameters
+    ----------
+    checkpoints : sequence of (name, model_dir) pairs, in the experiment's order.
+    trust_remote_code : passed to transformers; only set it for code you trust.
+
+    Returns
+    -------
+    list of ModelInfo, one per checkpoint (no weights are loaded; the weight files are checked).
+
+    Raises
+    ------
+    OSError or ValueError naming the checkpoint (``checkpoint 'x': ...``) whose folder is
+    missing or unsafe, and ValueError when the checkpoints differ in number of
+    experts, top-k or MoE layers: an experiment compares checkpoints of one architecture.
+    """
+    infos = []
+    for name, model_dir in checkpoints:
+        try:
+            check_checkpoint_dir(model_dir, need_weights=True)
+        except (OSError, ValueError) as exc:
+            raise type(exc)(f"checkpoint {name!r}: {exc}") from exc
+        infos.append(describe_checkpoint(model_dir, trust_remote_code=trust_remote_code))
+    shapes = {(m.num_experts, m.top_k, tuple(m.moe_layers)) for m in infos}
+    if len(shapes) > 1:
+        raise ValueError(f"checkpoints differ in experts/top-k/MoE layers {sorted(shapes)}; "
+                         "an experiment compares checkpoints of one architecture")
+    return infos
 
 
 def _resolve_dtype(dtype, device):

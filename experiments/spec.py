@@ -3,13 +3,17 @@
 Every table maps onto a frozen dataclass below; the validator walks the
 dataclass fields, so an unknown key, a missing field or a wrong type stops the
 run with one message naming the file, the key and what was expected. Relative
-paths are taken relative to the current working directory (where ``luigi`` is
-run), like the default ``experiments/demo.toml``.
+paths (``output_dir``, dataset, checkpoint, tokenizer, trace and side-table
+paths, TLS files; :data:`PATH_KEYS`) are resolved at load to absolute ones,
+relative to the folder of the experiment file (not the working directory), so
+that a run means the same wherever it is started and Dask workers on other
+machines get paths they can open (they must see the same filesystem).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import tomllib
@@ -145,6 +149,109 @@ class DaskSpec:
 
 
 @dataclass(frozen=True)
+class TrainingLogSpec:
+    path: str
+    """A training log: trainer_state.json, W&B CSV, TensorBoard event file/folder, CSV, JSONL (storage/training.py)."""
+    format: str = "auto"
+    """hf_trainer, wandb_csv, tensorboard, csv, jsonl, demo, or auto (from the name and content)."""
+    run: str = ""
+    """Run name in the training cube (default: the file's name; W&B panel exports name their own runs)."""
+
+
+@dataclass(frozen=True)
+class ScoreFileSpec:
+    path: str
+    """lm-evaluation-harness results JSON (one per run and checkpoint) or a CSV (run,checkpoint,step,task,metric,value)."""
+    format: str = "lm_eval"
+    """lm_eval or csv."""
+    run: str = ""
+    """For lm_eval: the run these scores belong to (default: this experiment's name)."""
+    checkpoint: str = ""
+    """For lm_eval: the checkpoint scored."""
+    step: int = 0
+    """For lm_eval: its training step."""
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    logs: list[TrainingLogSpec] = field(default_factory=list)
+    """[[training.logs]]: training logs to import (the demo's own log is always read)."""
+    scores: list[ScoreFileSpec] = field(default_factory=list)
+    """[[training.scores]]: evaluation scores (the demo's held-out NLL and accuracy are always used)."""
+    enabled: bool = True
+    """Compute the training section (logs, router weights, scores, composition, run comparison)."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    """Label of the run in comparisons (letters, digits, '_', '-', '.')."""
+    experiment: str
+    """Another experiment file: that run keeps its own output_dir and pipeline; this one compares against it."""
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """[experts]: weight-space analyses of the routed experts (tasks/experts.py, analyses/experts.py)."""
+
+    enabled: bool = False
+    """Read every checkpoint's expert weights (safetensors, streamed) and compare the experts."""
+    layers: list[int] = field(default_factory=list)
+    """Layer indices to read (empty = every MoE layer)."""
+    ffn_dim: int = 256
+    """Dimension of the seeded sparse random projection of each expert's FFN weights."""
+    seed: int = 0
+    """Seed of that projection, of k-means and of the random reference."""
+    k_values: list[int] = field(default_factory=lambda: [2, 3, 4])
+    """k of the k-means over experts (each < the number of experts)."""
+    kmeans_seeds: int = 5
+    """k-means restarts (one seed each) per k."""
+    random_draws: int = 20
+    """Gaussian random matrices behind the diversity reference level."""
+    n_perm: int = 999
+    """Permutations of the Mantel test (weight similarity vs co-activation / domain usage)."""
+
+
+@dataclass(frozen=True)
+class UserMaskSpec:
+    path: str
+    """A mask file: .safetensors, .npy or .pt (read with torch.load(weights_only=True)); nonzero = kept."""
+    component: str
+    """The component it belongs to (any label, e.g. mlp.down_proj)."""
+    layer: int = 0
+    key: str = ""
+    """Tensor name inside a safetensors / .pt file holding several."""
+    method: str = "user"
+    """Label of the pruning method in tables and figures."""
+
+
+@dataclass(frozen=True)
+class MasksSpec:
+    """[masks]: pruned-weight masks and the Hamming clustering of their rows (seed 003; analyses/masks.py)."""
+
+    enabled: bool = False
+    methods: list[str] = field(default_factory=lambda: ["magnitude", "wanda"])
+    """Pruning criteria computed here: magnitude, wanda (SparseGPT is not implemented)."""
+    components: list[str] = field(default_factory=lambda: ["self_attn.q_proj", "experts.down_proj"])
+    """Module-name suffixes of linear layers, or experts.<gate_proj|up_proj|down_proj> (all experts stacked)."""
+    layers: list[int] = field(default_factory=lambda: [1])
+    sparsity: float = 0.5
+    """Fraction of weights pruned, in [0, 1)."""
+    checkpoint: str = ""
+    """Checkpoint whose weights are pruned (default: the last)."""
+    calibration_samples: int = 64
+    """Samples of the experiment's datasets whose activations Wanda uses."""
+    seeds: int = 10
+    n_similar: int = 128
+    """Nearest rows by Hamming distance per seed (clamped to rows − 1)."""
+    k_values: list[int] = field(default_factory=lambda: [4, 8, 16])
+    figure_seeds: int = 1
+    """Seeds drawn per-seed figures for (spy plot, statistics, t-SNE, distance heatmap), per k."""
+    user: list[UserMaskSpec] = field(default_factory=list)
+    """[[masks.user]]: masks computed elsewhere, analysed the same way."""
+
+
+@dataclass(frozen=True)
 class Experiment:
     name: str
     """Name of the run (used in the report)."""
@@ -161,6 +268,14 @@ class Experiment:
     analyses: AnalysesSpec = field(default_factory=AnalysesSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
     dask: DaskSpec = field(default_factory=DaskSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    """[training]: training logs and evaluation scores to import (tasks/training.py)."""
+    runs: list[RunSpec] = field(default_factory=list)
+    experts: ExpertsSpec = field(default_factory=ExpertsSpec)
+    """[experts]: similarity, diversity, clustering and drift of the experts' weights (issue 14)."""
+    masks: MasksSpec = field(default_factory=MasksSpec)
+    """[masks]: pruned-weight masks clustered by Hamming distance (issue 14)."""
+    """[[runs]]: further training runs (other experiment files) compared side by side with this one."""
     description: str = ""
     source_file: str = ""
     """Filled in by the loader: the TOML file this came from."""
@@ -237,12 +352,69 @@ def load_experiment(path: str | Path) -> Experiment:
     except UnicodeDecodeError as exc:
         raise SpecError(f"{path}: not a UTF-8 text file: {exc}") from exc
     exp = _build(Experiment, table, "", str(path))
-    exp = dataclasses.replace(exp, source_file=str(path))
+    exp = dataclasses.replace(resolve_paths(exp, path.resolve().parent), source_file=str(path))
     _check(exp, str(path))
     return exp
 
 
+#: The keys that hold paths, resolved by :func:`resolve_paths` ("[]" = every entry of a list).
+PATH_KEYS = ("output_dir", "datasets[].path", "model.checkpoints[].path", "model.tokenizer", "trace.paths",
+             "trace.side_table", "dask.tls_ca_file", "dask.tls_cert", "dask.tls_key",
+             "training.logs[].path", "training.scores[].path", "runs[].experiment", "masks.user[].path")
+
+
+def _absolute(value: str, base: Path) -> str:
+    """``value`` made absolute against ``base`` (``~`` expanded); empty stays empty (= "not set")."""
+    if not value or not value.strip():
+        return value
+    return os.path.normpath(base / Path(value).expanduser())
+
+
+def resolve_paths(exp: Experiment, base: str | Path) -> Experiment:
+    """``exp`` with every path of :data:`PATH_KEYS` made absolute, relative paths taken from ``base``."""
+    base = Path(base)
+    a = functools.partial(_absolute, base=base)
+    model = dataclasses.replace(
+        exp.model, tokenizer=a(exp.model.tokenizer),
+        checkpoints=[dataclasses.replace(c, path=a(c.path)) for c in exp.model.checkpoints])
+    trace = dataclasses.replace(exp.trace, paths=[a(p) for p in exp.trace.paths], side_table=a(exp.trace.side_table))
+    dask = dataclasses.replace(exp.dask, tls_ca_file=a(exp.dask.tls_ca_file), tls_cert=a(exp.dask.tls_cert),
+                               tls_key=a(exp.dask.tls_key))
+    exp = dataclasses.replace(exp, runs=[dataclasses.replace(r, experiment=a(r.experiment)) for r in exp.runs],
+                              training=_resolve_training(exp.training, a))
+    return dataclasses.replace(exp, output_dir=a(exp.output_dir), model=model, trace=trace, dask=dask,
+                               datasets=[dataclasses.replace(d, path=a(d.path)) for d in exp.datasets])
+
+
+def _check_weights(exp: Experiment, file: str) -> None:
+    """[experts] and [masks] ranges (issue 14)."""
+    e, m = exp.experts, exp.masks
+    for key, value, lo in (("experts.ffn_dim", e.ffn_dim, 2), ("experts.kmeans_seeds", e.kmeans_seeds, 1),
+                           ("experts.random_draws", e.random_draws, 1), ("experts.n_perm", e.n_perm, 0),
+                           ("masks.calibration_samples", m.calibration_samples, 1), ("masks.seeds", m.seeds, 1),
+                           ("masks.n_similar", m.n_similar, 2), ("masks.figure_seeds", m.figure_seeds, 0)):
+        if value < lo or value > 1_000_000:
+            raise SpecError(f"{file}: '{key}' must be an integer in [{lo}, 1000000], got {value}")
+    for key, ks in (("experts.k_values", e.k_values), ("masks.k_values", m.k_values)):
+        if not ks or any(k < 2 for k in ks):
+            raise SpecError(f"{file}: '{key}' must be a non-empty list of integers ≥ 2, got {ks}")
+    if not 0.0 <= m.sparsity < 1.0:
+        raise SpecError(f"{file}: 'masks.sparsity' must be in [0, 1), got {m.sparsity}")
+    bad = [x for x in m.methods if x not in ("magnitude", "wanda")]
+    if bad:
+        raise SpecError(f"{file}: 'masks.methods' may hold magnitude, wanda (SparseGPT is not implemented); got {bad}")
+    if m.enabled and not m.components and not m.user:
+        raise SpecError(f"{file}: [masks] is enabled but names no 'components' and no [[masks.user]]")
+    for c in m.components:
+        if c.startswith("experts.") and c not in ("experts.gate_proj", "experts.up_proj", "experts.down_proj"):
+            raise SpecError(f"{file}: 'masks.components' entry {c!r}: experts components are experts.gate_proj, "
+                            "experts.up_proj, experts.down_proj")
+    if (e.enabled or m.enabled) and exp.model.source == "import":
+        raise SpecError(f"{file}: [experts]/[masks] read checkpoint weights; model.source = 'import' has none")
+
+
 def _check(exp: Experiment, file: str) -> None:
+    _check_weights(exp, file)
     if not _NAME.match(exp.name):
         raise SpecError(f"{file}: 'name' must use letters, digits, '_', '-', '.', got {exp.name!r}")
     m = exp.model
@@ -366,6 +538,7 @@ def _check(exp: Experiment, file: str) -> None:
     if len(set(exp.report.formats)) != len(exp.report.formats):
         raise SpecError(f"{file}: 'report.formats' lists a format twice: {exp.report.formats}")
     _check_dask(exp.dask, file)
+    _check_training(exp, file)
 
 
 def _check_device(device: str, *, local: bool, file: str) -> None:
@@ -442,3 +615,36 @@ def _check_dask(d: DaskSpec, file: str) -> None:
 def as_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
+
+
+def _resolve_training(t: TrainingSpec, a) -> TrainingSpec:
+    return dataclasses.replace(t, logs=[dataclasses.replace(x, path=a(x.path)) for x in t.logs],
+                               scores=[dataclasses.replace(x, path=a(x.path)) for x in t.scores])
+
+
+def _check_training(exp: Experiment, file: str) -> None:
+    """[training] and [[runs]]: known formats, named runs, no run compared with itself."""
+    from storage.training import LOG_FORMATS
+
+    for i, log in enumerate(exp.training.logs):
+        if log.format not in (*LOG_FORMATS, "auto"):
+            raise SpecError(f"{file}: 'training.logs[{i}].format' must be one of {', '.join(LOG_FORMATS)} or auto, "
+                            f"got {log.format!r}")
+    for i, sc in enumerate(exp.training.scores):
+        if sc.format not in ("lm_eval", "csv"):
+            raise SpecError(f"{file}: 'training.scores[{i}].format' must be lm_eval or csv, got {sc.format!r}")
+        if sc.format == "lm_eval" and not sc.checkpoint:
+            raise SpecError(f"{file}: 'training.scores[{i}].checkpoint' is empty; an lm_eval results file scores "
+                            f"one checkpoint: name it (and its 'step')")
+        if sc.step < 0:
+            raise SpecError(f"{file}: 'training.scores[{i}].step' must be >= 0, got {sc.step}")
+    names = [r.name for r in exp.runs]
+    for i, r in enumerate(exp.runs):
+        if not _NAME.match(r.name):
+            raise SpecError(f"{file}: 'runs[{i}].name' must use letters, digits, '_', '-', '.', got {r.name!r}")
+        if not os.path.isfile(r.experiment):
+            raise SpecError(f"{file}: 'runs[{i}].experiment' = {r.experiment!r}: no such experiment file")
+        if os.path.abspath(r.experiment) == os.path.abspath(file):
+            raise SpecError(f"{file}: 'runs[{i}].experiment' names this experiment itself")
+    if len(set(names + [exp.name])) != len(names) + 1:
+        raise SpecError(f"{file}: '[[runs]]' names must differ from each other and from 'name' ({exp.name!r}): {names}")

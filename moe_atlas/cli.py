@@ -16,7 +16,13 @@ import traceback
 
 # subcommand -> module; the modules are imported only when their command runs (or for --help)
 COMMANDS = {
+    "run": "moe_atlas.cmd_run",
+    "new": "moe_atlas.cmd_new",
+    "check": "moe_atlas.cmd_check",
+    "analyses": "moe_atlas.cmd_analyses",
+    "import": "moe_atlas.cmd_import",
     "verify": "moe_atlas.cmd_verify",
+    "serve": "moe_atlas.cmd_serve",
 }
 
 EXIT_ERROR = 2

@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import zarr
 
 from .schema import FILL_ID, TARGET_CHUNK_BYTES, VARIABLES, storage_chunks, validate_routing
 from .schema import token_chunk_size as _schema_token_chunk_size
+from . import atomic
 from . import manifest as manifests
 
 # Consolidated metadata is not part of the Zarr v3 spec, but xarray and zarr-python
@@ -122,12 +122,11 @@ def prepare_routing(path: str | os.PathLike, template: xr.Dataset, *, token_chun
         # (or not ours): never deleted, its metadata restored from the kept copy or the run refused.
         _restore_lost_metadata(path)
     if not (path / "zarr.json").exists():
-        tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
         template.attrs["token_chunk"] = int(token_chunk)
         template = _storage_chunked(template, token_chunk)
-        template.to_zarr(tmp, mode="w", compute=False, encoding=_encoding(template, token_chunk), consolidated=True)
-        manifests.seal_template(tmp)  # before the rename: a cube in place always has its template manifest
-        os.replace(tmp, path)
+        with atomic.staged(path) as tmp:
+            template.to_zarr(tmp, mode="w", compute=False, encoding=_encoding(template, token_chunk), consolidated=True)
+            manifests.seal_template(tmp)  # before the rename: a cube in place always has its template manifest
         return list(map(str, template.checkpoint.values))
 
     _repair_template(path, template, token_chunk)
@@ -191,7 +190,7 @@ def _repair_template(path: Path, template: xr.Dataset, token_chunk: int) -> None
     import logging
 
     man = json.loads(manifests.state_file(path, manifests.TEMPLATE_MANIFEST).read_text())
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = atomic.temp_path(path)
     try:
         fresh = template.copy()
         fresh.attrs["token_chunk"] = int(token_chunk)
@@ -209,10 +208,8 @@ def _repair_template(path: Path, template: xr.Dataset, token_chunk: int) -> None
                         f"{path}: variable {name!r}, template chunk {key} is lost or damaged and the current token "
                         "tables do not reproduce it; mv " f"{path} {path}.damaged to start this cube over"
                     )
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                part = dst.with_name(f"{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
-                shutil.copyfile(src, part)
-                os.replace(part, dst)
+                with atomic.staged(dst) as part:
+                    shutil.copyfile(src, part)
                 fixed.append(key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # our own temporary, made above
@@ -655,16 +652,9 @@ def write_result(ds: xr.Dataset, path: str | os.PathLike, *, fingerprint: str) -
     ds.attrs[FINGERPRINT_ATTR] = fingerprint
     for v in ds.variables.values():
         v.encoding = {}
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    ds.to_zarr(tmp, mode="w", consolidated=True)
-    manifests.seal_result(tmp)
-    if path.exists():
-        trash = path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(path, trash)
-        os.replace(tmp, path)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    with atomic.staged(path) as tmp:
+        ds.to_zarr(tmp, mode="w", consolidated=True)
+        manifests.seal_result(tmp)
 
 
 def result_fingerprint(path: str | os.PathLike, *, verify: bool = True) -> str | None:

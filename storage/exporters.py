@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
+from . import atomic
 from .schema import FILL_ID
 
 
@@ -61,7 +61,7 @@ def _sample_batches(ds: xr.Dataset, max_tokens: int) -> Iterator[tuple[int, int,
 
 
 def _atomic_lines(path: Path):
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = atomic.temp_path(path)
     return tmp, open(tmp, "w", encoding="utf-8")
 
 
@@ -115,7 +115,7 @@ def export_olmoe_jsonl(cube, out_dir: str | os.PathLike, *, prefix: str = "c4", 
 def _commit(pending: list[tuple[Path, Path]]) -> list[Path]:
     """Rename every finished temporary into place (only once all of them are whole)."""
     for tmp, path in pending:
-        os.replace(tmp, path)
+        atomic.replace(tmp, path)
     return [path for _, path in pending if path.suffix == ".jsonl"]
 
 
@@ -154,7 +154,7 @@ def export_megatron_jsonl(cube, out_dir: str | os.PathLike, *, rank: int = 0, wi
             pending.append((tmp, path))
             if use_logits:
                 lpath = folder / f"logits_rank{rank}.bin"
-                ltmp = lpath.with_name(f"{lpath.name}.tmp-{uuid.uuid4().hex[:8]}")
+                ltmp = atomic.temp_path(lpath)
                 pending.append((ltmp, lpath))
                 lf = open(ltmp, "wb")
             offset = 0

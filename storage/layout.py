@@ -10,8 +10,9 @@ from pathlib import Path
 class RunLayout:
     """The directory of one experiment's run.
 
-    ``runs/<name>/``: ``model/`` (demo model and data), ``tokens/<dataset>.zarr``,
-    ``routing.zarr``, ``analyses/<name>.zarr``, ``report/index.html`` with
+    ``runs/<name>/``: ``model/`` (demo model and data, laid out by ``capture.demo``;
+    ``model/prepared.json``), ``tokens/<dataset>.zarr``, ``routing.zarr`` with
+    ``routing.template.json``, ``analyses/<name>.zarr``, ``report/index.html`` with
     ``report/figures/``, ``tables/*.csv``, ``summary.json``.
     """
 
@@ -31,8 +32,15 @@ class RunLayout:
     def routing(self) -> Path:
         return self.root / "routing.zarr"
 
-    def capture_marker(self, checkpoint: str) -> Path:
-        return self.root / "capture" / f"{checkpoint}.json"
+    @property
+    def template_marker(self) -> Path:
+        """What the routing cube's template was last built from (fingerprint of the token tables; tasks.RoutingTemplate)."""
+        return self.root / "routing.template.json"
+
+    @property
+    def prepared(self) -> Path:
+        """What the model stage last checked or built (tasks.PrepareModel)."""
+        return self.model_dir / "prepared.json"
 
     @property
     def analyses_dir(self) -> Path:
@@ -40,6 +48,10 @@ class RunLayout:
 
     def analysis(self, name: str) -> Path:
         return self.analyses_dir / f"{name}.zarr"
+
+    def intervention(self, sweep: str) -> Path:
+        """Per-sample scores of one intervention sweep (issue 15), ``interventions/<sweep>.zarr``."""
+        return self.root / "interventions" / f"{sweep}.zarr"
 
     @property
     def report_dir(self) -> Path:

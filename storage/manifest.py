@@ -28,10 +28,11 @@ import itertools
 import json
 import os
 import shutil
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from .atomic import staged, write_json
 
 __all__ = [
     "STATE_DIR",
@@ -88,9 +89,7 @@ def _digest(path: str) -> tuple[int, int]:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, sort_keys=True))
-    os.replace(tmp, path)
+    write_json(path, obj, indent=None, sort_keys=True, default=None)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -211,10 +210,8 @@ def has_manifests(store: str | os.PathLike) -> bool:
 def backup_metadata(store: str | os.PathLike) -> None:
     """Keep a copy of the root ``zarr.json`` (call after every change of the root metadata)."""
     store = Path(store)
-    dst = state_file(store, META_COPY)
-    tmp = dst.with_name(f"{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
-    shutil.copyfile(store / "zarr.json", tmp)
-    os.replace(tmp, dst)
+    with staged(state_file(store, META_COPY)) as tmp:
+        shutil.copyfile(store / "zarr.json", tmp)
 
 
 def restore_metadata(store: str | os.PathLike) -> bool:
@@ -224,9 +221,8 @@ def restore_metadata(store: str | os.PathLike) -> bool:
     meta = _read_json(src)
     if not meta or meta.get("_unreadable") or meta.get("node_type") != "group":
         return False
-    tmp = store / f"zarr.json.tmp-{uuid.uuid4().hex[:8]}"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, store / "zarr.json")
+    with staged(store / "zarr.json") as tmp:
+        shutil.copyfile(src, tmp)
     return True
 
 

@@ -360,10 +360,56 @@ def empty_routing(
         "inputs_hash": tokens_hash(tokens),
         "usage_normalisation": "",
     }
+    apply_cf_attrs(ds)
     if lazy:  # the chunking the dask arrays were built with, for prepare_routing
         base["token_chunk"] = int(max(1, min(token_chunk, max(shape["token"], 1))))
     base.update(attrs or {})
     ds.attrs.update(base)
+    return ds
+
+
+#: CF-style ``long_name`` and ``units`` of every variable and coordinate of the routing cube (issue 13):
+#: ``xr.open_zarr("routing.zarr")`` explains itself. Units "1" = dimensionless, "" = a label or an index.
+CF_ATTRS: dict[str, tuple[str, str]] = {
+    "expert_ids": ("selected expert (top-k slot)", ""),
+    "expert_weights": ("weight the selected expert receives", "1"),
+    "router_logits": ("router logit", "1"),
+    "lens_logprob": ("logit-lens log-probability of the next token", "nats"),
+    "lens_js": ("logit-lens Jensen-Shannon divergence between conditions", "nats"),
+    "nll": ("next-token negative log-likelihood", "nats"),
+    "capacity_dropped": ("routing slot dropped by expert capacity", "1"),
+    "complete": ("checkpoint fully written", "1"),
+    "checkpoint": ("checkpoint name", ""),
+    "step": ("training step of the checkpoint", "steps"),
+    "layer": ("MoE layer index (decoder layer of the model)", ""),
+    "k": ("routing slot, 0 = top-1", ""),
+    "expert": ("expert index", ""),
+    "token": ("token index along the cube (all samples, concatenated)", ""),
+    "sample": ("sample index (samples are contiguous along token)", ""),
+    "position": ("token position in its sample", "tokens"),
+    "token_id": ("input token id", ""),
+    "token_text": ("text of the token", ""),
+    "char_start": ("start character offset of the token in its sample", "characters"),
+    "char_end": ("end character offset of the token in its sample (exclusive)", "characters"),
+    "dataset": ("dataset name", ""),
+    "domain": ("domain label", ""),
+    "condition": ("condition label", ""),
+    "pair": ("pair id linking samples across conditions", ""),
+    "canonical": ("token has non-whitespace characters", "1"),
+    "aligned_token": ("index of the aligned token in the other condition", ""),
+    "last_canonical": ("last canonical token of its sample", "1"),
+    "phase": ("inference phase (prefill/decode)", ""),
+}
+
+
+def apply_cf_attrs(ds: xr.Dataset) -> xr.Dataset:
+    """Set ``long_name`` and ``units`` (:data:`CF_ATTRS`) on every variable and coordinate of ``ds`` present, in place."""
+    for name, (long_name, units) in CF_ATTRS.items():
+        if name in ds.variables:
+            ds[name].attrs.setdefault("long_name", long_name)
+            ds[name].attrs.setdefault("units", units)
+            if name in TOKEN_COORDS:
+                ds[name].attrs.setdefault("description", TOKEN_COORDS[name][1])
     return ds
 
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import luigi
 
+from experiments import DEFAULT_EXPERIMENT
 from experiments.spec import CheckpointSpec, DatasetSpec, Experiment, load_experiment
-from storage import RunLayout
+from storage import RunLayout, atomic
 from storage import cube as cubes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,28 +53,18 @@ def checkpoints(exp: Experiment) -> list[CheckpointSpec]:
         return list(exp.model.checkpoints)
     if exp.model.source == "import":
         return []  # the traces name their own checkpoints
-    from capture.demo import checkpoint_name
+    from capture.demo import demo_checkpoints
 
-    layout = _layout(exp)
-    cfg = _demo_config(exp)
-    return [
-        CheckpointSpec(name=checkpoint_name(s), path=str(layout.model_dir / "checkpoints" / checkpoint_name(s)), step=s)
-        for s in cfg.checkpoint_steps
-    ]
+    return [CheckpointSpec(**c) for c in demo_checkpoints(_layout(exp).model_dir, _demo_config(exp))]
 
 
 def datasets(exp: Experiment) -> list[DatasetSpec]:
     if exp.datasets or exp.model.source != "demo":
         return list(exp.datasets)
-    from capture.demo import EVAL_DATASET_NAME, PAIRED_DATASET_NAME
+    from capture.demo import demo_datasets
 
-    # prepare_demo writes its held-out samples here (capture/demo/__init__.py documents the layout).
-    data = _layout(exp).model_dir / "data"
-    out = [DatasetSpec(name=EVAL_DATASET_NAME, path=str(data / "eval.jsonl"))]
-    if exp.conditions.a:
-        # The demo's two-condition set (capture/demo/paired.py), used when the experiment compares conditions.
-        out.append(DatasetSpec(name=PAIRED_DATASET_NAME, path=str(data / "paired.jsonl")))
-    return out
+    # With [conditions], also the demo's two-condition set (capture/demo/paired.py).
+    return [DatasetSpec(**d) for d in demo_datasets(_layout(exp).model_dir, paired=bool(exp.conditions.a))]
 
 
 def _conditions(exp: Experiment) -> tuple[str, str]:
@@ -171,7 +162,7 @@ class PrepareModel(_Stage):
         return cubes.fingerprint("checkpoints", [dataclasses.asdict(c) for c in exp.model.checkpoints])
 
     def output(self):
-        return luigi.LocalTarget(str(self.layout.model_dir / "prepared.json"))
+        return luigi.LocalTarget(str(self.layout.prepared))
 
     def complete(self):
         return _json_fingerprint(self.output().path) == self.fingerprint()
@@ -188,23 +179,15 @@ class PrepareModel(_Stage):
                 raise ValueError(f"{exp.source_file}: [conditions] compares the demo's paired set, which this "
                                  f"model.demo config cannot build: {paired.get('error', 'no paired data')}")
         else:
-            from capture.load import check_checkpoint_dir, describe_checkpoint
+            from capture.load import check_checkpoints
 
-            models = []
-            for c in exp.model.checkpoints:
-                try:
-                    check_checkpoint_dir(c.path, need_weights=True)
-                except (OSError, ValueError) as exc:
-                    raise type(exc)(f"{exp.source_file}: checkpoint {c.name!r}: {exc}") from exc
-                models.append(dataclasses.asdict(describe_checkpoint(c.path, trust_remote_code=exp.model.trust_remote_code)))
-            shapes = {(m["num_experts"], m["top_k"], tuple(m["moe_layers"])) for m in models}
-            if len(shapes) != 1:
-                raise ValueError(
-                    f"{exp.source_file}: checkpoints differ in experts/top-k/MoE layers {sorted(shapes)}; "
-                    "an experiment compares checkpoints of one architecture"
-                )
-            info["models"] = models
-        _write_json_atomic(self.output().path, info)
+            try:
+                models = check_checkpoints([(c.name, c.path) for c in exp.model.checkpoints],
+                                           trust_remote_code=exp.model.trust_remote_code)
+            except (OSError, ValueError) as exc:
+                raise type(exc)(f"{exp.source_file}: {exc}") from exc
+            info["models"] = [dataclasses.asdict(m) for m in models]
+        atomic.write_json(self.output().path, info)
 
 
 class Tokenize(_Stage):
@@ -269,34 +252,45 @@ class RoutingTemplate(_Stage):
             Tokenize(experiment=self.experiment, dataset=d.name) for d in datasets(self.exp)
         ]
 
-    def output(self):
-        return luigi.LocalTarget(str(self.layout.routing))
-
-    def inputs_current(self) -> bool:
-        """The cube exists and was built from the current token tables."""
+    def fingerprint(self) -> str:
+        """The token tables (their own fingerprints: content of data and tokenizer) and the pairing of conditions."""
         # Only the token tables matter here: PrepareModel reruns when checkpoints are added.
+        return cubes.fingerprint([cubes.result_fingerprint(t.output().path, verify=False) for t in self.requires()[1:]],
+                                 _conditions(self.exp))
+
+    def output(self):
+        # What the template was built from; the cube itself is shared with Capture (one region each).
+        return luigi.LocalTarget(str(self.layout.template_marker))
+
+    def _current_cube(self):
+        """The cube, if it exists and was built from the current token tables; else None.
+
+        Cheap: compares fingerprints kept in the marker (no token table is read or aligned again).
+        """
         if not all(r.complete() for r in self.requires()[1:]):
-            return False
+            return None
+        mark = _read_json(self.output().path) or {}
+        if mark.get("fingerprint") != self.fingerprint():
+            return None
         try:
             ds = cubes.open_routing(self.layout.routing, complete_only=False)
         except cubes.CubeError:
-            return False
-        from capture.job import routing_inputs_hash
+            return None
+        return ds if ds.attrs.get("inputs_hash") == mark.get("inputs_hash") else None
 
-        return ds.attrs.get("inputs_hash") == routing_inputs_hash(
-            [t.output().path for t in self.requires()[1:]], _conditions(self.exp)
-        )
+    def inputs_current(self) -> bool:
+        """The cube exists and was built from the current token tables."""
+        return self._current_cube() is not None
 
     def complete(self):
-        if not self.inputs_current():
-            return False
-        have = set(map(str, cubes.open_routing(self.layout.routing, complete_only=False).checkpoint.values))
-        return {c.name for c in checkpoints(self.exp)} <= have
+        ds = self._current_cube()
+        return ds is not None and {c.name for c in checkpoints(self.exp)} <= set(map(str, ds.checkpoint.values))
 
     def run(self):
         from capture.job import build_template
 
         exp = self.exp
+        fingerprint = self.fingerprint()
         template = build_template(
             [t.output().path for t in self.requires()[1:]],
             checkpoints=checkpoints(exp),
@@ -308,6 +302,7 @@ class RoutingTemplate(_Stage):
         )
         cubes.clean_temporaries(self.layout.root)
         cubes.prepare_routing(self.layout.routing, template)
+        atomic.write_json(self.output().path, {"fingerprint": fingerprint, "inputs_hash": template.attrs["inputs_hash"]})
 
 
 def _batch_checkpoints(names) -> str:
@@ -357,7 +352,13 @@ class Capture(_Stage):
         return [by_name[n] for n in self._names()]
 
     def output(self):
-        return luigi.LocalTarget(str(self.layout.routing))
+        # This checkpoint's region of routing.zarr (one per checkpoint of a batch), not the whole cube.
+        routing = self.layout.routing
+        try:
+            names = self._names()
+        except KeyError:
+            names = [self.checkpoint]
+        return [_Check(routing, lambda n=n: n in cubes.completed_checkpoints(routing), f"region {n}") for n in names]
 
     def complete(self):
         # Not RoutingTemplate.complete(): a template missing *another* checkpoint leaves this capture valid.
@@ -398,7 +399,8 @@ class ImportTrace(_Stage):
         )
 
     def output(self):
-        return luigi.LocalTarget(str(self.layout.routing))
+        # routing.zarr stamped with this import's fingerprint (attribute MARK, written last).
+        return _Check(self.layout.routing, self.complete, "imported routing")
 
     def complete(self):
         try:
@@ -485,10 +487,15 @@ class Analyse(_Stage):
 class FullReport(_Stage):
     """report/index.html with figures, tables/*.csv and summary.json."""
 
-    experiment = luigi.Parameter(default="experiments/demo.toml", description="path of the experiment TOML file")
+    experiment = luigi.Parameter(default=DEFAULT_EXPERIMENT, description="path of the experiment TOML file (default: the demo)")
 
     def requires(self):
-        return [Analyse(experiment=self.experiment, analysis=a) for a in self.exp.analyses.run]
+        from .training import report_requires  # issue 16: the training-runs stage (tasks/training.py)
+
+        from .experts import report_requires as weights_requires  # issue 14: tasks/experts.py
+
+        return ([Analyse(experiment=self.experiment, analysis=a) for a in self.exp.analyses.run]
+                + report_requires(self.experiment) + weights_requires(self.experiment))
 
     def fingerprint(self) -> str:
         from analyses import REPORT_VERSION, VERSION
@@ -510,7 +517,7 @@ class FullReport(_Stage):
         from analyses.report import build_report
 
         build_report(
-            self.exp, self.layout, [r.analysis for r in self.requires()], fingerprint=self.fingerprint(),
+            self.exp, self.layout, [r.analysis for r in self.requires() if isinstance(r, Analyse)], fingerprint=self.fingerprint(),
             dashboard=_dashboard(),
         )
 
@@ -539,19 +546,29 @@ def _dashboard() -> str:
     return deploy.dashboard_link()
 
 
-def _json_fingerprint(path) -> str | None:
+class _Check(luigi.Target):
+    """A target that is a check on the run's files (a cube region, a stamp), not the existence of a path."""
+
+    def __init__(self, path, check, what: str):
+        self.path, self._check, self.what = str(path), check, what
+
+    def exists(self) -> bool:
+        return bool(self._check())
+
+    def __repr__(self) -> str:
+        return f"<{self.what} of {self.path}>"
+
+
+def _read_json(path) -> dict | None:
     try:
-        return json.loads(Path(path).read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
         return None
+    return obj if isinstance(obj, dict) else None
 
 
-def _write_json_atomic(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+def _json_fingerprint(path) -> str | None:
+    return (_read_json(path) or {}).get("fingerprint")
 
 
 def _path_stamp(path) -> list:

@@ -22,6 +22,7 @@ from capture.align import align_tokens, canonical_ranges, last_canonical, match_
 from capture.demo.tokenizer import train_tokenizer
 from capture.tokenize import tokenize_records
 from storage.schema import token_table, tokens_hash
+from strategies import SPACES, WORDS
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -144,10 +145,6 @@ def test_groups_of_unequal_size_stay_unaligned():
     )
     got = align_tokens(tokens, "A", "B")[0]["aligned_token"].values
     np.testing.assert_array_equal(got, [len(ta), -1, -1, len(ta) + 4, 0, -1, -1, -1, 3])
-
-
-WORDS = st.sampled_from(["def", "f(x)", "return", "x+1", "café", "日本", "a,b", "#", "==", "print('hi')"])
-SPACES = st.sampled_from([" ", "  ", "\n", "\t", "\n    ", ""])
 
 
 @settings(max_examples=30, deadline=None)

@@ -18,7 +18,7 @@ from analyses.change import change
 from analyses.confidence import confidence, token_entropy
 from analyses.registry import last_canonical_mask
 from analyses.usage import usage
-from conftest import forbid_cube_compute, lazy, punch_holes, small_cube
+from cube_helpers import forbid_cube_compute, lazy, punch_holes, small_cube
 from storage.schema import FILL_ID, mock_cube
 
 # --------------------------------------------------------------------------- references
@@ -318,10 +318,11 @@ def test_change_refuses_differing_unwritten_pattern(cube):
 def test_out_of_range_ids_are_refused(cube):
     ds = cube.copy(deep=True)
     ds["expert_ids"].values[2, 0, 3, 1] = 8
+    # checked once where an analysis opens the cube (registry.checked_cube), for every analysis
     with pytest.raises(ValueError, match=r"outside -1\.\.7.*checkpoint step200, layer 0"):
-        usage(ds)
+        analyses.run("usage", ds)
     with pytest.raises(ValueError, match=r"outside -1\.\.7"):
-        usage(lazy(ds))["usage_all"].compute()
+        analyses.run("usage", lazy(ds))["usage_all"].compute()
 
 
 def test_registry_errors(cube):

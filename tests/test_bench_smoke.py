@@ -149,6 +149,15 @@ def test_capture_tiny():
     assert doc["zarr_bytes_after_run"] > 0
 
 
+def test_specialization_tiny():
+    doc = run_bench("bench.specialization", "--tiny")
+    check_machine(doc)
+    (shape,) = doc["shapes"]
+    assert shape["experts"] == 8 and shape["distinct_counts"] <= shape["n_types"]
+    assert shape["relative_difference"] < 1e-12  # the fast floor against the plain definition, same inputs
+    assert set(shape["median_s"]) == {"fast", "plain"} and shape["plain_over_fast"] > 0
+
+
 def test_storage_tiny():
     doc = run_bench("bench.storage", "--tiny")
     check_machine(doc)

@@ -34,7 +34,7 @@ from capture.families import tiny_model
 from capture.job import WEIGHT_SELF_TEST_ATTR, build_template, capture_into_cube, weight_self_test
 from capture.load import ModelInfo
 from capture.run import capture_model
-from conftest import lazy, small_cube
+from cube_helpers import lazy, small_cube
 from storage import cube as cubes
 from storage.schema import empty_routing, mock_cube, token_table
 

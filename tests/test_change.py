@@ -9,7 +9,7 @@ import xarray as xr
 
 import analyses.change as change_mod
 from analyses.change import _token_counts, change, cosine, set_intersection
-from conftest import punch_holes, small_cube
+from cube_helpers import punch_holes, small_cube
 from storage.schema import FILL_ID
 
 

@@ -9,8 +9,9 @@ import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import analyses
 from analyses.coactivation import cluster_order, coactivation, coactivation_chance
-from conftest import punch_holes, small_cube
+from cube_helpers import punch_holes, small_cube
 from storage.schema import mock_cube
 
 
@@ -141,7 +142,7 @@ def test_errors(ds):
     bad = ds.copy(deep=True)
     bad["expert_ids"].values[1, 2, 5, 1] = 9
     with pytest.raises(ValueError, match="outside -1..7"):
-        coactivation(bad, n_boot=0)
+        analyses.run("coactivation", bad, n_boot=0)
 
 
 def test_pair_codes_against_brute_force():

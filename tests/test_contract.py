@@ -13,7 +13,7 @@ from PIL import Image
 
 import analyses
 from analyses.registry import RESULT_ATTRS, RESULT_DIMS, VARIABLE_ATTRS
-from conftest import forbid_cube_compute, lazy, punch_holes, small_cube
+from cube_helpers import forbid_cube_compute, lazy, punch_holes, small_cube
 
 
 def _cases():

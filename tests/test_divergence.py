@@ -1,4 +1,4 @@
-"""Routing divergence and the logit lens by condition, against brute-force loops over token pairs."""
+"""Routing divergence by condition, against brute-force loops over token pairs (the lens: test_lens.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import xarray as xr
 
 import analyses
 from analyses.divergence import expected_jaccard, mask_points, per_token_vars, token_pairs
-from conftest import lazy, punch_holes, small_cube
+from cube_helpers import lazy, punch_holes, small_cube
+from token_pairs_helpers import pairs_bruteforce
 from storage.schema import mock_cube
 
 
@@ -21,26 +22,11 @@ def cube():
     return punch_holes(small_cube(n_checkpoints=2, seed=11), seed=4)
 
 
-def _pairs_bruteforce(ds):
-    """{view: [(a_token, b_token, pair id)]} from the coordinates, by explicit loops."""
-    cond, pair = ds["condition"].values, ds["pair"].values
-    aligned, canonical, sample = ds["aligned_token"].values, ds["canonical"].values, ds["sample"].values
-    canon = [(t, int(aligned[t]), pair[t]) for t in range(cond.size)
-             if cond[t] == "A" and aligned[t] >= 0 and canonical[t] and cond[aligned[t]] == "B"]
-    last = {}
-    for t in range(cond.size):
-        if canonical[t] and cond[t] in ("A", "B"):
-            last[(pair[t], cond[t])] = t  # the last canonical token seen of that sample wins
-    pairs = sorted({p for p, _ in last})
-    return {"canonical": canon,
-            "last_canonical": [(last[(p, "A")], last[(p, "B")], p) for p in pairs if (p, "B") in last]}
-
-
 def _bruteforce(ds, c, layer):
     E, k = ds.sizes["expert"], ds.sizes["k"]
     ids = ds["expert_ids"].values[c, layer]
     out = {}
-    for view, pairs in _pairs_bruteforce(ds).items():
+    for view, pairs in pairs_bruteforce(ds).items():
         counts = np.zeros((2, E))
         jac, inter, n = [], [], 0
         for a, b, _ in pairs:
@@ -85,7 +71,7 @@ def test_divergence_equals_bruteforce(cube):
                 ej = expected_jaccard(8, 2)
                 assert float(sel["jaccard_corrected"]) == pytest.approx((r["jaccard"] - ej) / (1 - ej))
                 assert int(sel["pairs"]) == r["pairs"]
-    assert res["sample_pairs"].sel(view="last_canonical") == len(_pairs_bruteforce(cube)["last_canonical"])
+    assert res["sample_pairs"].sel(view="last_canonical") == len(pairs_bruteforce(cube)["last_canonical"])
 
 
 def test_threshold_and_intervals(cube):
@@ -109,7 +95,7 @@ def test_threshold_and_intervals(cube):
 def test_identical_routing_in_both_conditions(view):
     ds = small_cube(n_checkpoints=1, seed=2)
     ids = ds["expert_ids"].values
-    for a, b, _ in _pairs_bruteforce(ds)[view]:
+    for a, b, _ in pairs_bruteforce(ds)[view]:
         ids[:, :, b] = ids[:, :, a][:, :, ::-1]  # same set, other slot order
     res = analyses.run("divergence", ds, n_boot=0).sel(view=view)
     np.testing.assert_allclose(res["total_variation"].values, 0.0, atol=1e-12)
@@ -158,44 +144,6 @@ def test_mask_points_and_artifacts(cube, tmp_path):
     assert len(df) == res.sizes["checkpoint"] * 3 * 2
 
 
-def _lens_bruteforce(ds, c, layer):
-    lp = ds["lens_logprob"].values[c, layer].astype(np.float64)
-    js, nll = ds["lens_js"].values[c, layer].astype(np.float64), ds["nll"].values[c]
-    pos, aligned = ds["position"].values, ds["aligned_token"].values
-    out = {}
-    for view, pairs in _pairs_bruteforce(ds).items():
-        a_vals, b_vals, js_vals = [], [], []
-        for a, b, _ in pairs:
-            if pos[a] == 0 or pos[b] == 0 or np.isnan(lp[a - 1]) or np.isnan(lp[b - 1]):
-                continue
-            a_vals.append(-lp[a - 1])
-            b_vals.append(-lp[b - 1])
-            if aligned[a] == b and not np.isnan(js[a - 1]):
-                js_vals.append(js[a - 1])
-        out[view] = (np.mean(a_vals), np.mean(b_vals), np.mean(np.subtract(a_vals, b_vals)),
-                     np.mean(js_vals) if js_vals else np.nan, len(a_vals))
-    return out
-
-
-def test_lens_by_condition_equals_bruteforce(cube):
-    res = analyses.run("lens", cube, n_boot=30)
-    for c in range(cube.sizes["checkpoint"]):
-        for layer in range(cube.sizes["layer"]):
-            for view, (na, nb, d, js, n) in _lens_bruteforce(cube, c, layer).items():
-                sel = res.isel(checkpoint=c, layer=layer).sel(view=view)
-                assert float(sel["lens_nll"].sel(condition="A")) == pytest.approx(na)
-                assert float(sel["lens_nll"].sel(condition="B")) == pytest.approx(nb)
-                assert float(sel["lens_nll_diff"]) == pytest.approx(d)
-                assert int(sel["targets"]) == n
-                if np.isfinite(js):
-                    assert float(sel["js"]) == pytest.approx(js)
-    # the mock's lens at the last layer is −nll: the model NLL the analysis reports on the same targets
-    last = res.isel(layer=-1)
-    np.testing.assert_allclose(last["lens_nll"].values, last["model_nll"].values, rtol=1e-6)
-    df = analyses.get("lens").table(res)
-    assert {"lens_nll_A", "lens_nll_B", "lens_nll_diff", "js", "model_nll_A"} <= set(df)
-
-
 def test_errors_say_what_is_missing():
     with pytest.raises(ValueError, match="name the two conditions"):
         analyses.run("divergence", mock_cube(paired=False, n_checkpoints=1))
@@ -204,8 +152,6 @@ def test_errors_say_what_is_missing():
         analyses.run("divergence", ds.drop_vars("aligned_token"))
     with pytest.raises(ValueError, match="condition 'C' has no token"):
         analyses.run("divergence", ds, condition_a="A", condition_b="C")
-    with pytest.raises(ValueError, match="needs cube variable"):
-        analyses.run("lens", mock_cube(with_lens=False, n_checkpoints=1))
     # conditions named the other way round swap the signs
     ab = analyses.run("divergence", ds, n_boot=0)
     ba = analyses.run("divergence", ds, condition_a="B", condition_b="A", n_boot=0)
@@ -213,18 +159,6 @@ def test_errors_say_what_is_missing():
     assert set(token_pairs(ds, "A", "B")) == {"canonical", "last_canonical"}
     np.testing.assert_allclose(ab["usage_diff"].values, -ba["usage_diff"].values)
     np.testing.assert_allclose(ab["jaccard"].values, ba["jaccard"].values)
-
-
-def test_lens_without_js_and_nll(cube):
-    res = analyses.run("lens", cube.drop_vars(["lens_js", "nll"]), n_boot=20)
-    assert "js" not in res and "model_nll" not in res and "js_lo" not in res
-    for c in range(cube.sizes["checkpoint"]):
-        for layer in range(cube.sizes["layer"]):
-            for view, (na, nb, d, _, n) in _lens_bruteforce(cube, c, layer).items():
-                sel = res.isel(checkpoint=c, layer=layer).sel(view=view)
-                assert float(sel["lens_nll"].sel(condition="A")) == pytest.approx(na)
-                assert float(sel["lens_nll_diff"]) == pytest.approx(d)
-                assert int(sel["targets"]) == n
 
 
 @pytest.mark.parametrize("lazy_cube", [False, True])

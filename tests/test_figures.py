@@ -24,7 +24,7 @@ from PIL import Image
 import analyses
 from analyses import code_files, figures
 from analyses.figures import plotting
-from conftest import punch_holes, small_cube
+from cube_helpers import punch_holes, small_cube
 
 ROOT = Path(analyses.__file__).parent
 
@@ -202,7 +202,7 @@ def test_import_direction():
         if f.parent == ROOT and f.name not in ("report.py", "plotting.py"):
             assert not names & figure_modules, f"{f.name} imports a figure module"
     # and at run time: computing a result does not load matplotlib
-    code = ("import sys; sys.path.insert(0, 'tests'); import analyses; from conftest import small_cube; "
+    code = ("import sys; sys.path.insert(0, 'tests'); import analyses; from cube_helpers import small_cube; "
             "analyses.run('usage', small_cube(n_checkpoints=2, seed=1)); "
             "print(any(m.startswith('matplotlib') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent, check=True)

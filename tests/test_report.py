@@ -12,7 +12,7 @@ import pytest
 
 import analyses
 from analyses import report
-from conftest import small_cube
+from cube_helpers import small_cube
 from experiments.spec import load_experiment
 from storage import cube as cubes
 from storage.layout import RunLayout

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import xarray as xr
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
+import analyses
 from analyses.bootstrap import per_sample_sums, sample_groups
 from analyses.specialization import expected_max_share, shuffled_mi, specialization
-from conftest import punch_holes, small_cube
+from cube_helpers import punch_holes, small_cube
 from storage.schema import mock_cube
+from strategies import SEEDS
 
 FAST = {"n_boot": 0, "n_shuffle": 20}
 
@@ -222,7 +223,7 @@ def test_lazy_equals_in_memory_with_sample_splitting_chunks(ds):
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(order_seed=st.integers(0, 10_000))
+@given(order_seed=SEEDS)
 def test_sample_order_and_layer_split_do_not_matter(ds, order_seed):
     whole = specialization(ds, min_count=3, n_boot=10, n_shuffle=20)
     samples = np.random.default_rng(order_seed).permutation(np.unique(ds["sample"].values))
@@ -251,4 +252,4 @@ def test_errors(ds):
     bad = ds.copy(deep=True)
     bad["expert_ids"].values[0, 1, 2, 0] = 8
     with pytest.raises(ValueError, match="outside -1..7"):
-        specialization(bad, **FAST)
+        analyses.run("specialization", bad, **FAST)

@@ -13,26 +13,8 @@ import xarray as xr
 from analyses import specialization as sp
 
 
-def expected_max_share_direct(n, q):
-    """The definition, summed directly: Σ_m (1 − Π_e F_e(m)) over lo..hi, 1 below lo, per distinct count."""
-    from scipy.stats import binom
-
-    n = np.asarray(n, dtype=np.int64)
-    n = n[n > 0]
-    q = np.clip(np.asarray(q, dtype=np.float64), 0.0, 1.0)
-    if n.size == 0 or not np.isfinite(q).all():
-        return float("nan")
-    qmax = float(q.max())
-    values, inverse = np.unique(n, return_inverse=True)
-    share = np.empty(len(values))
-    for i, nv in enumerate(values):
-        sd = np.sqrt(nv * qmax * (1.0 - qmax))
-        lo = int(max(0, np.floor(nv * qmax - 12 * sd - 1)))
-        hi = int(min(nv - 1, np.ceil(nv * qmax + 12 * sd + 1)))
-        m = np.arange(lo, hi + 1)
-        p_le = np.prod(binom.cdf(m[:, None], nv, q[None, :]), axis=1)
-        share[i] = (lo + np.sum(1.0 - p_le)) / nv
-    return float(np.mean(share[inverse]))
+# the plain definition kept beside the fast form in analyses/specialization.py is the reference
+expected_max_share_direct = sp.expected_max_share_plain
 
 
 def shuffled_mi_direct(counts, codes, n_groups):

@@ -187,8 +187,7 @@ def test_new_analysis_gets_validation_from_its_signature():
     def probe(routing, *, width: Annotated[int, Range(2, 9)] = 3, label: str = "a", n_boot: int = 10):
         raise AssertionError("never reached with bad parameters")
 
-    registry.register(dataclasses.replace(base, name="probe_params", func=probe,
-                                          params={"width": 3, "label": "a", "n_boot": 10}))
+    registry.register(dataclasses.replace(base, name="probe_params", func=probe))  # defaults: the signature's
     try:
         specs = registry.param_specs("probe_params")
         assert (specs["width"].type, specs["width"].constraint) == (int, Range(2, 9))

@@ -19,29 +19,53 @@ Importing this package is cheap: torch and transformers load only when training 
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
 from pathlib import Path
+
+from storage import atomic
 
 from .corpus import DOMAINS, Corpus, build_corpus
 from .paired import CONDITION_A, CONDITION_B, PAIRED_VERSION, build_paired, write_paired_jsonl
 from .train import DemoConfig, checkpoint_name
 
-__all__ = ["DOMAINS", "DemoConfig", "prepare_demo", "load_manifest", "build_corpus", "Corpus", "checkpoint_name"]
+__all__ = ["DOMAINS", "DemoConfig", "prepare_demo", "load_manifest", "build_corpus", "Corpus", "checkpoint_name",
+           "demo_checkpoints", "demo_datasets"]
 
 MANIFEST = "manifest.json"
 EVAL_DATASET_NAME = "demo_eval"
 PAIRED_DATASET_NAME = "demo_paired"
 
 
+# The layout under ``out_dir`` (module docstring), in one place: prepare_demo writes there, the pipeline reads there.
+def _eval_path(out_dir: Path) -> Path:
+    return Path(out_dir) / "data" / "eval.jsonl"
+
+
+def _paired_path(out_dir: Path) -> Path:
+    return Path(out_dir) / "data" / "paired.jsonl"
+
+
+def _checkpoints_dir(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def demo_checkpoints(out_dir: Path, cfg: DemoConfig) -> list[dict]:
+    """The checkpoints ``prepare_demo(out_dir, cfg)`` saves: [{name, step, path}] in step order (paths not resolved)."""
+    return [{"name": checkpoint_name(s), "step": s, "path": str(_checkpoints_dir(out_dir) / checkpoint_name(s))}
+            for s in cfg.checkpoint_steps]
+
+
+def demo_datasets(out_dir: Path, *, paired: bool = False) -> list[dict]:
+    """The held-out data sets ``prepare_demo`` writes: [{name, path}]; ``paired`` adds the two-condition set."""
+    out = [{"name": EVAL_DATASET_NAME, "path": str(_eval_path(out_dir))}]
+    if paired:
+        out.append({"name": PAIRED_DATASET_NAME, "path": str(_paired_path(out_dir))})
+    return out
+
+
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, ensure_ascii=False, newline=True, fsync=True, hidden=True)
 
 
 def _remove_previous_outputs(out_dir: Path) -> None:
@@ -60,22 +84,22 @@ def _remove_previous_outputs(out_dir: Path) -> None:
 
     rm(out_dir / MANIFEST)
     rm(out_dir / "training_log.json")
-    rm(out_dir / "data" / "eval.jsonl")
-    rm(out_dir / "data" / "paired.jsonl")
+    rm(_eval_path(out_dir))
+    rm(_paired_path(out_dir))
     rm(out_dir / "tokenizer")
-    ckpt = out_dir / "checkpoints"
+    ckpt = _checkpoints_dir(out_dir)
     if ckpt.is_dir():
         from .train import SAVED_BY
 
         # Only folders the demo's trainer wrote: a finished step_* holds its SAVED_BY
         # file (a user's own step_* folder is never ours to delete); a half-written one
-        # carries the trainer's temporary name (.step_N.tmp-PID) inside this run's own,
-        # claimed model folder.
+        # carries the trainer's temporary name (.step_N.tmp-<8 hex>, storage.atomic; older
+        # versions used the PID) inside this run's own, claimed model folder.
         for p in ckpt.glob("step_*"):
             if p.is_dir() and not p.is_symlink() and (p / SAVED_BY).is_file():
                 rm(p)
         for p in ckpt.glob(".step_*.tmp-*"):
-            if p.name.rsplit(".tmp-", 1)[1].isdigit():
+            if re.fullmatch(r"[0-9a-f]{8}|[0-9]{1,10}", p.name.rsplit(".tmp-", 1)[1]):
                 rm(p)
     for p in list(out_dir.glob(".*.tmp-*")) + list((out_dir / "data").glob(".*.tmp-*")):
         rm(p)
@@ -138,15 +162,14 @@ def _write_paired(out_dir: Path, corpus: Corpus, tokenizer, cfg: DemoConfig) -> 
     paired set: the entry then says why (``error``) and has no ``path``; only
     experiments that compare conditions need it (tasks.PrepareModel checks).
     """
-    path = out_dir / "data" / "paired.jsonl"
+    path = _paired_path(out_dir)
     try:
         rows = build_paired(corpus, tokenizer, n_pairs=cfg.eval_samples_per_domain, seq_len=cfg.seq_len)
     except ValueError as exc:
         path.unlink(missing_ok=True)
         return {"name": PAIRED_DATASET_NAME, "error": str(exc), "version": PAIRED_VERSION}
-    tmp = path.with_name(f".paired.jsonl.tmp-{os.getpid()}")
-    write_paired_jsonl(rows, tmp)
-    os.replace(tmp, path)
+    with atomic.staged(path, hidden=True) as tmp:
+        write_paired_jsonl(rows, tmp)
     return {"name": PAIRED_DATASET_NAME, "path": str(path), "conditions": [CONDITION_A, CONDITION_B],
             "pairs": len(rows) // 2, "version": PAIRED_VERSION}
 
@@ -213,23 +236,15 @@ def prepare_demo(out_dir: Path, cfg: DemoConfig | None = None, progress: bool = 
     corpus.select_eval(cfg.eval_samples_per_domain, fit=_fit_to_context(tokenizer, cfg.seq_len))
 
     tok_dir = out_dir / "tokenizer"
-    tok_tmp = out_dir / f".tokenizer.tmp-{os.getpid()}"
-    if tok_tmp.exists():
-        shutil.rmtree(tok_tmp)
-    save_tokenizer(tokenizer, tok_tmp)
-    os.replace(tok_tmp, tok_dir)
+    with atomic.staged(tok_dir, hidden=True) as tok_tmp:
+        save_tokenizer(tokenizer, tok_tmp)
 
-    data_dir = out_dir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    eval_path = data_dir / "eval.jsonl"
-    eval_tmp = data_dir / f".eval.jsonl.tmp-{os.getpid()}"
-    corpus.write_eval_jsonl(eval_tmp)
-    os.replace(eval_tmp, eval_path)
+    with atomic.staged(_eval_path(out_dir), hidden=True) as eval_tmp:
+        corpus.write_eval_jsonl(eval_tmp)
     paired = _write_paired(out_dir, corpus, tokenizer, cfg)
 
     eval_texts = {d: [s["text"] for s in corpus.eval_samples if s["domain"] == d] for d in DOMAINS}
-    ckpt_dir = out_dir / "checkpoints"
-    log = train_demo_model(cfg, corpus.train, eval_texts, tokenizer, ckpt_dir, progress=progress)
+    log = train_demo_model(cfg, corpus.train, eval_texts, tokenizer, _checkpoints_dir(out_dir), progress=progress)
     log["corpus"] = {
         "train_chars": corpus.train_chars(),
         "train_documents": {d: len(v) for d, v in corpus.train.items()},
@@ -239,11 +254,8 @@ def prepare_demo(out_dir: Path, cfg: DemoConfig | None = None, progress: bool = 
     _write_json_atomic(out_dir / "training_log.json", log)
 
     manifest = {
-        "checkpoints": [
-            {"name": checkpoint_name(s), "step": s, "path": str(ckpt_dir / checkpoint_name(s))}
-            for s in cfg.checkpoint_steps
-        ],
-        "datasets": [{"name": EVAL_DATASET_NAME, "path": str(eval_path)}],
+        "checkpoints": demo_checkpoints(out_dir, cfg),
+        "datasets": demo_datasets(out_dir),
         "tokenizer": str(tok_dir),
         "paired": paired,
         "config": cfg.to_dict(),

@@ -20,12 +20,12 @@ that read ``dataclasses.fields(DemoConfig)``.
 import dataclasses
 import json
 import math
-import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from storage import atomic
 
 from .corpus import DOMAINS
 
@@ -298,7 +298,8 @@ def lr_at(step: int, cfg: DemoConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def eval_nll_by_domain(model, eval_ids: dict[str, list[list[int]]], pad_id: int) -> dict[str, float]:
+def eval_nll_by_domain(model, eval_ids: dict[str, list[list[int]]], pad_id: int,
+                       acc_out: dict | None = None) -> dict[str, float]:
     """Mean next-token NLL (nats per predicted token) of each domain's evaluation samples.
 
     Parameters
@@ -307,6 +308,8 @@ def eval_nll_by_domain(model, eval_ids: dict[str, list[list[int]]], pad_id: int)
     eval_ids : dict
         Domain -> token ids per sample (BOS included), each at most the model's context.
     pad_id : int
+    acc_out : dict, optional
+        Filled with domain -> next-token accuracy (share of predicted tokens whose argmax is the next token).
 
     Returns
     -------
@@ -331,6 +334,9 @@ def eval_nll_by_domain(model, eval_ids: dict[str, list[list[int]]], pad_id: int)
             ).view(len(seqs), width - 1)
             valid = mask[:, 1:].bool()
             out[domain] = float(nll[valid].mean())
+            if acc_out is not None:  # next-token accuracy (argmax = the next token), the demo's second score
+                hit = logits[:, :-1].argmax(-1) == ids[:, 1:]
+                acc_out[domain] = float(hit[valid].float().mean())
     model.train(was_training)
     return out
 
@@ -347,8 +353,6 @@ def save_checkpoint_atomic(model, tokenizer, final_dir: Path) -> None:
     :data:`SAVED_BY`, written before the rename); any other directory of that name
     is left alone and the save refused, so a user's files are never deleted.
     """
-    import uuid
-
     from transformers.utils import logging as hf_logging
 
     if final_dir.exists() and not (final_dir / SAVED_BY).is_file():
@@ -356,22 +360,19 @@ def save_checkpoint_atomic(model, tokenizer, final_dir: Path) -> None:
             f"{final_dir}: exists and was not saved by the moe-atlas demo (no {SAVED_BY}); not replacing it. "
             "Move it away or use another output_dir."
         )
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name: nothing of that name can exist, so nothing needs removing first.
-    tmp = final_dir.parent / f".{final_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    # transformers' own per-save progress bar would interleave with the training bar.
-    bars_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-    finally:
-        if bars_on:
-            hf_logging.enable_progress_bar()
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / SAVED_BY).write_text(json.dumps({"saved_by": "moe-atlas demo", "checkpoint": final_dir.name}) + "\n")
-    if final_dir.exists():
-        shutil.rmtree(final_dir)  # ours: it holds SAVED_BY (checked above)
-    os.replace(tmp, final_dir)
+    # A fresh name: nothing of that name can exist, so nothing needs removing first. An existing
+    # final_dir is ours (it holds SAVED_BY, checked above): staged() moves it aside and deletes it.
+    with atomic.staged(final_dir, hidden=True) as tmp:
+        # transformers' own per-save progress bar would interleave with the training bar.
+        bars_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        finally:
+            if bars_on:
+                hf_logging.enable_progress_bar()
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / SAVED_BY).write_text(json.dumps({"saved_by": "moe-atlas demo", "checkpoint": final_dir.name}) + "\n")
 
 
 def train_demo_model(
@@ -468,7 +469,8 @@ def train_demo_model(
             save_checkpoint_atomic(model, tokenizer, checkpoints_dir / checkpoint_name(step))
             entry = {"step": step, "name": checkpoint_name(step)}
             if eval_ids:
-                entry["eval_nll"] = eval_nll_by_domain(model, eval_ids, pad)
+                entry["eval_acc"] = {}
+                entry["eval_nll"] = eval_nll_by_domain(model, eval_ids, pad, acc_out=entry["eval_acc"])
             log["checkpoints"].append(entry)
 
         if 0 in wanted:

@@ -27,9 +27,7 @@ import csv
 import json
 import os
 import re
-import shutil
 import warnings
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from .. import atomic
 from ..schema import VARIABLES, empty_routing, token_table, tokens_hash
 
 
@@ -535,13 +534,9 @@ class Collected:
     step: int
 
 
-def _temp_sibling(path: Path, tag: str) -> Path:
-    # ".tmp-" in the name: storage.cube.clean_temporaries removes what a killed import leaves behind
-    return path.with_name(f"{path.name}.tmp-{tag}-{uuid.uuid4().hex[:8]}")
-
-
 def spool_dir_for(out_path: Path) -> Path:
-    return _temp_sibling(out_path, "spool")
+    # ".tmp-" in the name: storage.cube.clean_temporaries removes what a killed import leaves behind
+    return atomic.temp_path(out_path, "spool")
 
 
 def write_cube(
@@ -676,8 +671,7 @@ def write_cube(
             template[name] = xr.Variable(spec.dims, da.full(shape, spec.fill, dtype=spec.dtype),
                                          attrs={"description": spec.description})
 
-    tmp = _temp_sibling(out_path, "import")
-    try:
+    with atomic.staged(out_path, "import") as tmp:
         prepare_routing(tmp, template)
         group = zarr.open_group(str(tmp), mode="r+")
         for ci, part in enumerate(parts):
@@ -702,18 +696,8 @@ def write_cube(
                             arr[ci, li, t0:t0 + step] = np.asarray(rows).astype(arr.dtype, copy=False)
                         del mm
             seal_region(tmp, ci)  # manifest, then complete = 1, written last: the region is whole
-        if out_path.exists():
-            if not overwrite:
-                raise FileExistsError(f"{out_path}: already exists (pass overwrite=True to replace it)")
-            trash = _temp_sibling(out_path, "old")
-            os.replace(out_path, trash)
-            os.replace(tmp, out_path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if out_path.exists() and not overwrite:
+            raise FileExistsError(f"{out_path}: already exists (pass overwrite=True to replace it)")
     return {
         "path": str(out_path),
         "checkpoints": [p.checkpoint for p in parts],

@@ -39,14 +39,13 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import shutil
-import uuid
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
+from .. import atomic
 from ..schema import counts_cube
 from ._core import Trace, TraceError, fail
 
@@ -337,8 +336,7 @@ def write_counts_cube(parts, out_path: Path, *, side: dict, num_experts: int | N
     from ..cube import seal_region
 
     out_path = Path(out_path)
-    tmp = out_path.with_name(f"{out_path.name}.tmp-import-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic.staged(out_path, "import") as tmp:
         # one chunk per checkpoint, like every region of a routing cube; each checkpoint is sealed
         # (manifest of its chunks, then complete = 1) as the importers do, so readers verify it
         ds["complete"].values[:] = 0
@@ -348,18 +346,8 @@ def write_counts_cube(parts, out_path: Path, *, side: dict, num_experts: int | N
         manifests.seal_template(tmp)
         for ci in range(C):
             seal_region(tmp, ci)
-        if out_path.exists():
-            if not overwrite:
-                raise FileExistsError(f"{out_path}: already exists (pass overwrite=True to replace it)")
-            trash = out_path.with_name(f"{out_path.name}.tmp-old-{uuid.uuid4().hex[:8]}")
-            os.replace(out_path, trash)
-            os.replace(tmp, out_path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if out_path.exists() and not overwrite:
+            raise FileExistsError(f"{out_path}: already exists (pass overwrite=True to replace it)")
     return {
         "path": str(out_path), "checkpoints": [p.checkpoint for p in parts], "steps": [int(p.step) for p in parts],
         "tokens": 0, "samples": 0, "layers": layers, "num_experts": E, "top_k": k, "variables": ["slot_counts"],

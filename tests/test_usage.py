@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from analyses.registry import VIEWS, last_canonical_mask
 from analyses.usage import usage
-from conftest import punch_holes, small_cube
+from cube_helpers import punch_holes, small_cube
 from storage.schema import mock_cube
+from strategies import HOLE_FRACTIONS, SEEDS
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_views_and_timeline_at_chance_on_uniform_routing(uniform_cube):
 
 
 @settings(max_examples=12, deadline=None)
-@given(seed=st.integers(0, 10_000), hole_frac=st.sampled_from([0.0, 0.3]), n_bins=st.integers(1, 9))
+@given(seed=SEEDS, hole_frac=HOLE_FRACTIONS, n_bins=st.integers(1, 9))
 def test_views_nest_and_buckets_add_up(seed, hole_frac, n_bins):
     ds = punch_holes(mock_cube(n_checkpoints=2, n_layers=2, n_samples=7, seq_len=10, seed=seed, with_logits=False),
                      seed=seed, frac=hole_frac)

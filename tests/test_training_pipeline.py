@@ -1,0 +1,137 @@
+"""tasks/training.py end to end: two tiny demo runs (with and without the load-balancing loss) side by side."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline_helpers import build
+
+TINY = """
+name = "{name}"
+output_dir = "{out}"
+{runs}
+[model]
+source = "demo"
+[model.demo]
+steps = 8
+checkpoint_steps = [0, 8]
+hidden_size = 32
+intermediate_size = 64
+num_layers = 2
+num_heads = 2
+num_experts = 4
+top_k = 2
+vocab_size = 384
+seq_len = 64
+batch_size = 8
+lr = 0.01
+warmup_steps = 2
+eval_samples_per_domain = 2
+eval_max_chars = 300
+train_chars_per_domain = 20000
+aux_loss_coef = {coef}
+[capture]
+keep_router_logits = true
+batch_size = 4
+max_length = 64
+[analyses]
+run = ["usage"]
+[dask]
+n_workers = 1
+dashboard_port = {port}
+"""
+
+
+@pytest.mark.slow
+def test_two_runs_side_by_side(tmp_path):
+    import xarray as xr
+
+    import tasks
+    from storage import cube as cubes
+
+    other = tmp_path / "no_lb.toml"
+    other.write_text(TINY.format(name="no_lb", out=tmp_path / "no_lb", runs="", coef=0.0, port=18960))
+    scores = tmp_path / "results.json"
+    scores.write_text(json.dumps({"results": {"arc_easy": {"acc,none": 0.25}}}))
+    main = tmp_path / "main.toml"
+    runs = (f'[[runs]]\nname = "no_lb"\nexperiment = "{other}"\n'
+            f'[[training.scores]]\npath = "{scores}"\ncheckpoint = "step_0008"\nstep = 8\n')
+    main.write_text(TINY.format(name="lb", out=tmp_path / "lb", runs=runs, coef=0.02, port=18961))
+    ok, errors = build(main)
+    assert ok, errors
+
+    root = tmp_path / "lb" / "analyses" / "training"
+    logs = cubes.open_result(root / "logs.zarr")
+    assert list(logs.run.values) == ["lb", "no_lb"]
+    # the no-LB run logs its aux loss too (coef 0 scales it, the model still computes it)
+    assert np.isfinite(logs["value"].sel(metric="aux_loss", step=slice(1, None)).values).all()
+    log = json.loads((tmp_path / "lb" / "model" / "training_log.json").read_text())
+    assert logs["value"].sel(run="lb", step=8, metric="lm_loss").item() == log["steps"][-1]["loss"]
+
+    cmp = cubes.open_result(root / "compare.zarr")
+    # same seed, same init: identical routing at step 0, so no divergence there
+    step0 = cmp.sel(run="no_lb", checkpoint="step_0000")
+    assert (step0.agreement_top1 == 1).all() and int(step0.first_divergence_token) == -1
+    assert cmp.attrs["against"] == "lb"
+
+    gate = cubes.open_result(root / "gate.zarr")
+    assert gate.effective_rank.dims == ("run", "step", "layer")
+    assert (gate.sel(step=0).mean_row_norm_change == 0).all()
+    # same init: the two runs' routers agree at step 0
+    np.testing.assert_allclose(gate.row_norm.sel(run="lb", step=0), gate.row_norm.sel(run="no_lb", step=0))
+
+    sc = cubes.open_result(root / "scores.zarr")
+    assert {"code", "prose", "math", "data", "arc_easy"} <= set(sc.task.values)
+    assert set(sc.metric.values) >= {"nll", "acc", "acc,none"}
+    assert float(sc.score.sel(run="lb", step=8, task="arc_easy", metric="acc,none")) == 0.25
+
+    comp = cubes.open_result(root / "composition.zarr")
+    assert set(comp.dataset.values) >= {"train", "demo_eval"}
+    routing = xr.open_zarr(tmp_path / "lb" / "routing.zarr")
+    eval_tokens = int(comp.tokens.where(comp.dataset == "demo_eval", 0).sum())
+    assert eval_tokens == routing.sizes["token"]
+
+    summary = json.loads((tmp_path / "lb" / "summary.json").read_text())
+    assert set(summary["training_runs"]["final_dead_experts"]) == {"lb", "no_lb"}
+    html = (tmp_path / "lb" / "report" / "index.html").read_text()
+    for stem in ("training_curves", "gate_diagnostics", "routing_agreement", "score_summary", "data_composition",
+                 "entropy_trends"):
+        assert f"{stem}.png" in html, stem
+    assert (tmp_path / "lb" / "report" / "figures" / "training_runs" / "score_summary.pdf").is_file()
+    assert (tmp_path / "lb" / "tables" / "training_entropy.csv").is_file()
+
+    # done: a second build runs nothing
+    tasks._experiment.cache_clear()
+    assert tasks.FullReport(experiment=str(main)).complete()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ('[[runs]]\nname = "x"\nexperiment = "missing.toml"\n', "'runs[0].experiment'"),
+    ('[[runs]]\nname = "a b"\nexperiment = "other.toml"\n', "'runs[0].name'"),
+    ('[[runs]]\nname = "main"\nexperiment = "other.toml"\n', "must differ"),
+    ('[[training.logs]]\npath = "x.csv"\nformat = "excel"\n', "'training.logs[0].format'"),
+    ('[[training.scores]]\npath = "r.json"\n', "'training.scores[0].checkpoint'"),
+])
+def test_spec_training_keys_refused_by_name(tmp_path, extra, needle):
+    from experiments.spec import SpecError, load_experiment
+
+    (tmp_path / "other.toml").write_text('name = "other"\noutput_dir = "o"\n')
+    p = tmp_path / "main.toml"
+    p.write_text(f'name = "main"\noutput_dir = "m"\n{extra}')
+    with pytest.raises(SpecError, match="main.toml") as e:
+        load_experiment(p)
+    assert needle in str(e.value)
+
+
+def test_spec_runs_resolved_against_the_file(tmp_path):
+    from experiments.spec import load_experiment
+
+    (tmp_path / "other.toml").write_text('name = "other"\noutput_dir = "o"\n')
+    p = tmp_path / "main.toml"
+    p.write_text('name = "main"\noutput_dir = "m"\n[[runs]]\nname = "b"\nexperiment = "other.toml"\n')
+    exp = load_experiment(p)
+    assert exp.runs[0].experiment == str(tmp_path / "other.toml")
+    assert exp.training.enabled
