@@ -12,7 +12,7 @@ How an analysis stays near the speed of a numpy pass
 ----------------------------------------------------
 * **One pass over the tokens.** Every per-token quantity an analysis needs is
   reduced in one fused kernel per (checkpoint, layer, token-chunk) block:
-  :func:`analyses.bootstrap.per_sample_sums` is a single ``np.bincount`` over a
+  :func:`analyses.token_pass.per_sample_sums` is a single ``np.bincount`` over a
   combined (row, sample, group...) index, restricted to the samples the block
   touches, for all variables of a Dataset at once. Overlapping views are
   passed as a partition (``registry.view_classes``) rather than one masked
@@ -24,7 +24,10 @@ How an analysis stays near the speed of a numpy pass
   (boot, sample) draw counts, one per group (:func:`analyses.bootstrap.resample`);
   the point estimates are the same product with a row of ones.
 * **Token coordinates read once** (``storage.cube.open_routing`` keeps them
-  lazy and cached), factorised by hashing and remembered per array.
+  lazy and cached) and factorised once per analysis: the token pass
+  (:mod:`analyses.token_pass`) takes an explicit ``Samples`` object
+  (``Samples.of(routing)``: each token's sample code and the sample labels)
+  that the analysis builds once and hands to every pass.
 
 ``bench/analyses.py`` measures each analysis against one ``np.bincount`` over
 the cube's ids (README there has the figures).

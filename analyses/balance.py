@@ -24,6 +24,7 @@ loss (no probabilities) or intervals (no samples).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -34,19 +35,10 @@ from storage.schema import is_counts_cube
 from . import bootstrap as bs
 from .figures import hook as figure_hook
 from .confidence import is_sigmoid_router, router_probabilities
+from .outputs import Output, per_expert
 from .registry import (
-    Analysis,
-    cube_sizes,
-    describe,
-    finalise,
-    json_number,
-    over_slots,
-    register,
-    safe_ratio,
-    tidy,
-    token_var,
-    view_ids,
-    view_mask,
+    Analysis, cube_sizes, finalise, json_number, over_slots, register, safe_ratio, tidy, token_var, view_ids,
+    view_mask
 )
 
 NAME = "balance"
@@ -86,15 +78,79 @@ def top_k_of_logits(logits: xr.DataArray, k: int) -> xr.DataArray:
     )
 
 
+_NAN_CELL = "no routed token in this view at this checkpoint and layer"
+_NAN_LB = "no token with a written top-1 slot and logits at this checkpoint and layer"
+
+
+def _k(context) -> float:
+    return float(context["top_k"])
+
+
+OUTPUTS = {
+    "usage": Output("expert usage", "share of routing slots",
+                    "share of the view's routing slots going to the expert (domains pooled)",
+                    chance=per_expert, nan_where=_NAN_CELL),
+    "cv": Output("coefficient of variation of usage", "ratio",
+                 "std over experts / mean over experts of usage (population std); 0 = perfect balance",
+                 nan_where=_NAN_CELL, extra={"ideal": 0.0}),
+    "balance": Output("utilization balance", "ratio", "1 / (1 + CV); 1 = perfect balance", nan_where=_NAN_CELL,
+                      extra={"ideal": 1.0}),
+    "cv_chance": Output(
+        "CV of uniform random routing", "ratio",
+        "sqrt((E − k) / (k · N)), N = routed tokens: the root of the expected CV² when every token picks k "
+        "distinct experts uniformly at random (the expected CV is slightly lower)", nan_where=_NAN_CELL),
+    "dead": Output("dead expert", "boolean", "usage < {dead_fraction:g} / E ({dead_percent:g} % of uniform usage)"),
+    "cold": Output("cold expert", "boolean",
+                   "usage < {cold_fraction:g} / E ({cold_percent:g} % of uniform usage); includes dead"),
+    "dead_count": Output("dead experts", "experts", "number of experts with usage < {dead_fraction:g} / E"),
+    "cold_count": Output("cold experts", "experts",
+                         "number of experts with usage < {cold_fraction:g} / E (dead ones included)"),
+    "tokens": Output("routed tokens", "tokens", "tokens of the view with at least one valid slot"),
+    "lb_loss": Output(
+        "Switch load-balancing loss", "ratio",
+        "E · Σ_e f_e · P_e, f_e = share of tokens whose top-1 expert is e, P_e = mean router probability of e "
+        "({probabilities}), over tokens with a written top-1 and logits; 1 at perfect balance. Not transformers' "
+        "load_balancing_loss_func, which counts all k slots and reads ≈ k at balance (lb_loss_hf)",
+        nan_where=_NAN_LB, extra={"ideal": 1.0}),
+    "lb_loss_hf": Output(
+        "load-balancing loss, transformers' definition (per layer)", "ratio",
+        "transformers' load_balancing_loss_func on this layer's router logits alone: E · Σ_e f_e · P_e with "
+        "f_e = routing slots of expert e among the k largest logits of each token / tokens (all k slots "
+        "counted, so it reads ≈ k at perfect balance, not 1 as lb_loss does), P_e = mean softmax probability "
+        "(softmax even for sigmoid routers, as transformers does); same tokens as lb_loss; no interval",
+        nan_where=_NAN_LB, extra={"ideal": _k}),
+    "lb_loss_hf_all_layers": Output(
+        "load-balancing loss, transformers' definition (all layers pooled)", "ratio",
+        "transformers' load_balancing_loss_func on the tuple of every layer's router logits, the value a "
+        "transformers MoE returns as aux_loss (before router_aux_loss_coef): E · Σ_e f_e · P_e with f_e and "
+        "P_e pooled over the tokens of all layers (not the mean of lb_loss_hf over layers); ≈ k at perfect "
+        "balance", nan_where="no token with a written top-1 slot and logits at this checkpoint",
+        extra={"ideal": _k}),
+}
+_NAN_COUNTED = "no counted slot at this checkpoint and layer"
+# an aggregate-counts cube: the same point estimates from the pooled slot counts
+COUNTS_OUTPUTS = {
+    **{name: OUTPUTS[name] for name in ("dead", "cold", "dead_count", "cold_count")},
+    "usage": replace(OUTPUTS["usage"], description="share of the counted routing slots going to the expert "
+                     "(domains pooled)", nan_where=_NAN_COUNTED),
+    "cv": replace(OUTPUTS["cv"], nan_where=_NAN_COUNTED),
+    "balance": replace(OUTPUTS["balance"], nan_where=_NAN_COUNTED),
+    "cv_chance": replace(OUTPUTS["cv_chance"], description="sqrt((E − k) / (k · N)), N = slots / k tokens implied "
+                         "by the counts", nan_where=_NAN_COUNTED),
+    "tokens": replace(OUTPUTS["tokens"], description="slots / k: tokens implied by the counts"),
+}
+
+
+def _context(dead_fraction: float, cold_fraction: float, **extra) -> dict:
+    """What the OUTPUTS templates need beyond the params: the thresholds in percent of uniform usage."""
+    return {"dead_percent": 100 * dead_fraction, "cold_percent": 100 * cold_fraction, **extra}
+
+
 def balance(
     routing: xr.Dataset,
     *,
-    view: str = "all",
-    dead_fraction: float = 0.01,
-    cold_fraction: float = 0.25,
-    n_boot: int = 200,
-    ci: float = 0.95,
-    seed: int = 0,
+    view: str = "all", dead_fraction: float = 0.01, cold_fraction: float = 0.25,
+    n_boot: int = 200, ci: float = 0.95, seed: int = 0,
 ) -> xr.Dataset:
     """Utilization balance, Switch load-balancing loss, dead and cold experts per (checkpoint, layer).
 
@@ -129,117 +185,34 @@ def balance(
     ids = view_ids(routing, view)
     samples = bs.Samples.of(routing)  # once: every token pass below shares it
     groups = bs.sample_groups(routing, "domain", samples)
-
-    parts = {"count": bs.per_sample_sums(
-        xr.ones_like(ids, dtype=np.int64), samples, dim=("token", "k"), by={"expert": (ids, E)}
-    )}
-    parts["tokens"] = bs.per_sample_sums(over_slots(ids >= 0, "any").astype(np.int64), samples, dim="token")
+    parts = {"count": bs.per_sample_sums(xr.ones_like(ids, dtype=np.int64), samples, dim=("token", "k"),
+                                         by={"expert": (ids, E)}),
+             "tokens": bs.per_sample_sums(over_slots(ids >= 0, "any").astype(np.int64), samples, dim="token")}
     with_lb = "router_logits" in routing
-    if with_lb:
-        logits = token_var(routing, "router_logits")
-        mask = view_mask(routing, view)
-        top1 = ids.isel(k=0, drop=True)
-        ok = (top1 >= 0) & logits.notnull().all("expert")
-        if mask is not None:
-            ok = ok & mask
-        p = router_probabilities(logits, sigmoid=is_sigmoid_router(routing)).astype(np.float64)
-        parts["psum"] = bs.per_sample_sums(p.where(ok, 0.0), samples, dim="token")
-        parts["top1"] = bs.per_sample_sums(
-            xr.ones_like(top1, dtype=np.int64), samples, dim="token", by={"expert": (top1.where(ok, -1), E)}
-        )
-        parts["n_lb"] = bs.per_sample_sums(ok.astype(np.int64), samples, dim="token")
-        # transformers' variant (lb_loss_hf): softmax even for sigmoid routers, its own top-k of the
-        # logits, all k slots counted. Kept out of ``ps`` so the bootstrap resamples exactly what it did
-        hf = {"topk": bs.per_sample_sums(top_k_of_logits(logits, k).where(ok, False).astype(np.int64), samples,
-                                         dim="token")}
-        hf["psum"] = (parts["psum"] if not is_sigmoid_router(routing) else bs.per_sample_sums(
-            router_probabilities(logits).astype(np.float64).where(ok, 0.0), samples, dim="token"))
+    hf = _lb_sums(routing, ids, view, samples, parts) if with_lb else None
     ps = xr.Dataset(parts)
     tot = bs.group_sums(ps)
-
-    usage = safe_ratio(tot["count"], tot["count"].sum("expert"))
-    cv = coefficient_of_variation(usage)
-    tokens = tot["tokens"].astype(np.int64)
-    cv_chance = np.sqrt((E - k) / (k * tokens.where(tokens > 0)))
-    dead = usage < dead_fraction / E
-    cold = usage < cold_fraction / E
-    nan_cell = "no routed token in this view at this checkpoint and layer"
-    out = {
-        "usage": describe(usage, "expert usage", "share of routing slots",
-                          "share of the view's routing slots going to the expert (domains pooled)",
-                          chance=1.0 / E, nan_where=nan_cell),
-        "cv": describe(cv, "coefficient of variation of usage", "ratio",
-                       "std over experts / mean over experts of usage (population std); 0 = perfect balance",
-                       ideal=0.0, nan_where=nan_cell),
-        "balance": describe(1.0 / (1.0 + cv), "utilization balance", "ratio", "1 / (1 + CV); 1 = perfect balance",
-                            ideal=1.0, nan_where=nan_cell),
-        "cv_chance": describe(
-            cv_chance, "CV of uniform random routing", "ratio",
-            "sqrt((E − k) / (k · N)), N = routed tokens: the root of the expected CV² when every token picks k "
-            "distinct experts uniformly at random (the expected CV is slightly lower)", nan_where=nan_cell,
-        ),
-        "dead": describe(dead, "dead expert", "boolean",
-                         f"usage < {dead_fraction:g} / E ({100 * dead_fraction:g} % of uniform usage)"),
-        "cold": describe(cold, "cold expert", "boolean",
-                         f"usage < {cold_fraction:g} / E ({100 * cold_fraction:g} % of uniform usage); includes dead"),
-        "dead_count": describe(dead.sum("expert").astype(np.int64), "dead experts", "experts",
-                               f"number of experts with usage < {dead_fraction:g} / E"),
-        "cold_count": describe(cold.sum("expert").astype(np.int64), "cold experts", "experts",
-                               f"number of experts with usage < {cold_fraction:g} / E (dead ones included)"),
-        "tokens": describe(tokens, "routed tokens", "tokens", "tokens of the view with at least one valid slot"),
-    }
+    out = _point_estimates(tot["count"], tot["tokens"].astype(np.int64), E=E, k=k, dead_fraction=dead_fraction,
+                           cold_fraction=cold_fraction)
     if with_lb:
-        out["lb_loss"] = describe(
-            lb_loss(tot["top1"], tot["psum"], tot["n_lb"], E), "Switch load-balancing loss", "ratio",
-            "E · Σ_e f_e · P_e, f_e = share of tokens whose top-1 expert is e, P_e = mean router probability of e "
-            "(" + ("normalised sigmoid scores" if is_sigmoid_router(routing) else "softmax of the logits")
-            + "), over tokens with a written top-1 and logits; 1 at perfect balance. Not transformers' "
-            "load_balancing_loss_func, which counts all k slots and reads ≈ k at balance (lb_loss_hf)", ideal=1.0,
-            nan_where="no token with a written top-1 slot and logits at this checkpoint and layer",
-        )
-        hf_tot = bs.group_sums(xr.Dataset(hf))
-        out["lb_loss_hf"] = describe(
-            lb_loss(hf_tot["topk"], hf_tot["psum"], tot["n_lb"], E),
-            "load-balancing loss, transformers' definition (per layer)", "ratio",
-            "transformers' load_balancing_loss_func on this layer's router logits alone: E · Σ_e f_e · P_e with "
-            "f_e = routing slots of expert e among the k largest logits of each token / tokens (all k slots "
-            "counted, so it reads ≈ k at perfect balance, not 1 as lb_loss does), P_e = mean softmax probability "
-            "(softmax even for sigmoid routers, as transformers does); same tokens as lb_loss; no interval",
-            ideal=float(k), nan_where="no token with a written top-1 slot and logits at this checkpoint and layer",
-        )
-        # what transformers logs as the model's aux_loss: rows of every layer pooled before the product
-        n_all = tot["n_lb"].sum("layer")
-        out["lb_loss_hf_all_layers"] = describe(
-            lb_loss(hf_tot["topk"].sum("layer"), hf_tot["psum"].sum("layer"), n_all, E),
-            "load-balancing loss, transformers' definition (all layers pooled)", "ratio",
-            "transformers' load_balancing_loss_func on the tuple of every layer's router logits, the value a "
-            "transformers MoE returns as aux_loss (before router_aux_loss_coef): E · Σ_e f_e · P_e with f_e and "
-            "P_e pooled over the tokens of all layers (not the mean of lb_loss_hf over layers); ≈ k at perfect "
-            "balance", ideal=float(k),
-            nan_where="no token with a written top-1 slot and logits at this checkpoint",
-        )
-
+        out.update(_lb_estimates(tot, bs.group_sums(xr.Dataset(hf)), E))
     if n_boot > 0:
         weights = bs.bootstrap_weights(ps.sizes["sample"], n_boot, seed, strata=groups)
         reps = bs.resample(ps, weights)
-        cv_r = coefficient_of_variation(safe_ratio(reps["count"], reps["count"].sum("expert")))
-        for name, r in (("cv", cv_r), ("balance", 1.0 / (1.0 + cv_r))):
+        cv_reps = coefficient_of_variation(safe_ratio(reps["count"], reps["count"].sum("expert")))
+        for name, r in (("cv", cv_reps), ("balance", 1.0 / (1.0 + cv_reps))):
             lo, hi = bs.interval(r, ci)
             bs.add_interval(out, name, lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
         if with_lb:
             lo, hi = bs.interval(lb_loss(reps["top1"], reps["psum"], reps["n_lb"], E), ci)
             bs.add_interval(out, "lb_loss", lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
 
-    result = xr.Dataset(out)
+    sigmoid = is_sigmoid_router(routing)
     return finalise(
-        result, routing, name=NAME,
-        definition="per (checkpoint, layer), from pooled usage u_e = share of the view's routing slots: "
-        "CV = std_e(u)/mean_e(u) (population std), balance = 1/(1+CV); Switch load-balancing loss "
-        "E·Σ_e f_e·P_e (f_e = share of tokens whose top-1 is e, P_e = mean router probability; 1 at balance); "
-        "lb_loss_hf / lb_loss_hf_all_layers: transformers' load_balancing_loss_func (f_e counts all k slots of "
-        "its own top-k of the logits, so ≈ k at balance), per layer and over all layers pooled; dead: "
-        f"u_e < {dead_fraction:g}/E, cold: u_e < {cold_fraction:g}/E (cold includes dead). Intervals: "
-        f"{100 * ci:g} % percentile bootstrap over samples resampled within each domain ({n_boot} replicates).",
+        xr.Dataset(out), routing, name=NAME, outputs=OUTPUTS, context=_context(
+            dead_fraction, cold_fraction, probabilities="normalised sigmoid scores" if sigmoid else "softmax of the logits"),
+        definition=_DEFINITION.format(dead_fraction=dead_fraction, cold_fraction=cold_fraction, ci_percent=100 * ci,
+                                      n_boot=n_boot),
         normalisation="CV is scale-free; balance in (0, 1]; LB loss is 1 at perfect balance and E at collapse "
         "onto one expert",
         chance="perfect balance: CV 0, balance 1, LB loss 1. Uniform random routing over N tokens gives "
@@ -248,6 +221,75 @@ def balance(
         params={"view": view, "dead_fraction": float(dead_fraction), "cold_fraction": float(cold_fraction),
                 "n_boot": n_boot, "ci": float(ci), "seed": int(seed)},
     )
+
+
+_DEFINITION = (
+    "per (checkpoint, layer), from pooled usage u_e = share of the view's routing slots: CV = std_e(u)/mean_e(u) "
+    "(population std), balance = 1/(1+CV); Switch load-balancing loss E·Σ_e f_e·P_e (f_e = share of tokens whose "
+    "top-1 is e, P_e = mean router probability; 1 at balance); lb_loss_hf / lb_loss_hf_all_layers: transformers' "
+    "load_balancing_loss_func (f_e counts all k slots of its own top-k of the logits, so ≈ k at balance), per layer "
+    "and over all layers pooled; dead: u_e < {dead_fraction:g}/E, cold: u_e < {cold_fraction:g}/E (cold includes "
+    "dead). Intervals: {ci_percent:g} % percentile bootstrap over samples resampled within each domain ({n_boot} "
+    "replicates).")
+
+
+def _lb_estimates(tot: xr.Dataset, hf_tot: xr.Dataset, E: int) -> dict[str, xr.DataArray]:
+    """lb_loss, lb_loss_hf and lb_loss_hf_all_layers from the group sums of :func:`_lb_sums`."""
+    return {
+        "lb_loss": lb_loss(tot["top1"], tot["psum"], tot["n_lb"], E),
+        "lb_loss_hf": lb_loss(hf_tot["topk"], hf_tot["psum"], tot["n_lb"], E),
+        # what transformers logs as the model's aux_loss: rows of every layer pooled before the product
+        "lb_loss_hf_all_layers": lb_loss(hf_tot["topk"].sum("layer"), hf_tot["psum"].sum("layer"),
+                                         tot["n_lb"].sum("layer"), E),
+    }
+
+
+def _lb_sums(routing: xr.Dataset, ids: xr.DataArray, view: str, samples, parts: dict) -> dict:
+    """Per-sample sums of the load-balancing losses: adds psum, top1, n_lb to ``parts``; returns transformers' variant.
+
+    The variant (lb_loss_hf: softmax even for sigmoid routers, its own top-k of the
+    logits, all k slots counted) is kept apart so that the bootstrap resamples
+    exactly what it did before.
+    """
+    E, k = cube_sizes(routing)
+    logits = token_var(routing, "router_logits")
+    mask = view_mask(routing, view)
+    top1 = ids.isel(k=0, drop=True)
+    ok = (top1 >= 0) & logits.notnull().all("expert")
+    if mask is not None:
+        ok = ok & mask
+    sigmoid = is_sigmoid_router(routing)
+    p = router_probabilities(logits, sigmoid=sigmoid).astype(np.float64)
+    parts["psum"] = bs.per_sample_sums(p.where(ok, 0.0), samples, dim="token")
+    parts["top1"] = bs.per_sample_sums(
+        xr.ones_like(top1, dtype=np.int64), samples, dim="token", by={"expert": (top1.where(ok, -1), E)}
+    )
+    parts["n_lb"] = bs.per_sample_sums(ok.astype(np.int64), samples, dim="token")
+    hf = {"topk": bs.per_sample_sums(top_k_of_logits(logits, k).where(ok, False).astype(np.int64), samples,
+                                     dim="token")}
+    hf["psum"] = (parts["psum"] if not sigmoid else bs.per_sample_sums(
+        router_probabilities(logits).astype(np.float64).where(ok, 0.0), samples, dim="token"))
+    return hf
+
+
+def _point_estimates(count: xr.DataArray, tokens: xr.DataArray, *, E: int, k: int, dead_fraction: float,
+                     cold_fraction: float) -> dict[str, xr.DataArray]:
+    """usage, cv, balance, cv_chance, dead / cold flags and counts, tokens from pooled slot counts (dims (..., expert))."""
+    usage = safe_ratio(count, count.sum("expert"))
+    cv = coefficient_of_variation(usage)
+    dead = usage < dead_fraction / E
+    cold = usage < cold_fraction / E
+    return {
+        "usage": usage,
+        "cv": cv,
+        "balance": 1.0 / (1.0 + cv),
+        "cv_chance": np.sqrt((E - k) / (k * tokens.where(tokens > 0))),
+        "dead": dead,
+        "cold": cold,
+        "dead_count": dead.sum("expert").astype(np.int64),
+        "cold_count": cold.sum("expert").astype(np.int64),
+        "tokens": tokens,
+    }
 
 
 def _balance_from_counts(routing, *, E, k, view, dead_fraction, cold_fraction, n_boot, ci, seed) -> xr.Dataset:
@@ -260,39 +302,11 @@ def _balance_from_counts(routing, *, E, k, view, dead_fraction, cold_fraction, n
 
     if view != "all":
         raise ValueError(f"balance: view {view!r} needs per-token routing; an aggregate-counts cube has only view 'all'")
-    counts = slot_counts(routing)
-    count = counts.sum("domain")
-    usage = safe_ratio(count, count.sum("expert"))
-    cv = coefficient_of_variation(usage)
-    tokens = implied_tokens(count, k)
-    dead = usage < dead_fraction / E
-    cold = usage < cold_fraction / E
-    nan_cell = "no counted slot at this checkpoint and layer"
-    out = {
-        "usage": describe(usage, "expert usage", "share of routing slots",
-                          "share of the counted routing slots going to the expert (domains pooled)",
-                          chance=1.0 / E, nan_where=nan_cell),
-        "cv": describe(cv, "coefficient of variation of usage", "ratio",
-                       "std over experts / mean over experts of usage (population std); 0 = perfect balance",
-                       ideal=0.0, nan_where=nan_cell),
-        "balance": describe(1.0 / (1.0 + cv), "utilization balance", "ratio", "1 / (1 + CV); 1 = perfect balance",
-                            ideal=1.0, nan_where=nan_cell),
-        "cv_chance": describe(
-            np.sqrt((E - k) / (k * tokens.where(tokens > 0))), "CV of uniform random routing", "ratio",
-            "sqrt((E − k) / (k · N)), N = slots / k tokens implied by the counts", nan_where=nan_cell,
-        ),
-        "dead": describe(dead, "dead expert", "boolean",
-                         f"usage < {dead_fraction:g} / E ({100 * dead_fraction:g} % of uniform usage)"),
-        "cold": describe(cold, "cold expert", "boolean",
-                         f"usage < {cold_fraction:g} / E ({100 * cold_fraction:g} % of uniform usage); includes dead"),
-        "dead_count": describe(dead.sum("expert").astype(np.int64), "dead experts", "experts",
-                               f"number of experts with usage < {dead_fraction:g} / E"),
-        "cold_count": describe(cold.sum("expert").astype(np.int64), "cold experts", "experts",
-                               f"number of experts with usage < {cold_fraction:g} / E (dead ones included)"),
-        "tokens": describe(tokens, "routed tokens", "tokens", "slots / k: tokens implied by the counts"),
-    }
+    count = slot_counts(routing).sum("domain")
+    out = _point_estimates(count, implied_tokens(count, k), E=E, k=k, dead_fraction=dead_fraction,
+                           cold_fraction=cold_fraction)
     result = finalise(
-        xr.Dataset(out), routing, name=NAME,
+        xr.Dataset(out), routing, name=NAME, outputs=COUNTS_OUTPUTS, context=_context(dead_fraction, cold_fraction),
         definition="per (checkpoint, layer), from pooled usage u_e = share of the counted routing slots (an "
         "aggregate-counts cube, domains pooled): CV = std_e(u)/mean_e(u) (population std), balance = 1/(1+CV); "
         f"dead: u_e < {dead_fraction:g}/E, cold: u_e < {cold_fraction:g}/E (cold includes dead).",
@@ -368,7 +382,7 @@ ANALYSIS = register(
         requires=("expert_ids",),
         accepts_counts=True,
         optional=("router_logits",),
-        table=table,
-        summary=summary,
+        table=table, summary=summary,
+        outputs=OUTPUTS,
     )
 )

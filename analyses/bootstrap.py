@@ -58,34 +58,6 @@ BOOT = "boot"
 STRATIFIED = "resampling samples (not tokens) within each domain"  # the ``scheme`` of a domain-stratified bootstrap
 
 
-# Compatibility only: registry.domain_codes still remembers its factorised labels here. Analyses
-# pass a Samples object instead (analyses.token_pass); remove this once nothing imports it.
-_MEMO: dict = {}
-
-
-def _memo(values: np.ndarray, what: str, compute):
-    """``compute()`` remembered for as long as the coordinate array ``values`` lives.
-
-    Token coordinates of an opened cube are read once and kept (see
-    ``storage.cube.open_routing``), so the same array object comes back on
-    every access; an analysis asks for the sample codes several times.
-    """
-    import weakref
-
-    key = (id(values), what)
-    hit = _MEMO.get(key)
-    if hit is not None and hit[0]() is values:
-        return hit[1]
-    try:
-        ref = weakref.ref(values)
-    except TypeError:
-        return compute()
-    result = compute()
-    _MEMO[key] = (ref, result)
-    weakref.finalize(values, _MEMO.pop, key, None)
-    return result
-
-
 def bootstrap_weights(
     n_samples: int, n_boot: int = 200, seed: int = 0, *, strata: np.ndarray | xr.DataArray | None = None
 ) -> np.ndarray:

@@ -23,16 +23,7 @@ import xarray as xr
 
 from . import bootstrap as bs
 from .figures import hook as figure_hook
-from .registry import (
-    Analysis,
-    cube_sizes,
-    finalise,
-    json_number,
-    register,
-    safe_ratio,
-    tidy,
-    token_var,
-)
+from .registry import Analysis, cube_sizes, finalise, json_number, register, safe_ratio, tidy, token_var
 from .outputs import Output
 from .usage import position_buckets
 
@@ -63,9 +54,7 @@ def capacity(
     routing: xr.Dataset,
     *,
     position_bins: int = 8,
-    n_boot: int = 200,
-    ci: float = 0.95,
-    seed: int = 0,
+    n_boot: int = 200, ci: float = 0.95, seed: int = 0,
 ) -> xr.Dataset:
     """Share of routing slots dropped by expert capacity, per (checkpoint, layer), position bucket and expert.
 
@@ -183,7 +172,6 @@ ANALYSIS = register(
         ),
         requires=("expert_ids", "capacity_dropped"),
         outputs=OUTPUTS,
-        table=table,
-        summary=summary,
+        table=table, summary=summary,
     )
 )

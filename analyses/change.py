@@ -17,20 +17,10 @@ from storage.schema import FILL_ID
 
 from . import bootstrap as bs
 from .figures import hook as figure_hook
+from .outputs import Output, k_of_experts, per_expert
 from .registry import (
-    Analysis,
-    attach_guard,
-    checkpoint_steps,
-    cube_sizes,
-    describe,
-    finalise,
-    json_number,
-    refuse_if,
-    register,
-    safe_ratio,
-    tidy,
-    token_var,
-    view_mask,
+    Analysis, attach_guard, checkpoint_steps, cube_sizes, finalise, json_number, refuse_if, register, safe_ratio,
+    tidy, token_var, view_mask
 )
 
 NAME = "change"
@@ -57,7 +47,7 @@ def cosine(a: xr.DataArray, b: xr.DataArray, dim: str = "expert") -> xr.DataArra
 
 # summed per sample (the metrics' numerators; their denominator, slots, is the sum of the usage counts)
 _PER_SAMPLE = ("inter_final", "inter_prev", "pos_final", "pos_prev")
-_TOTALS = ("tokens", "mismatch", "out_of_range")  # only needed per (checkpoint, layer)
+_TOTALS = ("tokens", "mismatch")  # only needed per (checkpoint, layer)
 _QUANTITIES = _PER_SAMPLE + _TOTALS
 _BLOCK_ELEMENTS = 2**22  # (checkpoint × token × k) ids per kernel call: bounds its temporaries
 
@@ -78,7 +68,7 @@ def _checkpoints_together(raw: xr.DataArray) -> xr.DataArray:
     return raw.copy(data=raw.data.rechunk((-1, raw.data.chunks[1], tokens, -1)))
 
 
-def _per_token(raw: xr.DataArray, mask: xr.DataArray | None, E: int) -> xr.DataArray:
+def _per_token(raw: xr.DataArray, mask: xr.DataArray | None) -> xr.DataArray:
     """Every per-token count of :func:`change`, from one kernel call per block.
 
     Parameters
@@ -86,7 +76,6 @@ def _per_token(raw: xr.DataArray, mask: xr.DataArray | None, E: int) -> xr.DataA
     raw : expert_ids (checkpoint, layer, token, k), checkpoints sorted by step,
         on dask chunked by :func:`_checkpoints_together`.
     mask : (token,) bool, the token view (None: every token).
-    E : number of experts.
 
     Returns
     -------
@@ -100,26 +89,23 @@ def _per_token(raw: xr.DataArray, mask: xr.DataArray | None, E: int) -> xr.DataA
     coords["quantity"] = list(_QUANTITIES)
     values = np.asarray(mask.values, dtype=bool) if mask is not None else None
     if not isinstance(raw.data, da.Array):
-        return xr.DataArray(_token_counts(np.asarray(raw.values), values, num_experts=E), dims=dims, coords=coords)
+        return xr.DataArray(_token_counts(np.asarray(raw.values), values), dims=dims, coords=coords)
     args = [raw.data, "cltk"]
     if values is not None:
         args += [da.from_array(values, chunks=(raw.data.chunks[2],)), "t"]
     out = da.blockwise(
         _token_counts, "clqt", *args, new_axes={"q": len(_QUANTITIES)}, concatenate=True, dtype=np.int16,
-        num_experts=E,
     )
     return xr.DataArray(out, dims=dims, coords=coords)
 
 
-def _token_counts(raw: np.ndarray, mask: np.ndarray | None = None, *, num_experts: int) -> np.ndarray:
+def _token_counts(raw: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Per-token counts for :func:`change` (the kernel of :func:`_per_token`).
 
     Parameters
     ----------
     raw : (checkpoint, ..., token, k) expert ids, -1 unwritten; checkpoints sorted by step.
-    mask : (token,) bool view mask; tokens outside it count as unwritten
-        (except in ``out_of_range``, which checks every stored id).
-    num_experts : E.
+    mask : (token,) bool view mask; tokens outside it count as unwritten.
 
     Returns
     -------
@@ -128,8 +114,8 @@ def _token_counts(raw: np.ndarray, mask: np.ndarray | None = None, *, num_expert
     slot never matches), pos_final / pos_prev (valid slots with the
     reference's id at the same rank), tokens (1 when a slot is valid),
     mismatch (slots valid here and not in the final checkpoint or vice
-    versa), out_of_range (ids outside -1..E-1). The previous checkpoint of
-    the first one is all -1.
+    versa). The previous checkpoint of the first one is all -1. Ids outside
+    -1..E-1 never get here (``registry.checked_cube``).
     """
     k = raw.shape[-1]
     # one contiguous (checkpoint, ..., token) array per slot: sums over the handful of slots are then
@@ -144,7 +130,6 @@ def _token_counts(raw: np.ndarray, mask: np.ndarray | None = None, *, num_expert
     for i in range(k):
         q["tokens"] |= valid[i]
         q["mismatch"] += valid[i] != valid[i][-1:]
-        q["out_of_range"] += (slots[i] >= num_experts) | (slots[i] < FILL_ID)
         for name, ref in (("final", final), ("prev", prev)):
             q[f"pos_{name}"] += (ids[i] == ref[i]) & valid[i]
             for j in range(k):
@@ -166,6 +151,60 @@ def _metrics(sums: xr.Dataset, has_prev: xr.DataArray) -> dict[str, xr.DataArray
         "drift_final": cosine(count, count.isel(checkpoint=-1, drop=True)),
         "drift_prev": cosine(count, count.shift(checkpoint=1)).where(has_prev),
     }
+
+
+def _not_k_of_experts(context) -> float:
+    return 1.0 - k_of_experts(context)
+
+
+def _not_per_expert(context) -> float:
+    return 1.0 - per_expert(context)
+
+
+_NAN_FIRST = "first checkpoint (no previous one); or no valid slot at this layer"
+_NAN_ANY = "no valid slot at this layer"
+OUTPUTS = {
+    "saturation": Output("saturation vs final checkpoint", "fraction of k",
+                         "mean over tokens of |S_c ∩ S_final| / k: share of the final checkpoint's expert set "
+                         "already selected at this checkpoint", chance=k_of_experts, nan_where=_NAN_ANY),
+    "overlap_prev": Output("overlap with previous checkpoint", "fraction of k",
+                           "mean over tokens of |S_c ∩ S_(c-1)| / k", chance=k_of_experts, nan_where=_NAN_FIRST),
+    "switch_fraction": Output("switch fraction", "fraction of k",
+                              "1 − overlap_prev: share of selected experts that changed since the previous "
+                              "checkpoint (set-based; LibMoE's rank-aware switch fraction is switch_fraction_libmoe)",
+                              chance=_not_k_of_experts, nan_where=_NAN_FIRST),
+    "position_match_final": Output("position match vs final checkpoint", "share of slots",
+                                   "share of slots i (rank-aware) with id_c[i] = id_final[i]", chance=per_expert,
+                                   nan_where=_NAN_ANY),
+    "position_match_prev": Output("position match vs previous checkpoint", "share of slots",
+                                  "share of slots i (rank-aware) with id_c[i] = id_(c-1)[i]", chance=per_expert,
+                                  nan_where=_NAN_FIRST),
+    "switch_fraction_libmoe": Output(
+        "switch fraction, LibMoE's definition (rank-aware)", "share of slots",
+        "1 − position_match_prev: LibMoE's average_switch_fraction, the share of slots i whose expert id_c[i] "
+        "differs from id_(c-1)[i] at the same rank (a reordered but unchanged set counts as switched), not the "
+        "set-based switch_fraction; equal to LibMoE's per-token mean when every compared token has all k slots",
+        chance=_not_per_expert, nan_where=_NAN_FIRST),
+    "drift_final": Output("usage drift vs final checkpoint (cosine)", "cosine similarity",
+                          "cosine similarity of the per-expert usage vectors (slot counts) of this and the final "
+                          "checkpoint; 1 = same usage profile", chance=1.0, nan_where=_NAN_ANY),
+    "drift_prev": Output("usage drift vs previous checkpoint (cosine)", "cosine similarity",
+                         "cosine similarity of the per-expert usage vectors of this and the previous checkpoint",
+                         chance=1.0, nan_where=_NAN_FIRST),
+    "tokens": Output("tokens compared", "tokens", "tokens with at least one valid slot"),
+}
+
+
+_DEFINITION = (
+    "per (checkpoint c, layer): saturation = mean_t |S_c ∩ S_final|/k, overlap_prev = mean_t |S_c ∩ S_(c-1)|/k, "
+    "switch_fraction = 1 − overlap_prev, position_match_* = share of slots with the same expert at the same rank, "
+    "drift_* = cosine similarity of per-expert usage vectors; checkpoints ordered by step, -1 slots excluded. "
+    "Intervals: {ci_percent:g} % percentile bootstrap over samples resampled within each domain, the same resampled "
+    "samples at every checkpoint ({n_boot} replicates).")
+_CHANCE = (
+    "saturation and overlap_prev: k/E = {set:.4g}; switch_fraction: 1 − k/E = {not_set:.4g}; position_match_*: "
+    "1/E = {pos:.4g}; drift_*: 1 (two uniform usage vectors are parallel, so drift near 1 does not mean the same "
+    "tokens go to the same experts)")
 
 
 def change(
@@ -205,18 +244,9 @@ def change(
         written in one checkpoint and not in another, or ids outside -1..E-1.
     """
     E, k = cube_sizes(routing)
-    C = routing.sizes.get("checkpoint", 0)
-    if C < 2:
-        raise ValueError(
-            f"change: the routing cube has {C} checkpoint(s) on dim 'checkpoint'; at least 2 are needed"
-        )
-    names = np.asarray(routing["checkpoint"].values)
-    if len(set(names.tolist())) != len(names):
-        raise ValueError(f"change: checkpoint names are not unique: {names.tolist()}")
+    routing = _sorted_by_step(routing)
+    C = routing.sizes["checkpoint"]
     n_boot = int(n_boot)
-    order = np.argsort(checkpoint_steps(routing), kind="stable")
-    if not np.array_equal(order, np.arange(C)):
-        routing = routing.isel(checkpoint=order)
 
     raw = _checkpoints_together(token_var(routing, "expert_ids"))
     mask = view_mask(routing, view)
@@ -226,9 +256,8 @@ def change(
     # one kernel per (layer, token-chunk) block gives every per-token quantity (the guards' counts
     # too); a bincount per block sums them per sample, another the usage counts
     samples = bs.Samples.of(routing)  # once: every token pass below shares it
-    per_token = _per_token(raw, mask, E)
-    ps = bs.per_sample_sums(per_token.sel(quantity=list(_PER_SAMPLE)), samples, dim="token")
-    ps = ps.to_dataset("quantity")
+    per_token = _per_token(raw, mask)
+    ps = bs.per_sample_sums(per_token.sel(quantity=list(_PER_SAMPLE)), samples, dim="token").to_dataset("quantity")
     ps["count"] = bs.per_sample_sums(
         xr.ones_like(ids, dtype=np.int8), samples, dim=("token", "k"), by={"expert": (ids, E)}
     )
@@ -237,60 +266,48 @@ def change(
     totals = per_token.sel(quantity=list(_TOTALS)).sum("token")
     if totals.chunks is not None:
         totals = totals.chunk({"checkpoint": -1, "layer": -1})  # a few numbers per (checkpoint, layer)
-    sums = bs.group_sums(ps)
-    values = _metrics(sums, has_prev)
+    values = _metrics(bs.group_sums(ps), has_prev)
 
-    set_chance, pos_chance = k / E, 1.0 / E
-    nan_first = "first checkpoint (no previous one); or no valid slot at this layer"
-    nan_any = "no valid slot at this layer"
-    info = {
-        "saturation": ("saturation vs final checkpoint", "fraction of k",
-                       "mean over tokens of |S_c ∩ S_final| / k: share of the final checkpoint's expert set "
-                       "already selected at this checkpoint", set_chance, nan_any),
-        "overlap_prev": ("overlap with previous checkpoint", "fraction of k",
-                         "mean over tokens of |S_c ∩ S_(c-1)| / k", set_chance, nan_first),
-        "switch_fraction": ("switch fraction", "fraction of k",
-                            "1 − overlap_prev: share of selected experts that changed since the previous checkpoint "
-                            "(set-based; LibMoE's rank-aware switch fraction is switch_fraction_libmoe)",
-                            1.0 - set_chance, nan_first),
-        "position_match_final": ("position match vs final checkpoint", "share of slots",
-                                 "share of slots i (rank-aware) with id_c[i] = id_final[i]", pos_chance, nan_any),
-        "position_match_prev": ("position match vs previous checkpoint", "share of slots",
-                                "share of slots i (rank-aware) with id_c[i] = id_(c-1)[i]", pos_chance, nan_first),
-        "switch_fraction_libmoe": ("switch fraction, LibMoE's definition (rank-aware)", "share of slots",
-                                   "1 − position_match_prev: LibMoE's average_switch_fraction, the share of slots "
-                                   "i whose expert id_c[i] differs from id_(c-1)[i] at the same rank (a reordered "
-                                   "but unchanged set counts as switched), not the set-based switch_fraction; "
-                                   "equal to LibMoE's per-token mean when every compared token has all k slots",
-                                   1.0 - pos_chance, nan_first),
-        "drift_final": ("usage drift vs final checkpoint (cosine)", "cosine similarity",
-                        "cosine similarity of the per-expert usage vectors (slot counts) of this and the final "
-                        "checkpoint; 1 = same usage profile", 1.0, nan_any),
-        "drift_prev": ("usage drift vs previous checkpoint (cosine)", "cosine similarity",
-                       "cosine similarity of the per-expert usage vectors of this and the previous checkpoint",
-                       1.0, nan_first),
-    }
-    out = {}
-    for name, (long_name, units, desc, chance, nan_where) in info.items():
-        out[name] = describe(values[name], long_name, units, desc, chance=chance, nan_where=nan_where)
-    out["tokens"] = describe(
-        totals.sel(quantity="tokens", drop=True), "tokens compared", "tokens", "tokens with at least one valid slot"
-    )
+    out = {**values, "tokens": totals.sel(quantity="tokens", drop=True)}
     if n_boot > 0:
         weights = bs.bootstrap_weights(ps.sizes["sample"], n_boot, seed, strata=bs.sample_groups(routing, "domain", samples))
         reps = _metrics(bs.resample(ps, weights), has_prev)
-        for name in info:
+        for name in values:
             lo, hi = bs.interval(reps[name], ci)
             bs.add_interval(out, name, lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
-    result = xr.Dataset(out)
-
     # Change metrics are only meaningful on identical inputs: the single token
-    # axis guarantees the tokens, these guards that every checkpoint wrote them.
-    mismatch = totals.sel(quantity="mismatch", drop=True)
+    # axis guarantees the tokens, the guard that every checkpoint wrote them.
+    result = attach_guard(xr.Dataset(out), _identical_inputs_guard(routing, totals))
+    return finalise(
+        result, routing, name=NAME, outputs=OUTPUTS,
+        definition=_DEFINITION.format(ci_percent=100 * ci, n_boot=n_boot),
+        normalisation="set overlaps divided by k (Σ|S_c| when slots are missing); position match per slot; "
+        "drift is a cosine (scale-free, so usage shares and slot counts give the same value)",
+        chance=_CHANCE.format(set=k / E, not_set=1 - k / E, pos=1.0 / E),
+        params={"view": view, "n_boot": n_boot, "ci": float(ci), "seed": int(seed)},
+    )
+
+
+def _sorted_by_step(routing: xr.Dataset) -> xr.Dataset:
+    """``routing`` with its checkpoints sorted by step; ValueError for fewer than 2 or repeated names."""
+    C = routing.sizes.get("checkpoint", 0)
+    if C < 2:
+        raise ValueError(
+            f"change: the routing cube has {C} checkpoint(s) on dim 'checkpoint'; at least 2 are needed"
+        )
+    names = np.asarray(routing["checkpoint"].values)
+    if len(set(names.tolist())) != len(names):
+        raise ValueError(f"change: checkpoint names are not unique: {names.tolist()}")
+    order = np.argsort(checkpoint_steps(routing), kind="stable")
+    return routing if np.array_equal(order, np.arange(C)) else routing.isel(checkpoint=order)
+
+
+def _identical_inputs_guard(routing: xr.Dataset, totals: xr.DataArray) -> xr.DataArray:
+    """A :func:`refuse_if` guard: no slot written in one checkpoint and not in the final one, every checkpoint complete."""
     guard = refuse_if(
-        mismatch,
+        totals.sel(quantity="mismatch", drop=True),
         f"change: expert_ids has slots written (id >= 0) in one checkpoint and unwritten (-1) in the final "
-        f"checkpoint {ids['checkpoint'].values[-1]!s} or vice versa; identical inputs are required (capture "
+        f"checkpoint {routing['checkpoint'].values[-1]!s} or vice versa; identical inputs are required (capture "
         "every checkpoint completely, or select the complete ones); mismatching slots",
     )
     if "complete" in routing:
@@ -299,22 +316,7 @@ def change(
             "change: identical inputs are required, but the routing cube marks checkpoint(s) as not completely "
             "captured ('complete' = 0; capture them or select the complete ones)",
         )
-    result = attach_guard(result, guard)
-    return finalise(
-        result, routing, name=NAME,
-        definition="per (checkpoint c, layer): saturation = mean_t |S_c ∩ S_final|/k, overlap_prev = "
-        "mean_t |S_c ∩ S_(c-1)|/k, switch_fraction = 1 − overlap_prev, position_match_* = share of slots "
-        "with the same expert at the same rank, drift_* = cosine similarity of per-expert usage vectors; "
-        "checkpoints ordered by step, -1 slots excluded. Intervals: "
-        f"{100 * ci:g} % percentile bootstrap over samples resampled within each domain, the same resampled "
-        f"samples at every checkpoint ({n_boot} replicates).",
-        normalisation="set overlaps divided by k (Σ|S_c| when slots are missing); position match per slot; "
-        "drift is a cosine (scale-free, so usage shares and slot counts give the same value)",
-        chance=f"saturation and overlap_prev: k/E = {set_chance:.4g}; switch_fraction: 1 − k/E = "
-        f"{1 - set_chance:.4g}; position_match_*: 1/E = {pos_chance:.4g}; drift_*: 1 (two uniform usage "
-        "vectors are parallel, so drift near 1 does not mean the same tokens go to the same experts)",
-        params={"view": view, "n_boot": n_boot, "ci": float(ci), "seed": int(seed)},
-    )
+    return guard
 
 
 _PANELS = (
@@ -370,7 +372,7 @@ ANALYSIS = register(
         ),
         requires=("expert_ids",),
         min_checkpoints=2,  # a one-checkpoint import is skipped with this reason, not an error
-        table=table,
-        summary=summary,
+        table=table, summary=summary,
+        outputs=OUTPUTS,
     )
 )

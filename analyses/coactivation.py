@@ -18,20 +18,10 @@ import pandas as pd
 import xarray as xr
 
 from .figures import hook as figure_hook
+from .outputs import Output
 from .bootstrap import add_interval, bootstrap_weights, interval, resample
 from .token_pass import Samples, per_sample_sums
-from .registry import (
-    Analysis,
-    cube_sizes,
-    describe,
-    finalise,
-    json_number,
-    register,
-    safe_ratio,
-    tidy,
-    token_mask,
-    token_var,
-)
+from .registry import Analysis, cube_sizes, finalise, json_number, register, safe_ratio, tidy, token_mask, token_var
 
 NAME = "coactivation"
 
@@ -92,9 +82,9 @@ def _pair_codes(ids: np.ndarray, keep: np.ndarray | None = None, *, num_experts:
     slots i < j the index of the unordered pair {id_i, id_j} in the packed
     upper triangle (a <= b) of the E × E matrix (:func:`_packed_index`); for
     i = j the index of (id_i, id_i), so the diagonal counts the tokens holding
-    each expert. E(E+1)/2 marks a slot whose id is outside -1..E-1 (a dump
-    bin: :func:`analyses.registry.checked_cube` refuses such ids before); -1 (no bin) marks unwritten slots, slots paired with an
-    out-of-range id and repeated ids in two slots.
+    each expert. -1 (no bin) marks unwritten slots and repeated ids in two
+    slots; ids outside -1..E-1 (which :func:`analyses.registry.checked_cube`
+    refuses before) fall in no bin either.
     """
     E = num_experts
     k = ids.shape[-1]
@@ -123,14 +113,12 @@ def _packed_index(a: np.ndarray, b: np.ndarray, E: int) -> np.ndarray:
 def _code_tables(E: int) -> tuple[np.ndarray, np.ndarray]:
     """Look-up tables of :func:`_pair_codes`, indexed by clip(id, -2, E) + 2.
 
-    single (E + 3,): code of one slot (its diagonal cell; E(E+1)/2 when out of
-    range, -1 when unwritten); double ((E + 3)²,): code of two slots, -1
-    unless both hold distinct in-range experts.
+    single (E + 3,): code of one slot (its diagonal cell; -1 when unwritten or
+    out of range); double ((E + 3)²,): code of two slots, -1 unless both hold
+    distinct in-range experts.
     """
-    P = E * (E + 1) // 2
     e = np.arange(E)
-    single = np.full(E + 3, P, dtype=np.int32)
-    single[1] = -1
+    single = np.full(E + 3, -1, dtype=np.int32)
     single[2:E + 2] = _packed_index(e, e, E)
     double = np.full((E + 3, E + 3), -1, dtype=np.int32)
     a, b = np.meshgrid(e, e, indexing="ij")
@@ -184,6 +172,38 @@ def partner_tv(both: xr.DataArray, active: xr.DataArray) -> xr.DataArray:
     return safe_ratio((tv.fillna(0.0) * w).sum("expert"), w.sum("expert"))
 
 
+def _chance(context) -> float:
+    return coactivation_chance(context["num_experts"], context["top_k"])
+
+
+_NAN_COACT = "diagonal (a = b), or expert a never selected at this checkpoint and layer"
+OUTPUTS = {
+    "coactivation": Output(
+        "co-activation", "share of a's tokens",
+        "count(a ∈ S and b ∈ S) / count(a ∈ S): share of the tokens routed to expert a (row) that are "
+        "also routed to expert b (column), over all pairs of the token's top-k set (OLMoE counts only "
+        "adjacent ranks: coactivation_olmoe)", chance=_chance, nan_where=_NAN_COACT),
+    "coactivation_ratio": Output(
+        "co-activation ratio to chance", "ratio",
+        "coactivation / ((k − 1)/(E − 1)); 1 = as often as under random routing", chance=1.0, nan_where=_NAN_COACT),
+    "pair_count": Output(
+        "tokens holding both experts", "tokens",
+        "number of tokens whose top-k set holds both expert and expert_b (diagonal: tokens holding expert)"),
+    "active_count": Output("tokens holding the expert", "tokens", "number of tokens whose top-k set holds the expert"),
+    "partner_tv": Output(
+        "partner non-randomness (TV)", "total variation distance",
+        "mean over experts a, weighted by count(a ∈ S), of ½ Σ_(b≠a) |C[a,b]/Σ_b' C[a,b'] − 1/(E−1)|: how far "
+        "a's partners are from a uniform choice among the other experts (0 = random partners)",
+        chance=0.0, nan_where="no token with two written slots at this checkpoint and layer"),
+    "coactivation_olmoe": Output(
+        "co-activation, OLMoE's definition (adjacent ranks)", "share of a's tokens",
+        "OLMoE's run_moe_analysis.py: count(a and b in adjacent ranks of the token's ranked top-k list, either "
+        "order) / count(a ∈ S). Only pairs of consecutive ranks count (k − 1 of a token's k(k − 1)/2 pairs), so a "
+        "row sums to between 1 and 2, not k − 1; equal to coactivation when k = 2; no interval",
+        nan_where=_NAN_COACT),
+}
+
+
 def coactivation(
     routing: xr.Dataset, *, canonical_only: bool = False, n_boot: int = 200, ci: float = 0.95, seed: int = 0
 ) -> xr.Dataset:
@@ -219,29 +239,7 @@ def coactivation(
     if n_boot < 0:
         raise ValueError(f"coactivation: n_boot={n_boot}; expected >= 0")
     P = E * (E + 1) // 2
-    ids = token_var(routing, "expert_ids")
-    codes = _codes(ids, token_mask(routing, canonical_only), E)
-    # OLMoE's variant counts only pairs of adjacent ranks (slots i, i+1): those slot pairs' codes again,
-    # shifted past bin P, ride in the same bincount instead of a second pass over the tokens
-    adjacent = [p for p, (i, j) in enumerate(zip(*np.triu_indices(k))) if j == i + 1]
-    adj = codes.isel(slot_pair=adjacent)
-    codes = xr.concat([codes, adj.where(adj < 0, adj + P + 1)], dim="slot_pair")
-    # one token pass: bins 0..P-1 are the packed pair counts (diagonal = tokens holding a), bin P a dump
-    # for out-of-range ids (never reached: run() checks the ids), bins P+1..2P the packed counts of adjacent-rank pairs
-    samples = Samples.of(routing)  # once: every token pass below shares it
-    sums_all = per_sample_sums(
-        xr.ones_like(codes, dtype=np.int8), samples, dim=("token", "slot_pair"), by={"pair": (codes, 2 * P + 1)},
-    ).transpose("checkpoint", "layer", "sample", "pair")
-    adjacent_packed = sums_all.isel(pair=slice(P + 1, None)).sum("sample").assign_coords(pair=np.arange(P))
-    sums_s = sums_all.isel(pair=slice(0, P + 1))
-    n_samples = sums_s.sizes["sample"]
-    weights = np.ones((1, n_samples), dtype=np.int64)
-    if n_boot > 0:
-        weights = np.concatenate([weights, bootstrap_weights(n_samples, n_boot, seed)])
-    # one product over the per-sample counts: the plain sums (weights 1, first row), then every replicate
-    reps = resample(sums_s, weights)
-    if reps.chunks is not None:
-        reps = reps.chunk({"checkpoint": -1, "layer": -1})  # E²/2 · (n_boot + 1) numbers per (checkpoint, layer)
+    reps, adjacent_packed = _packed_sums(routing, canonical_only, n_boot=n_boot, seed=seed)
     packed = reps.isel(boot=0, pair=slice(0, P), drop=True)
     unpack, diag = _unpack_index(E)
     # pair_count already holds tokens(a) on its diagonal; every use of ``both`` ignores the diagonal
@@ -251,47 +249,18 @@ def coactivation(
     chance = coactivation_chance(E, k)
     off = _off_diagonal(E)
     coact = safe_ratio(both, active).where(off).transpose("checkpoint", "layer", "expert", "expert_b")
-    nan_coact = "diagonal (a = b), or expert a never selected at this checkpoint and layer"
-    out = {
-        "coactivation": describe(
-            coact, "co-activation", "share of a's tokens",
-            "count(a ∈ S and b ∈ S) / count(a ∈ S): share of the tokens routed to expert a (row) that are "
-            "also routed to expert b (column), over all pairs of the token's top-k set (OLMoE counts only "
-            "adjacent ranks: coactivation_olmoe)",
-            chance=chance, nan_where=nan_coact,
-        ),
-        "coactivation_ratio": describe(
-            coact / chance, "co-activation ratio to chance", "ratio",
-            "coactivation / ((k − 1)/(E − 1)); 1 = as often as under random routing", chance=1.0,
-            nan_where=nan_coact,
-        ),
-        "pair_count": describe(
-            pair_count, "tokens holding both experts", "tokens",
-            "number of tokens whose top-k set holds both expert and expert_b (diagonal: tokens holding expert)",
-        ),
-        "active_count": describe(
-            active, "tokens holding the expert", "tokens",
-            "number of tokens whose top-k set holds the expert",
-        ),
-        "partner_tv": describe(
-            partner_tv(both, active), "partner non-randomness (TV)", "total variation distance",
-            "mean over experts a, weighted by count(a ∈ S), of ½ Σ_(b≠a) |C[a,b]/Σ_b' C[a,b'] − 1/(E−1)|: "
-            "how far "
-            "a's partners are from a uniform choice among the other experts (0 = random partners)",
-            chance=0.0, nan_where="no token with two written slots at this checkpoint and layer",
-        ),
-    }
     both_adj = _unpack(adjacent_packed, unpack)
     if both_adj.chunks is not None:
         both_adj = both_adj.chunk({"checkpoint": -1, "layer": -1})
-    coact_olmoe = safe_ratio(both_adj, active).where(off).transpose("checkpoint", "layer", "expert", "expert_b")
-    out["coactivation_olmoe"] = describe(
-        coact_olmoe, "co-activation, OLMoE's definition (adjacent ranks)", "share of a's tokens",
-        "OLMoE's run_moe_analysis.py: count(a and b in adjacent ranks of the token's ranked top-k list, either "
-        "order) / count(a ∈ S). Only pairs of consecutive ranks count (k − 1 of a token's k(k − 1)/2 pairs), so a "
-        "row sums to between 1 and 2, not k − 1; equal to coactivation when k = 2; no interval",
-        nan_where=nan_coact,
-    )
+    out = {
+        "coactivation": coact,
+        "coactivation_ratio": coact / chance,
+        "pair_count": pair_count,
+        "active_count": active,
+        "partner_tv": partner_tv(both, active),
+        "coactivation_olmoe": safe_ratio(both_adj, active).where(off).transpose(
+            "checkpoint", "layer", "expert", "expert_b"),
+    }
     if n_boot > 0:
         # the replicates of the E(E+1)/2 packed counts, unfolded: half the work of resampling (E, E)
         packed_r = reps.isel(boot=slice(1, None), pair=slice(0, P)).assign_coords(boot=np.arange(n_boot))
@@ -303,9 +272,8 @@ def coactivation(
         add_interval(out, "coactivation", lo, hi, ci=ci, n_boot=n_boot, scheme=scheme)
         lo, hi = interval(partner_tv(both_r, active_r), ci)
         add_interval(out, "partner_tv", lo, hi, ci=ci, n_boot=n_boot, scheme=scheme)
-    result = xr.Dataset(out)
     return finalise(
-        result, routing, name=NAME,
+        xr.Dataset(out), routing, name=NAME, outputs=OUTPUTS,
         definition="C[c,l,a,b] = count(a ∈ S_t and b ∈ S_t) / count(a ∈ S_t) over tokens t, all pairs of the "
         "top-k set S (not only adjacent ranks; coactivation_olmoe is OLMoE's adjacent-rank count, equal when "
         "k = 2); partner_tv = count-weighted mean over a of the total variation "
@@ -316,6 +284,42 @@ def coactivation(
         "finite-sample bias)",
         params={"canonical_only": canonical_only, "n_boot": n_boot, "ci": ci, "seed": seed},
     )
+
+
+def _packed_sums(routing: xr.Dataset, canonical_only: bool, *, n_boot: int, seed: int):
+    """The packed pair counts of :func:`coactivation`, summed over samples and resampled, in one token pass.
+
+    Returns
+    -------
+    reps : (checkpoint, layer, boot, pair) the packed counts (pair 0..P-1, P = E(E+1)/2) of
+        the plain sums (boot 0) and of every bootstrap replicate (boot 1..n_boot)
+    adjacent_packed : (checkpoint, layer, pair) the packed counts of adjacent-rank pairs only (OLMoE's)
+    """
+    E, k = cube_sizes(routing)
+    P = E * (E + 1) // 2
+    codes = _codes(token_var(routing, "expert_ids"), token_mask(routing, canonical_only), E)
+    # OLMoE's variant counts only pairs of adjacent ranks (slots i, i+1): those slot pairs' codes again,
+    # shifted past bin P, ride in the same bincount instead of a second pass over the tokens
+    adjacent = [p for p, (i, j) in enumerate(zip(*np.triu_indices(k))) if j == i + 1]
+    adj = codes.isel(slot_pair=adjacent)
+    codes = xr.concat([codes, adj.where(adj < 0, adj + P)], dim="slot_pair")
+    # one token pass: bins 0..P-1 are the packed pair counts (diagonal = tokens holding a), bins P..2P-1 the
+    # packed counts of adjacent-rank pairs
+    sums_all = per_sample_sums(
+        xr.ones_like(codes, dtype=np.int8), Samples.of(routing), dim=("token", "slot_pair"),
+        by={"pair": (codes, 2 * P)},
+    ).transpose("checkpoint", "layer", "sample", "pair")
+    adjacent_packed = sums_all.isel(pair=slice(P, None)).sum("sample").assign_coords(pair=np.arange(P))
+    sums_s = sums_all.isel(pair=slice(0, P))
+    n_samples = sums_s.sizes["sample"]
+    weights = np.ones((1, n_samples), dtype=np.int64)
+    if n_boot > 0:
+        weights = np.concatenate([weights, bootstrap_weights(n_samples, n_boot, seed)])
+    # one product over the per-sample counts: the plain sums (weights 1, first row), then every replicate
+    reps = resample(sums_s, weights)
+    if reps.chunks is not None:
+        reps = reps.chunk({"checkpoint": -1, "layer": -1})  # E²/2 · (n_boot + 1) numbers per (checkpoint, layer)
+    return reps, adjacent_packed
 
 
 def cluster_order(coact: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -383,7 +387,7 @@ ANALYSIS = register(
             "95 % bootstrap CIs over samples."
         ),
         requires=("expert_ids",),
-        table=table,
-        summary=summary,
+        table=table, summary=summary,
+        outputs=OUTPUTS,
     )
 )

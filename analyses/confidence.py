@@ -26,19 +26,10 @@ import xarray as xr
 
 from . import bootstrap as bs
 from .figures import hook as figure_hook
+from .outputs import Output
 from .registry import (
-    Analysis,
-    cube_sizes,
-    describe,
-    finalise,
-    json_number,
-    over_slots,
-    register,
-    safe_ratio,
-    tidy,
-    token_var,
-    view_ids,
-    view_mask,
+    Analysis, cube_sizes, finalise, json_number, over_slots, register, safe_ratio, tidy, token_var, view_ids,
+    view_mask
 )
 
 NAME = "confidence"
@@ -142,14 +133,43 @@ def _hist_codes(v: xr.DataArray, n_bins: int) -> xr.DataArray:
     return code.fillna(-1).astype(np.int64)
 
 
+_METRIC_INFO = {  # per-token metric -> long_name, units, description (templates: see OUTPUTS)
+    "entropy": ("per-token router entropy", "fraction of ln E",
+                "mean over tokens of H(p)/ln E, p = router probabilities over all experts ({probabilities})"),
+    "topk_entropy": ("per-token top-k weight entropy", "fraction of ln k",
+                     "mean over tokens of H(w/Σw)/ln k over the k weights the experts receive"),
+    "margin": ("top-1 − top-2 weight margin", "weight (as received by the experts)",
+               "mean over tokens of w_1 − w_2, the received weights of the first two slots"),
+    "boundary": ("selection boundary s_(k) − s_(k+1)", "logit",
+                 "mean over tokens of the gap between the k-th and (k+1)-th largest raw router logits (before "
+                 "softmax/sigmoid; for a softmax router = ln p_(k)/p_(k+1)); selection biases not in the logits are "
+                 "not included"),
+}
+_MARGINAL = ("marginal entropy of expert usage", "fraction of ln E",
+             "H(u)/ln E of the group's usage distribution u (share of routing slots per expert) — the entropy of "
+             "the average routing, not a per-token entropy")
+OUTPUTS = {
+    "tokens": Output("routed tokens", "tokens", "tokens of the group with at least one valid slot"),
+    **{name: Output(long_name, units, desc, nan_where="{metric_nan}")
+       for name, (long_name, units, desc) in _METRIC_INFO.items()},
+    **{f"{name}_all": Output(f"{long_name} (all domains)", units, desc + ", every domain pooled",
+                             nan_where="{metric_nan}")
+       for name, (long_name, units, desc) in _METRIC_INFO.items()},
+    "marginal_entropy": Output(*_MARGINAL, chance=1.0, nan_where="no routed token in the group"),
+    "marginal_entropy_all": Output(f"{_MARGINAL[0]} (all domains)", _MARGINAL[1], _MARGINAL[2] + ", every domain "
+                                   "pooled", chance=1.0, nan_where="no routed token in the group"),
+    **{f"{name}_hist": Output(f"histogram of {long_name}", "share of tokens",
+                              f"share of the tokens (domains pooled) whose {long_name} ({units}) lies in the bin",
+                              nan_where="no token has the metric defined at this checkpoint and layer")
+       for name, (long_name, units, _) in _METRIC_INFO.items() if name in HISTOGRAMS},
+}
+
+
 def confidence(
     routing: xr.Dataset,
     *,
-    view: str = "all",
-    hist_bins: int = 20,
-    n_boot: int = 200,
-    ci: float = 0.95,
-    seed: int = 0,
+    view: str = "all", hist_bins: int = 20,
+    n_boot: int = 200, ci: float = 0.95, seed: int = 0,
 ) -> xr.Dataset:
     """Per-token and marginal router confidence per (checkpoint, layer, domain), with bootstrap CIs.
 
@@ -185,18 +205,97 @@ def confidence(
     if hist_bins < 1:
         raise ValueError(f"confidence: hist_bins={hist_bins}; expected >= 1")
     ids = view_ids(routing, view)
+    per_token, token_ok = per_token_metrics(routing, ids, view)
+    parts = {"tokens": token_ok.astype(np.int64)}
+    for name, v in per_token.items():
+        ok = v.notnull()
+        parts[f"{name}_sum"] = v.where(ok, 0.0).astype(np.float64)
+        parts[f"{name}_n"] = ok.astype(np.int64)
+    samples = bs.Samples.of(routing)  # once: every token pass below shares it
+    groups = bs.sample_groups(routing, "domain", samples)
+    ps = bs.per_sample_sums(xr.Dataset(parts), samples, dim="token")
+    ps_count = bs.per_sample_sums(xr.ones_like(ids, dtype=np.int64), samples, dim=("token", "k"),
+                                  by={"expert": (ids, E)})
+    sums = bs.group_sums(ps, groups)
+    count = bs.group_sums(ps_count, groups).transpose(..., "domain", "expert")
+    out = {"tokens": sums["tokens"]}
+    for name in per_token:
+        s, n = sums[f"{name}_sum"], sums[f"{name}_n"]
+        out[name] = safe_ratio(s, n)
+        out[f"{name}_all"] = safe_ratio(s.sum("domain"), n.sum("domain"))
+    out["marginal_entropy"] = marginal_entropy(count)
+    out["marginal_entropy_all"] = marginal_entropy(count.sum("domain"))
+    out.update(_histograms(per_token, samples, hist_bins))
+    if n_boot > 0:
+        _add_intervals(out, ps, ps_count, groups, list(per_token), n_boot=n_boot, ci=ci, seed=seed)
+    result = xr.Dataset(out)
+    edges = np.linspace(0.0, 1.0, hist_bins + 1)
+    if "bin" in result.dims:
+        result = result.assign_coords(bin_start=("bin", edges[:-1]), bin_end=("bin", edges[1:]))
+    return finalise(
+        result, routing, name=NAME, outputs=OUTPUTS,
+        context={"metric_nan": "no token of the group has the metric defined" + (" (top_k = 1)" if k < 2 else ""),
+                 "probabilities": "sigmoid scores renormalised to sum 1" if is_sigmoid_router(routing)
+                 else "softmax of logits"},
+        definition=_DEFINITION.format(ci_percent=100 * ci, n_boot=n_boot), normalisation=_NORMALISATION,
+        chance=_CHANCE,
+        params={"view": view, "hist_bins": hist_bins, "n_boot": n_boot, "ci": float(ci), "seed": int(seed)},
+    )
+
+
+_DEFINITION = (
+    "per token: H(p)/ln E (p = router probabilities over all E experts, float32), H(w/Σw)/ln k over the received "
+    "top-k weights, w_1 − w_2, and s_(k) − s_(k+1) on the raw logits; each averaged over the tokens of the "
+    "(checkpoint, layer, domain) group. Marginal entropy: H(u)/ln E of the group's usage distribution u (not per "
+    "token). Histograms: share of tokens per bin of the normalised per-token entropies. Ids of -1 (unwritten) are "
+    "excluded. Intervals: {ci_percent:g} % percentile bootstrap over samples resampled within each domain ({n_boot} "
+    "replicates).")
+_NORMALISATION = ("entropies divided by their maximum (ln E, ln k): 1 = uniform, 0 = one-hot; margin in units of "
+                  "the received weights; boundary in logit units")
+_CHANCE = ("marginal entropy: 1 under uniform random routing (slightly less for finite samples); per-token "
+           "entropies have no chance level (uniform p gives 1, the maximum; uniform random routing does not fix the "
+           "weights), nor do margin and boundary")
+
+
+def _histograms(per_token: dict, samples, hist_bins: int) -> dict[str, xr.DataArray]:
+    """``<metric>_hist`` (checkpoint, layer, bin): share of the tokens (domains pooled) per bin of [0, 1]."""
+    out = {}
+    for name in HISTOGRAMS:
+        if name in per_token:
+            codes = _hist_codes(per_token[name], hist_bins)
+            hist = bs.per_sample_sums(
+                xr.ones_like(codes, dtype=np.int64), samples, dim="token", by={"bin": (codes, hist_bins)}
+            ).sum("sample")
+            out[f"{name}_hist"] = safe_ratio(hist, hist.sum("bin"))
+    return out
+
+
+def per_token_metrics(routing: xr.Dataset, ids: xr.DataArray, view: str) -> tuple[dict[str, xr.DataArray], xr.DataArray]:
+    """The per-token metrics of :func:`confidence` and the tokens that count.
+
+    Parameters
+    ----------
+    routing : the routing cube (``expert_weights``, ``router_logits`` when present).
+    ids : ``expert_ids`` (checkpoint, layer, token, k) of the view (others -1).
+    view : the token view (masks the logits).
+
+    Returns
+    -------
+    per_token : name -> (checkpoint, layer, token) float, NaN where undefined:
+        entropy and boundary (with router_logits; boundary needs k < E), topk_entropy, margin
+    token_ok : (checkpoint, layer, token) bool, a valid slot with a weight
+    """
+    E, k = cube_sizes(routing)
     w = token_var(routing, "expert_weights").astype(np.float32)
     slot_ok = (ids >= 0) & w.notnull()
     token_ok = over_slots(slot_ok, "any")
-    sigmoid = is_sigmoid_router(routing)
-
     per_token = {}
     if "router_logits" in routing:
         logits = token_var(routing, "router_logits")
         mask = view_mask(routing, view)
         if mask is not None:
             logits = logits.where(mask)
-        per_token["entropy"] = token_entropy(logits, sigmoid=sigmoid) / math.log(E)
+        per_token["entropy"] = token_entropy(logits, sigmoid=is_sigmoid_router(routing)) / math.log(E)
         if k < E:
             per_token["boundary"] = selection_boundary(logits, k)
     if k >= 2:
@@ -214,111 +313,22 @@ def confidence(
         per_token["margin"] = xr.full_like(token_ok, np.nan, dtype=np.float32)
     if "boundary" in per_token:
         per_token["boundary"] = per_token["boundary"].where(token_ok)
+    return per_token, token_ok
 
-    parts = {"tokens": token_ok.astype(np.int64)}
-    for name, v in per_token.items():
-        ok = v.notnull()
-        parts[f"{name}_sum"] = v.where(ok, 0.0).astype(np.float64)
-        parts[f"{name}_n"] = ok.astype(np.int64)
-    samples = bs.Samples.of(routing)  # once: every token pass below shares it
-    groups = bs.sample_groups(routing, "domain", samples)
-    ps = bs.per_sample_sums(xr.Dataset(parts), samples, dim="token")
-    ps_count = bs.per_sample_sums(
-        xr.ones_like(ids, dtype=np.int64), samples, dim=("token", "k"), by={"expert": (ids, E)}
-    )
-    sums = bs.group_sums(ps, groups)
-    count = bs.group_sums(ps_count, groups).transpose(..., "domain", "expert")
 
-    info = {
-        "entropy": (
-            "per-token router entropy", "fraction of ln E",
-            "mean over tokens of H(p)/ln E, p = router probabilities over all experts "
-            + ("(sigmoid scores renormalised to sum 1)" if sigmoid else "(softmax of logits)"),
-        ),
-        "topk_entropy": (
-            "per-token top-k weight entropy", "fraction of ln k",
-            "mean over tokens of H(w/Σw)/ln k over the k weights the experts receive",
-        ),
-        "margin": (
-            "top-1 − top-2 weight margin", "weight (as received by the experts)",
-            "mean over tokens of w_1 − w_2, the received weights of the first two slots",
-        ),
-        "boundary": (
-            "selection boundary s_(k) − s_(k+1)", "logit",
-            "mean over tokens of the gap between the k-th and (k+1)-th largest raw router logits (before "
-            "softmax/sigmoid; for a softmax router = ln p_(k)/p_(k+1)); selection biases not in the logits are "
-            "not included",
-        ),
-        "marginal_entropy": (
-            "marginal entropy of expert usage", "fraction of ln E",
-            "H(u)/ln E of the group's usage distribution u (share of routing slots per expert) — the entropy of "
-            "the average routing, not a per-token entropy",
-        ),
-    }
-    out = {"tokens": describe(sums["tokens"], "routed tokens", "tokens",
-                              "tokens of the group with at least one valid slot")}
-    nan_why = "no token of the group has the metric defined" + (" (top_k = 1)" if k < 2 else "")
-    for name in per_token:
-        long_name, units, desc = info[name]
-        s, n = sums[f"{name}_sum"], sums[f"{name}_n"]
-        out[name] = describe(safe_ratio(s, n), long_name, units, desc, nan_where=nan_why)
-        out[f"{name}_all"] = describe(
-            safe_ratio(s.sum("domain"), n.sum("domain")), f"{long_name} (all domains)", units,
-            desc + ", every domain pooled", nan_where=nan_why,
-        )
-    long_name, units, desc = info["marginal_entropy"]
-    out["marginal_entropy"] = describe(marginal_entropy(count), long_name, units, desc, chance=1.0,
-                                       nan_where="no routed token in the group")
-    out["marginal_entropy_all"] = describe(
-        marginal_entropy(count.sum("domain")), f"{long_name} (all domains)", units, desc + ", every domain pooled",
-        chance=1.0, nan_where="no routed token in the group",
-    )
-
-    for name in HISTOGRAMS:
-        if name not in per_token:
-            continue
-        codes = _hist_codes(per_token[name], hist_bins)
-        hist = bs.per_sample_sums(
-            xr.ones_like(codes, dtype=np.int64), samples, dim="token", by={"bin": (codes, hist_bins)}
-        ).sum("sample")
-        out[f"{name}_hist"] = describe(
-            safe_ratio(hist, hist.sum("bin")), f"histogram of {info[name][0]}", "share of tokens",
-            f"share of the tokens (domains pooled) whose {info[name][0]} ({info[name][1]}) lies in the bin",
-            nan_where="no token has the metric defined at this checkpoint and layer",
-        )
-
-    if n_boot > 0:
-        weights = bs.bootstrap_weights(ps.sizes["sample"], n_boot, seed, strata=groups)
-        reps = bs.resample(ps, weights, groups=groups)
-        for name in per_token:
-            s, n = reps[f"{name}_sum"], reps[f"{name}_n"]
-            for var, num, den in ((name, s, n), (f"{name}_all", s.sum("domain"), n.sum("domain"))):
-                lo, hi = bs.interval(safe_ratio(num, den), ci)
-                bs.add_interval(out, var, lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
-        creps = bs.resample(ps_count, weights, groups=groups)
-        for var, c in (("marginal_entropy", creps), ("marginal_entropy_all", creps.sum("domain"))):
-            lo, hi = bs.interval(marginal_entropy(c), ci)
+def _add_intervals(out: dict, ps, ps_count, groups, metrics, *, n_boot: int, ci: float, seed: int) -> None:
+    """Add the ``_lo`` / ``_hi`` bounds of every metric (per domain and pooled) to ``out``."""
+    weights = bs.bootstrap_weights(ps.sizes["sample"], n_boot, seed, strata=groups)
+    reps = bs.resample(ps, weights, groups=groups)
+    for name in metrics:
+        s, n = reps[f"{name}_sum"], reps[f"{name}_n"]
+        for var, num, den in ((name, s, n), (f"{name}_all", s.sum("domain"), n.sum("domain"))):
+            lo, hi = bs.interval(safe_ratio(num, den), ci)
             bs.add_interval(out, var, lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
-
-    result = xr.Dataset(out)
-    edges = np.linspace(0.0, 1.0, hist_bins + 1)
-    if "bin" in result.dims:
-        result = result.assign_coords(bin_start=("bin", edges[:-1]), bin_end=("bin", edges[1:]))
-    return finalise(
-        result, routing, name=NAME,
-        definition="per token: H(p)/ln E (p = router probabilities over all E experts, float32), "
-        "H(w/Σw)/ln k over the received top-k weights, w_1 − w_2, and s_(k) − s_(k+1) on the raw logits; "
-        "each averaged over the tokens of the (checkpoint, layer, domain) group. Marginal entropy: H(u)/ln E "
-        "of the group's usage distribution u (not per token). Histograms: share of tokens per bin of the "
-        "normalised per-token entropies. Ids of -1 (unwritten) are excluded. Intervals: "
-        f"{100 * ci:g} % percentile bootstrap over samples resampled within each domain ({n_boot} replicates).",
-        normalisation="entropies divided by their maximum (ln E, ln k): 1 = uniform, 0 = one-hot; "
-        "margin in units of the received weights; boundary in logit units",
-        chance="marginal entropy: 1 under uniform random routing (slightly less for finite samples); per-token "
-        "entropies have no chance level (uniform p gives 1, the maximum; uniform random routing does not fix "
-        "the weights), nor do margin and boundary",
-        params={"view": view, "hist_bins": hist_bins, "n_boot": n_boot, "ci": float(ci), "seed": int(seed)},
-    )
+    creps = bs.resample(ps_count, weights, groups=groups)
+    for var, c in (("marginal_entropy", creps), ("marginal_entropy_all", creps.sum("domain"))):
+        lo, hi = bs.interval(marginal_entropy(c), ci)
+        bs.add_interval(out, var, lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
 
 
 def table(result: xr.Dataset) -> pd.DataFrame:
@@ -367,7 +377,7 @@ ANALYSIS = register(
         ),
         requires=("expert_ids", "expert_weights"),
         optional=("router_logits",),
-        table=table,
-        summary=summary,
+        table=table, summary=summary,
+        outputs=OUTPUTS,
     )
 )

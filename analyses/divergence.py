@@ -33,18 +33,8 @@ import xarray as xr
 from . import bootstrap as bs
 from .token_pass import SAMPLE, Samples, per_sample_sums
 from .figures import hook as figure_hook
-from .registry import (
-    Analysis,
-    cube_sizes,
-    describe,
-    finalise,
-    is_lazy,
-    json_number,
-    register,
-    safe_ratio,
-    tidy,
-    token_var,
-)
+from .outputs import Output, k_of_experts, per_expert
+from .registry import Analysis, cube_sizes, finalise, is_lazy, json_number, register, safe_ratio, tidy, token_var
 
 NAME = "divergence"
 # The token views of a paired comparison (aligned pairs), not registry.VIEWS (views of one cube's tokens).
@@ -252,11 +242,6 @@ def per_token_vars(func, arrays: Sequence[xr.DataArray], names: Sequence[str], *
     return xr.Dataset({name: (out_dims, data[i]) for i, name in enumerate(names)}, coords=coords)
 
 
-def _expert_codes(ids: np.ndarray, E: int) -> np.ndarray:
-    """Ids as codes of the count pass: -1 (unwritten) and 0..E-1 kept, any other id E (counted apart)."""
-    return np.where((ids >= -1) & (ids < E), ids, E).astype(ids.dtype, copy=False)
-
-
 def _split_dim(arr: xr.DataArray, dim: str, sizes: dict[str, int]) -> xr.DataArray:
     """``arr`` with its last dim ``dim`` (of size prod(sizes), row-major) split into the dims ``sizes``."""
     if arr.dims[-1] != dim:
@@ -297,16 +282,55 @@ def _threshold(diff: xr.DataArray, q: float, min_abs: float) -> xr.DataArray:
     return np.maximum(pct, float(min_abs))
 
 
+def _expected_jaccard(context) -> float:
+    return expected_jaccard(context["num_experts"], context["top_k"])
+
+
+_NAN_NO_PAIR = "no token pair of this view has valid slots on both sides at this checkpoint and layer"
+_ESTIMATES = {
+    "usage": Output("expert usage", "share of routing slots",
+                    "share of the condition's routing slots (over the view's token pairs) going to the expert",
+                    chance=per_expert, nan_where=_NAN_NO_PAIR),
+    "usage_diff": Output("usage difference A − B", "share of routing slots",
+                         "usage[{a}] − usage[{b}] on the same token pairs", chance=0.0, nan_where=_NAN_NO_PAIR),
+    "usage_diff_thresholded": Output(
+        "thresholded usage difference A − B", "share of routing slots",
+        "usage[{a}] − usage[{b}] where |Δ| ≥ max(P{percentile:g}(|Δ|) over layers × experts, {min_abs:g}), else 0",
+        chance=0.0),
+    "threshold": Output("difference threshold", "share of routing slots",
+                        "max(P{percentile:g} of |usage_diff| over layers × experts, min_abs={min_abs:g})"),
+    "total_variation": Output("total variation of usage", "share of routing slots",
+                              "½ Σ_e |usage_A − usage_B|: share of routing mass that would have to move",
+                              chance="0 for identical routing; finite samples give > 0", nan_where=_NAN_NO_PAIR),
+    "jaccard": Output("Jaccard index of expert sets", "fraction", "mean over token pairs of |S_A ∩ S_B| / |S_A ∪ S_B|",
+                      chance=_expected_jaccard, nan_where=_NAN_NO_PAIR),
+    "jaccard_corrected": Output("chance-corrected Jaccard", "fraction above chance",
+                                "(J − E[J]) / (1 − E[J]), E[J] = {expected_jaccard:.4f} exact for independent uniform "
+                                "{top_k}-of-{num_experts} sets (1 = identical, 0 = chance)", chance=0.0,
+                                nan_where=_NAN_NO_PAIR),
+    "intersection": Output("shared experts", "fraction of k", "mean over token pairs of |S_A ∩ S_B| / k",
+                           chance=k_of_experts, nan_where=_NAN_NO_PAIR),
+    "pairs": Output("token pairs compared", "token pairs",
+                    "token pairs of the view with at least one valid slot on both sides"),
+    "sample_pairs": Output("pairs of samples", "pairs", "pairs of samples with tokens in the view (the bootstrap unit)"),
+}
+_WITH_INTERVALS = ("total_variation", "jaccard", "jaccard_corrected", "intersection")
+# the bounds are worded here, not by analyses.bootstrap.add_interval: they resample pairs of samples
+OUTPUTS = {
+    **_ESTIMATES,
+    **{f"{name}_{side}": Output(
+        f"{_ESTIMATES[name].long_name} ({bound} bound)", _ESTIMATES[name].units,
+        "{ci_percent:g} % bootstrap interval over {n_boot} replicates resampling pairs of samples (not tokens)",
+        nan_where=_NAN_NO_PAIR + "; or every replicate undefined")
+       for name in _WITH_INTERVALS for side, bound in (("lo", "lower"), ("hi", "upper"))},
+}
+
+
 def divergence(
     routing: xr.Dataset,
     *,
-    condition_a: str = "",
-    condition_b: str = "",
-    percentile: float = 99.0,
-    min_abs: float = 0.005,
-    n_boot: int = 200,
-    ci: float = 0.95,
-    seed: int = 0,
+    condition_a: str = "", condition_b: str = "", percentile: float = 99.0, min_abs: float = 0.005,
+    n_boot: int = 200, ci: float = 0.95, seed: int = 0,
 ) -> xr.Dataset:
     """Routing of condition A vs condition B on aligned token pairs.
 
@@ -333,7 +357,7 @@ def divergence(
         jaccard, jaccard_corrected, intersection (checkpoint, layer, view) :
             means over token pairs of |S_A∩S_B|/|S_A∪S_B|, (J − E[J])/(1 − E[J]),
             |S_A∩S_B|/k; ``*_lo``/``*_hi`` their bootstrap intervals
-        pairs (checkpoint, layer, view) : token pairs with valid slots on both sides
+        pairs (checkpoint, layer, view) : token pairs with valid slots on both sides;
         sample_pairs (view) : pairs of samples contributing
     """
     E, k = cube_sizes(routing)
@@ -345,122 +369,102 @@ def divergence(
     ej = expected_jaccard(E, k)
     n_units = int(views["last_canonical"][2].size)
     weights = bs.bootstrap_weights(n_units, n_boot, seed) if n_boot else None
-    tok_a, tok_b, unit, view_code = stacked_views(views)
-    M = tok_a.size
-    condition = np.array([a, b], dtype=object)
-
-    # One gather of both sides' ids, A tokens then B tokens (ckpt, layer, 2M, k), feeding two token passes:
-    # slot counts per (pair of samples, expert, view, condition), and overlaps per (pair of samples, view).
-    ids = token_var(routing, "expert_ids").isel(token=np.concatenate([tok_a, tok_b]))
-    # out-of-range ids (refused before, by registry.checked_cube) would fall in a dump group E
-    codes = ids.copy(data=ids.data.map_blocks(_expert_codes, E=E, dtype=ids.dtype) if is_lazy(ids)
-                     else _expert_codes(ids.values, E))
-    # view and condition of each gathered token as one grouper (one index fewer to build per slot)
-    side = np.concatenate([view_code * 2, view_code * 2 + 1])
-    counts = per_pair_sums(
-        xr.ones_like(codes, dtype=np.int64), np.concatenate([unit, unit]), n_units, dim=("token", "k"),
-        by={"expert": (codes, E + 1), "side": (xr.DataArray(side, dims="token"), 2 * len(PAIR_VIEWS))},
-    )
-    counts = _split_dim(counts, "side", {"view": len(PAIR_VIEWS), "condition": 2})  # (.., sample, expert, view, cond.)
-    counts = counts.isel(expert=slice(0, E))
-    # separate variables, not one stacked array: the token pass builds its index once for all of them
-    parts = per_token_vars(_overlaps, [ids.isel(token=slice(0, M)), ids.isel(token=slice(M, None))],
-                           ("inter", "jac", "n"), reduce=("k",), k=k)
-    ps = per_pair_sums(parts, unit, n_units, dim="token",
-                       by={"view": (xr.DataArray(view_code, dims="token"), len(PAIR_VIEWS))})  # (.., sample, view)
-
-    def overlap_means(sums):
-        return {"jaccard": safe_ratio(sums["jac"], sums["n"]), "intersection": safe_ratio(sums["inter"], sums["n"])}
-
-    def tv(count):
-        use = safe_ratio(count, count.sum("expert"))
-        return 0.5 * abs(use.isel(condition=0) - use.isel(condition=1)).sum("expert", skipna=False)
-
+    counts, ps = _pair_sums(routing, views, n_units, E=E, k=k)
     tot = ps.sum(bs.SAMPLE)
     cnt = counts.sum(bs.SAMPLE)
-    use = safe_ratio(cnt, cnt.sum("expert")).assign_coords(condition=condition)
+    use = safe_ratio(cnt, cnt.sum("expert")).assign_coords(condition=np.array([a, b], dtype=object))
     out = {
         "usage": use,
         "usage_diff": use.isel(condition=0, drop=True) - use.isel(condition=1, drop=True),
-        "total_variation": tv(cnt),
-        **overlap_means(tot),
+        "total_variation": _total_variation(cnt),
+        **_overlap_means(tot),
         "pairs": tot["n"].astype(np.int64),
     }
     out["jaccard_corrected"] = (out["jaccard"] - ej) / (1.0 - ej)
     if n_boot:
-        for name, rep in overlap_means(bs.resample(ps, weights)).items():
-            out[f"{name}_lo"], out[f"{name}_hi"] = bs.interval(rep, ci)
-        out["jaccard_corrected_lo"] = (out["jaccard_lo"] - ej) / (1.0 - ej)
-        out["jaccard_corrected_hi"] = (out["jaccard_hi"] - ej) / (1.0 - ej)
-        out["total_variation_lo"], out["total_variation_hi"] = bs.interval(tv(bs.resample(counts, weights)), ci)
+        out.update(_intervals(ps, counts, weights, ej, ci))
     res = xr.Dataset(out).assign_coords(view=np.array(PAIR_VIEWS, dtype=object))
     thr = _threshold(res["usage_diff"], float(percentile), float(min_abs))
-    res["threshold"] = thr
-    res["usage_diff_thresholded"] = res["usage_diff"].where(abs(res["usage_diff"]) >= thr, 0.0)
+    res["threshold"] = thr.fillna(float(min_abs))
+    res["usage_diff_thresholded"] = res["usage_diff"].where(abs(res["usage_diff"]) >= thr, 0.0).fillna(0.0)
     res = res.transpose("checkpoint", "layer", "view", "condition", "expert", ...)
     sample_pairs = xr.DataArray([int(np.unique(views[v][2]).size) for v in PAIR_VIEWS], dims="view",
                                 coords={"view": np.array(PAIR_VIEWS, dtype=object)})
-    if is_lazy(routing):
-        sample_pairs = sample_pairs.chunk()  # lazy in, lazy out: every variable
-
-    nan_no_pair = "no token pair of this view has valid slots on both sides at this checkpoint and layer"
-    ci_note = f"{100 * ci:g} % bootstrap interval over {n_boot} replicates resampling pairs of samples (not tokens)"
-    chance_u = 1.0 / E
-    out = {
-        "usage": describe(res["usage"], "expert usage", "share of routing slots",
-                          "share of the condition's routing slots (over the view's token pairs) going to the expert",
-                          chance=chance_u, nan_where=nan_no_pair),
-        "usage_diff": describe(res["usage_diff"], "usage difference A − B", "share of routing slots",
-                               f"usage[{a}] − usage[{b}] on the same token pairs", chance=0.0, nan_where=nan_no_pair),
-        "usage_diff_thresholded": describe(
-            res["usage_diff_thresholded"].fillna(0.0), "thresholded usage difference A − B", "share of routing slots",
-            f"usage[{a}] − usage[{b}] where |Δ| ≥ max(P{percentile:g}(|Δ|) over layers × experts, {min_abs:g}), "
-            "else 0", chance=0.0),
-        "threshold": describe(res["threshold"].fillna(float(min_abs)), "difference threshold",
-                              "share of routing slots",
-                              f"max(P{percentile:g} of |usage_diff| over layers × experts, min_abs={min_abs:g})"),
-        "total_variation": describe(res["total_variation"], "total variation of usage", "share of routing slots",
-                                    "½ Σ_e |usage_A − usage_B|: share of routing mass that would have to move",
-                                    chance="0 for identical routing; finite samples give > 0", nan_where=nan_no_pair),
-        "jaccard": describe(res["jaccard"], "Jaccard index of expert sets", "fraction",
-                            "mean over token pairs of |S_A ∩ S_B| / |S_A ∪ S_B|", chance=ej, nan_where=nan_no_pair),
-        "jaccard_corrected": describe(res["jaccard_corrected"], "chance-corrected Jaccard", "fraction above chance",
-                                      f"(J − E[J]) / (1 − E[J]), E[J] = {ej:.4f} exact for independent uniform "
-                                      f"{k}-of-{E} sets (1 = identical, 0 = chance)", chance=0.0,
-                                      nan_where=nan_no_pair),
-        "intersection": describe(res["intersection"], "shared experts", "fraction of k",
-                                 "mean over token pairs of |S_A ∩ S_B| / k", chance=k / E, nan_where=nan_no_pair),
-        "pairs": describe(res["pairs"], "token pairs compared", "token pairs",
-                          "token pairs of the view with at least one valid slot on both sides"),
-    }
-    if n_boot:
-        for name in ("total_variation", "jaccard", "jaccard_corrected", "intersection"):
-            for side in ("lo", "hi"):
-                v = res[f"{name}_{side}"]
-                out[f"{name}_{side}"] = describe(
-                    v, f"{out[name].attrs['long_name']} ({'lower' if side == 'lo' else 'upper'} bound)",
-                    out[name].attrs["units"], ci_note, nan_where=nan_no_pair + "; or every replicate undefined")
-    result = xr.Dataset(out)
-    result["sample_pairs"] = describe(sample_pairs, "pairs of samples", "pairs",
-                                      "pairs of samples with tokens in the view (the bootstrap unit)")
+    res["sample_pairs"] = sample_pairs.chunk() if is_lazy(routing) else sample_pairs  # lazy in, lazy out
     result = finalise(
-        result, routing, name=NAME,
-        definition=(
-            f"Conditions A = {a!r}, B = {b!r}; token pairs aligned by canonical content (view 'canonical': every "
-            "aligned pair; 'last_canonical': each pair of samples' last canonical tokens). usage = share of the "
-            "condition's routing slots per expert; usage_diff = A − B; thresholded at max(percentile, min_abs) of "
-            "|Δ|; total_variation = ½ Σ_e |Δ|; jaccard = mean |S_A∩S_B|/|S_A∪S_B|; jaccard_corrected = "
-            "(J − E[J])/(1 − E[J]); intersection = mean |S_A∩S_B|/k. Ids of -1 (unwritten) never count."
-        ),
-        normalisation="usage: share of routing slots (divide by k·tokens), sums to 1 over experts; overlaps per "
-        "token pair, averaged over pairs",
-        chance=f"usage 1/E = {chance_u:.4g}; Jaccard E[J] = {ej:.4g} (exact hypergeometric); intersection k/E = "
-        f"{k / E:.4g}; chance-corrected Jaccard 0",
+        res, routing, name=NAME, outputs=OUTPUTS, context={"a": a, "b": b, "ci_percent": 100 * ci,
+                                                            "expected_jaccard": ej},
+        definition=_DEFINITION.format(a=repr(a), b=repr(b)), normalisation=_NORMALISATION,
+        chance=_CHANCE.format(usage=1.0 / E, jaccard=ej, intersection=k / E),
         params={"condition_a": condition_a, "condition_b": condition_b, "percentile": percentile,
                 "min_abs": min_abs, "n_boot": n_boot, "ci": ci, "seed": seed},
     )
     result.attrs["condition_a"], result.attrs["condition_b"] = a, b
     return result
+
+
+_DEFINITION = (
+    "Conditions A = {a}, B = {b}; token pairs aligned by canonical content (view 'canonical': every aligned pair; "
+    "'last_canonical': each pair of samples' last canonical tokens). usage = share of the condition's routing slots "
+    "per expert; usage_diff = A − B; thresholded at max(percentile, min_abs) of |Δ|; total_variation = ½ Σ_e |Δ|; "
+    "jaccard = mean |S_A∩S_B|/|S_A∪S_B|; jaccard_corrected = (J − E[J])/(1 − E[J]); intersection = mean "
+    "|S_A∩S_B|/k. Ids of -1 (unwritten) never count.")
+_NORMALISATION = ("usage: share of routing slots (divide by k·tokens), sums to 1 over experts; overlaps per token "
+                  "pair, averaged over pairs")
+_CHANCE = ("usage 1/E = {usage:.4g}; Jaccard E[J] = {jaccard:.4g} (exact hypergeometric); intersection k/E = "
+           "{intersection:.4g}; chance-corrected Jaccard 0")
+
+
+def _overlap_means(sums: xr.Dataset) -> dict[str, xr.DataArray]:
+    """jaccard and intersection from (resampled or plain) sums of jac, inter and n."""
+    return {"jaccard": safe_ratio(sums["jac"], sums["n"]), "intersection": safe_ratio(sums["inter"], sums["n"])}
+
+
+def _total_variation(count: xr.DataArray) -> xr.DataArray:
+    """½ Σ_e |usage_A − usage_B| from slot counts (..., expert, condition)."""
+    use = safe_ratio(count, count.sum("expert"))
+    return 0.5 * abs(use.isel(condition=0) - use.isel(condition=1)).sum("expert", skipna=False)
+
+
+def _intervals(ps: xr.Dataset, counts: xr.DataArray, weights, ej: float, ci: float) -> dict[str, xr.DataArray]:
+    """``<name>_lo`` / ``_hi`` of jaccard, intersection, jaccard_corrected and total_variation (pairs of samples resampled)."""
+    out = {}
+    for name, rep in _overlap_means(bs.resample(ps, weights)).items():
+        out[f"{name}_lo"], out[f"{name}_hi"] = bs.interval(rep, ci)
+    out["jaccard_corrected_lo"] = (out["jaccard_lo"] - ej) / (1.0 - ej)
+    out["jaccard_corrected_hi"] = (out["jaccard_hi"] - ej) / (1.0 - ej)
+    out["total_variation_lo"], out["total_variation_hi"] = bs.interval(_total_variation(bs.resample(counts, weights)), ci)
+    return out
+
+
+def _pair_sums(routing: xr.Dataset, views: dict, n_units: int, *, E: int, k: int) -> tuple[xr.DataArray, xr.Dataset]:
+    """The two token passes of :func:`divergence` over the aligned token pairs of every view.
+
+    Returns
+    -------
+    counts : (checkpoint, layer, sample, expert, view, condition) slot counts per pair of samples
+    ps : Dataset of inter, jac, n (checkpoint, layer, sample, view): per pair of samples, the sums over
+        its token pairs of |S_A∩S_B|/k, |S_A∩S_B|/|S_A∪S_B| and the pairs with valid slots on both sides
+    """
+    tok_a, tok_b, unit, view_code = stacked_views(views)
+    M = tok_a.size
+    # One gather of both sides' ids, A tokens then B tokens (ckpt, layer, 2M, k), feeding two token passes:
+    # slot counts per (pair of samples, expert, view, condition), and overlaps per (pair of samples, view).
+    ids = token_var(routing, "expert_ids").isel(token=np.concatenate([tok_a, tok_b]))
+    # view and condition of each gathered token as one grouper (one index fewer to build per slot)
+    side = np.concatenate([view_code * 2, view_code * 2 + 1])
+    # ids are -1..E-1 here (registry.checked_cube refused any other): -1 falls in no group
+    counts = per_pair_sums(
+        xr.ones_like(ids, dtype=np.int64), np.concatenate([unit, unit]), n_units, dim=("token", "k"),
+        by={"expert": (ids, E), "side": (xr.DataArray(side, dims="token"), 2 * len(PAIR_VIEWS))},
+    )
+    counts = _split_dim(counts, "side", {"view": len(PAIR_VIEWS), "condition": 2})  # (.., sample, expert, view, cond.)
+    # separate variables, not one stacked array: the token pass builds its index once for all of them
+    parts = per_token_vars(_overlaps, [ids.isel(token=slice(0, M)), ids.isel(token=slice(M, None))],
+                           ("inter", "jac", "n"), reduce=("k",), k=k)
+    ps = per_pair_sums(parts, unit, n_units, dim="token",
+                       by={"view": (xr.DataArray(view_code, dims="token"), len(PAIR_VIEWS))})  # (.., sample, view)
+    return counts, ps
 
 
 # ---------------------------------------------------------------- outputs
@@ -578,8 +582,8 @@ ANALYSIS = register(
             "linked for ablation sweeps."
         ),
         requires=("expert_ids",),
-        table=table,
-        summary=summary,
+        table=table, summary=summary,
         artifacts=artifacts,
+        outputs=OUTPUTS,
     )
 )

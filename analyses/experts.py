@@ -16,7 +16,7 @@ derived result:
 
 :func:`similarity_structure` gives, per (layer, embedding): the cosine similarity
 matrix, diversity = 1 − mean off-diagonal cosine (seed 002's definition), its
-reference level from Gaussian random matrices of the same shape, the
+reference level from Gaussian random matrices of the same shape (absolute values for the non-negative norms), the
 average-linkage hierarchy on cosine distance (``scipy.cluster.hierarchy``) and
 k-means (``sklearn``, on unit-normalised rows) over several k and seeds with the
 cosine silhouette. :func:`drift` compares each checkpoint with the last;
@@ -37,7 +37,7 @@ import xarray as xr
 
 from analyses.outputs import Output, apply_outputs
 
-VERSION = "experts-1"
+VERSION = "experts-2"
 EMBEDDINGS = ("router", "ffn", "norms")
 PROJ = ("gate", "up", "down")
 LINKAGE_FIELDS = ("left", "right", "distance", "size")
@@ -54,7 +54,8 @@ OUTPUTS = {
     "diversity": Output("expert diversity", "1", "1 − mean off-diagonal cosine similarity (seed 002)",
                         chance="diversity_random", nan_where="an embedding is all zeros"),
     "diversity_random": Output("diversity of random matrices", "1",
-                               "mean diversity of Gaussian random matrices of the same (expert × dim) shape"),
+                               "mean diversity of Gaussian random matrices of the same (expert × dim) shape "
+                               "(absolute values of Gaussians for the norms, which are non-negative)"),
     "diversity_random_std": Output("diversity of random matrices, std", "1",
                                    "standard deviation of that reference over its draws"),
     "linkage": Output("average-linkage hierarchy", "1",
@@ -171,10 +172,10 @@ def diversity(x: np.ndarray) -> float:
     return float(1.0 - s[off].mean())
 
 
-def random_diversity(n: int, d: int, *, draws: int = 20, seed: int = 0) -> tuple[float, float]:
-    """Mean and std of :func:`diversity` over ``draws`` Gaussian (n, d) matrices."""
+def random_diversity(n: int, d: int, *, draws: int = 20, seed: int = 0, nonneg: bool = False) -> tuple[float, float]:
+    """Mean and std of :func:`diversity` over ``draws`` Gaussian (n, d) matrices (their absolute values if ``nonneg``)."""
     rng = np.random.default_rng(seed)
-    vals = [diversity(rng.standard_normal((n, d))) for _ in range(draws)]
+    vals = [diversity(np.abs(x) if nonneg else x) for x in (rng.standard_normal((n, d)) for _ in range(draws))]
     return float(np.mean(vals)), float(np.std(vals))
 
 
@@ -249,7 +250,8 @@ def similarity_structure(emb: xr.Dataset, *, k_values=(2, 3, 4), kmeans_seeds: i
             s = cosine_matrix(x)
             sim[i, j] = s
             div[i, j] = diversity(x)
-            rnd[i, j], rnd_sd[i, j] = random_diversity(E, x.shape[1], draws=random_draws, seed=seed)
+            rnd[i, j], rnd_sd[i, j] = random_diversity(E, x.shape[1], draws=random_draws, seed=seed,
+                                                       nonneg=name == "norms")
             if np.all(np.isfinite(s)) and E >= 2:
                 d = np.clip(1.0 - s, 0.0, 2.0)
                 np.fill_diagonal(d, 0.0)
@@ -269,6 +271,19 @@ def similarity_structure(emb: xr.Dataset, *, k_values=(2, 3, 4), kmeans_seeds: i
                 "kmeans_seed": np.arange(kmeans_seeds), "linkage_field": list(LINKAGE_FIELDS)},
     )
     return apply_outputs(ds, OUTPUTS, where="similarity_structure")
+
+
+def layer_structure(path, layer: int, *, ffn_dim: int = 256, seed: int = 0, k_values=(2, 3, 4),
+                    kmeans_seeds: int = 5, random_draws: int = 20) -> xr.Dataset:
+    """One Dask job of the experts stage: :func:`expert_embeddings` and :func:`similarity_structure` of one
+    (checkpoint, layer), merged → the dims of both with ``layer`` of length 1.
+
+    Lives here, not in tasks/, so that a Dask worker unpickling it imports analyses/ only.
+    """
+    emb = expert_embeddings(path, layers=[layer], ffn_dim=ffn_dim, seed=seed)
+    sim = similarity_structure(emb, k_values=tuple(k_values), kmeans_seeds=kmeans_seeds, random_draws=random_draws,
+                               seed=seed)
+    return xr.merge([emb, sim], combine_attrs="drop_conflicts")
 
 
 def drift(embs: xr.Dataset) -> xr.Dataset:
@@ -305,7 +320,7 @@ def mantel(a: np.ndarray, b: np.ndarray, *, n_perm: int = 999, seed: int = 0) ->
     Returns (ρ, p) with p = (1 + #{permutations π: ρ(a, b[π][:, π]) ≥ ρ}) / (1 + n_perm), one-sided
     (similar weights → more co-activation). NaN, NaN when either triangle is constant or not finite.
     """
-    from scipy.stats import spearmanr
+    from scipy.stats import rankdata, spearmanr
 
     a, b = np.asarray(a, float), np.asarray(b, float)
     n = len(a)
@@ -314,11 +329,18 @@ def mantel(a: np.ndarray, b: np.ndarray, *, n_perm: int = 999, seed: int = 0) ->
     if n < 3 or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))) or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan"), float("nan")
     r = float(spearmanr(x, y).statistic)
+    if n_perm == 0:
+        return r, 1.0
     rng = np.random.default_rng(seed)
-    hits = 0
-    for _ in range(n_perm):
-        p = rng.permutation(n)
-        hits += float(spearmanr(x, b[np.ix_(p, p)][iu]).statistic) >= r - 1e-12
+    perms = np.stack([rng.permutation(n) for _ in range(n_perm)])  # (n_perm, n)
+    # all permutations at once: Spearman ρ = Pearson r of the ranks (average ranks for ties, as spearmanr)
+    yp = b[perms[:, iu[0]], perms[:, iu[1]]]  # (n_perm, pairs): upper triangle of b[π][:, π]
+    rx = rankdata(x)
+    rx = (rx - rx.mean()) / np.linalg.norm(rx - rx.mean())
+    ry = rankdata(yp, axis=1)
+    ry -= ry.mean(axis=1, keepdims=True)
+    rho = (ry @ rx) / np.linalg.norm(ry, axis=1)
+    hits = int(np.count_nonzero(rho >= r - 1e-12))
     return r, (1 + hits) / (1 + n_perm)
 
 

@@ -10,7 +10,8 @@ What the explorer shows and where each number comes from
   analysis cube (value and its bootstrap interval) for the domain groups, and
   ``usage_all`` for "all domains"; per-condition groups (and every group when
   the run has no ``usage`` cube) are slot shares counted here in one pass
-  over the cube, without intervals. Chance is 1/E.
+  over the cube, with intervals from the same bootstrap over samples
+  (:func:`group_intervals`). Chance is 1/E.
 * **Tokens** of one sample: top-k ids and weights per (checkpoint, layer),
   lens log-prob per (checkpoint, layer), NLL per checkpoint, and the aligned
   token of the pair's other condition (``aligned_token``).
@@ -21,7 +22,8 @@ What the explorer shows and where each number comes from
   routing slots (any of the k) most often go to the expert.
 
 Runs with more than ``max_tokens`` tokens embed a subset of whole samples
-(round robin over domains, pairs kept together); the page says so.
+(round robin over domains, paired samples a stratum of their own, pairs kept
+together); the page says so.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ ALL = "all domains"
 VIEWS = ("all", "canonical", "last_canonical")
 MAX_TOKENS = 6000  # embedded tokens of a standalone page (demo: ≈ 4.3 MB with BokehJS inlined; beyond it whole samples are sampled)
 TOP_TOKENS = 8
+N_BOOT, CI = 200, 0.95  # intervals computed here (groups the usage cube lacks): as the usage analysis' defaults
+MAX_BOOT_SAMPLES = 5000  # a group with more samples gets no interval computed here
 
 
 def _round(x, digits: int = 4):
@@ -145,9 +149,11 @@ def top_tokens(counts: np.ndarray, text_of: dict[int, str], n: int = TOP_TOKENS)
 
 
 def choose_samples(cols: dict[str, np.ndarray], max_tokens: int = MAX_TOKENS) -> tuple[list[int], bool]:
-    """Whole samples to embed: all when the run has ≤ ``max_tokens`` tokens, else a round robin over domains.
+    """Whole samples to embed: all when the run has ≤ ``max_tokens`` tokens, else a round robin over strata.
 
-    A chosen sample brings its pair partner (same ``pair``, other condition).
+    A stratum is a domain, with its paired samples a stratum of their own (so a
+    sampled page still shows pairs side by side). A chosen sample brings its
+    pair partner (same ``pair``, other condition).
     Returns (sample ids in cube order, whether a subset was taken).
     """
     samples, first, length = np.unique(cols["sample"], return_index=True, return_counts=True)
@@ -161,7 +167,8 @@ def choose_samples(cols: dict[str, np.ndarray], max_tokens: int = MAX_TOKENS) ->
     for i, p in enumerate(pair):
         if p:
             by_pair.setdefault(p, []).append(i)
-    queues = {d: [i for i in range(len(samples)) if dom[i] == d] for d in dict.fromkeys(dom)}
+    stratum = [(d, bool(p)) for d, p in zip(dom, pair)]
+    queues = {k: [i for i in range(len(samples)) if stratum[i] == k] for k in dict.fromkeys(stratum)}
     chosen: set[int] = set()
     budget = max_tokens
     while budget > 0 and any(queues.values()):
@@ -235,6 +242,55 @@ def sample_record(routing: xr.Dataset, sample: int, cols: dict[str, np.ndarray] 
     return rec
 
 
+def group_intervals(routing: xr.Dataset, cols: dict[str, np.ndarray], groups: Sequence[tuple[str, np.ndarray]], *,
+                    n_boot: int = N_BOOT, ci: float = CI, seed: int = 0,
+                    max_samples: int = MAX_BOOT_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap interval of each group's usage share, resampling the group's samples (not tokens).
+
+    The scheme of the ``usage`` analysis (:mod:`analyses.bootstrap`): per-sample slot counts, ``n_boot``
+    replicates of the group's samples drawn with replacement (the same draws at every checkpoint, layer
+    and view), the share Σ slots / Σ written slots per replicate, its percentile interval.
+
+    Parameters
+    ----------
+    routing : the routing cube (checkpoint, layer, token, k).
+    cols : :func:`token_columns` of it.
+    groups : (label, token mask) pairs, as from :func:`groups_of`.
+    max_samples : groups with more samples get no interval (NaN): the explorer stays cheap on big runs.
+
+    Returns
+    -------
+    (lo, hi), each (checkpoint, layer, view, group, expert) float; NaN where not computed or undefined.
+    """
+    from .bootstrap import bootstrap_weights, ratio_interval
+
+    E = int(routing.attrs.get("num_experts", routing.sizes.get("expert", 0)))
+    C, L = routing.sizes["checkpoint"], routing.sizes["layer"]
+    views = view_masks(cols)
+    lo = np.full((C, L, len(VIEWS), len(groups), E), np.nan)
+    hi = lo.copy()
+    plan = []
+    for gi, (_, gmask) in enumerate(groups):
+        samples, code = np.unique(cols["sample"][gmask], return_inverse=True)
+        if 0 < len(samples) <= max_samples:
+            plan.append((gi, gmask, code, len(samples), bootstrap_weights(len(samples), n_boot, seed)))
+    for c in range(C if plan else 0):
+        ids_c = np.asarray(routing["expert_ids"].isel(checkpoint=c).values).astype(np.int64)  # (layer, token, k)
+        for gi, gmask, code, S, w in plan:
+            for vi, v in enumerate(VIEWS):
+                m = views[v][gmask]
+                ids = ids_c[:, gmask][:, m]
+                good = (ids >= 0) & (ids < E)
+                s_of = np.broadcast_to(code[m][:, None], ids.shape[1:])
+                num = np.stack([np.bincount(s_of[good[li]] * E + ids[li][good[li]], minlength=S * E).reshape(S, E)
+                                for li in range(L)])
+                r_lo, r_hi = ratio_interval(xr.DataArray(num, dims=("layer", "sample", "expert")),
+                                            xr.DataArray(num.sum(-1), dims=("layer", "sample")), w, ci=ci)
+                lo[c, :, vi, gi] = r_lo.transpose("layer", "expert").values
+                hi[c, :, vi, gi] = r_hi.transpose("layer", "expert").values
+    return lo, hi
+
+
 def _usage_from_cube(usage: xr.Dataset, groups: Sequence[str], views: Sequence[str], fallback: dict) -> dict:
     """value/lo/hi (checkpoint, layer, view, group, expert) with the usage cube's numbers where it has them."""
     value = fallback["value"].copy()
@@ -288,10 +344,17 @@ def explorer_data(routing: xr.Dataset, *, usage: xr.Dataset | None = None, tempo
         usage = usage.sel(checkpoint=[c for c in routing.checkpoint.values if c in usage.checkpoint.values])
         m = _usage_from_cube(usage, groups, VIEWS, {"value": own}) if usage.sizes["checkpoint"] == \
             routing.sizes["checkpoint"] else {"value": own, "lo": np.full_like(own, np.nan), "hi": np.full_like(own, np.nan)}
-        map_source = "usage analysis cube (intervals: its bootstrap over samples); condition groups counted here, no interval"
+        map_source = ("usage analysis cube (intervals: its bootstrap over samples); condition groups counted here, "
+                      f"intervals by the same bootstrap ({N_BOOT} resamples of samples, {CI:.0%})")
     else:
         m = {"value": own, "lo": np.full_like(own, np.nan), "hi": np.full_like(own, np.nan)}
-        map_source = "counted from the routing cube (no usage analysis in this run: no intervals)"
+        map_source = (f"counted from the routing cube (no usage analysis in this run); intervals: {N_BOOT} bootstrap "
+                      f"resamples of each group's samples, {CI:.0%}")
+    missing = [gi for gi in range(len(groups)) if np.isnan(m["lo"][:, :, :, gi]).all()]
+    if missing:
+        all_groups = groups_of(cols)
+        lo, hi = group_intervals(routing, cols, [all_groups[gi] for gi in missing])
+        m["lo"][:, :, :, missing], m["hi"][:, :, :, missing] = lo, hi
     with np.errstate(invalid="ignore", divide="ignore"):
         tc = counts["transition_count"]
         trans = tc / tc.sum(axis=-1, keepdims=True)
@@ -328,8 +391,8 @@ def explorer_data(routing: xr.Dataset, *, usage: xr.Dataset | None = None, tempo
     return data
 
 
-__all__ = ["ALL", "MAX_TOKENS", "VIEWS", "choose_samples", "explorer_data", "groups_of", "routing_counts",
-           "sample_index", "sample_record", "token_columns", "top_tokens", "view_masks"]
+__all__ = ["ALL", "MAX_TOKENS", "VIEWS", "choose_samples", "explorer_data", "group_intervals", "groups_of",
+           "routing_counts", "sample_index", "sample_record", "token_columns", "top_tokens", "view_masks"]
 
 # the fill id is never an expert
 assert FILL_ID < 0

@@ -186,3 +186,394 @@ def obs_vs_causal(effect: xr.DataArray, n: xr.DataArray, measures: Mapping[str, 
     res["disagree"].attrs = {"long_name": "units whose observational and causal ranks differ most", "units": "1",
                              "description": "(layer, expert) labels, largest |rank(measure) - rank(ΔNLL)| first"}
     return res
+
+
+# ------------------------------------------------------------------ the pipeline's sweeps (tasks/interventions.py)
+
+VERSION = "interventions-1"
+"""Bump when a sweep's numbers change meaning: every intervention stage then recomputes."""
+
+#: One forward pass = one batch of ``batch_size`` samples through the whole model.
+COST_NOTE = ("cost in forward passes: one scoring of the samples = ceil(samples / batch_size) passes; a sweep's cost "
+             "is its mask sets x that; the baseline adds one scoring (two with output-aware importance)")
+
+
+def safe_name(ranking: str) -> str:
+    """File- and task-safe form of a ranking name (``usage:code`` -> ``usage-code``)."""
+    return ranking.replace(":", "-")
+
+
+def sweep_names(kinds: Sequence[str], *, drop_top1: bool, causal: bool, rankings: Sequence[str],
+                random_seeds: int) -> dict[str, dict]:
+    """The sweeps an ``[interventions]`` table declares: ``{name: {"kind", "sweep", "ranking", "seed"}}``.
+
+    Names are ``<kind>.drop_top1``, ``<kind>.single`` (every expert alone), ``<kind>.rank.<ranking>`` and
+    ``<kind>.random.<seed>``; each is one stage of the pipeline, keyed by its own parameters.
+    """
+    out = {}
+    for kind in kinds:
+        if drop_top1:
+            out[f"{kind}.drop_top1"] = {"kind": kind, "sweep": "drop_top1", "ranking": "own top-1", "seed": -1}
+        if causal:
+            out[f"{kind}.single"] = {"kind": kind, "sweep": "single", "ranking": "single", "seed": -1}
+        if rankings:
+            for r in rankings:
+                out[f"{kind}.rank.{safe_name(r)}"] = {"kind": kind, "sweep": "mask", "ranking": r, "seed": -1}
+            for s in range(int(random_seeds)):
+                out[f"{kind}.random.{s}"] = {"kind": kind, "sweep": "mask", "ranking": "random", "seed": s}
+    return out
+
+
+def ranking_score(ranking: str, checkpoint: str, *, layers: Sequence[int], num_experts: int, seed: int = -1,
+                  usage: xr.Dataset | None = None, specialization: xr.Dataset | None = None,
+                  divergence: xr.Dataset | None = None, importance: xr.DataArray | None = None,
+                  divergence_view: str = "last_canonical", where: str = "interventions") -> np.ndarray:
+    """Score per (layer, expert) of a ranking at one checkpoint (highest masked first).
+
+    Parameters
+    ----------
+    ranking : "usage", "weighted_usage", "usage:<domain>" (usage analysis, view "all"); "lift" (the largest
+        specialization lift over domains), "lift:<domain>"; "importance" (``importance`` (layer, expert, sample)
+        summed over samples); "divergence:a_minus_b" | "b_minus_a" | "usage_a" (divergence's points.json
+        rankings, :func:`analyses.divergence.mask_points`); "random" (``seed``).
+    layers : the model's MoE layer indices, the rows of the result.
+
+    Returns
+    -------
+    (layer, expert) float64; NaN ranks last.
+    """
+    base, _, arg = ranking.partition(":")
+    L, E = len(layers), int(num_experts)
+
+    def grid(da: xr.DataArray) -> np.ndarray:
+        da = da.transpose("layer", "expert")
+        out = np.full((L, E), np.nan)
+        have = {int(l): i for i, l in enumerate(da["layer"].values)}
+        for i, layer in enumerate(layers):
+            if int(layer) in have:
+                out[i, : da.sizes["expert"]] = np.asarray(da.values[have[int(layer)]], dtype=np.float64)
+        return out
+
+    def need(ds, name):
+        if ds is None:
+            raise ValueError(f"{where}: ranking {ranking!r} needs the {name} analysis' result")
+        if "checkpoint" in ds.dims and checkpoint not in set(map(str, ds["checkpoint"].values)):
+            raise ValueError(f"{where}: ranking {ranking!r}: the {name} analysis has no checkpoint {checkpoint!r}")
+        return ds.sel(checkpoint=checkpoint) if "checkpoint" in ds.dims else ds
+
+    def domain_of(da, name):
+        doms = [str(d) for d in da["domain"].values]
+        if arg not in doms:
+            raise ValueError(f"{where}: ranking {ranking!r}: no domain {arg!r} in the {name} analysis "
+                             f"(domains: {', '.join(doms)})")
+        return da.sel(domain=arg)
+
+    if ranking == "random":
+        return random_ranking(E, layers, seed)
+    if base in ("usage", "weighted_usage"):
+        u = need(usage, "usage")
+        if arg:
+            u = u["usage"]
+            u = u.sel(view="all") if "view" in u.dims else u
+            return grid(domain_of(u, "usage"))
+        u = u[f"{base}_all"]
+        return grid(u.sel(view="all") if "view" in u.dims else u)
+    if base == "lift":
+        lift = need(specialization, "specialization")["lift"]
+        return grid(domain_of(lift, "specialization") if arg else lift.max("domain", skipna=True))
+    if base == "importance":
+        if importance is None:
+            raise ValueError(f"{where}: ranking 'importance' needs the baseline's output-aware importance")
+        return grid(importance.sum("sample"))
+    if base == "divergence":
+        from .divergence import mask_points
+
+        div = divergence
+        if div is None:
+            raise ValueError(f"{where}: ranking {ranking!r} needs the divergence analysis' result")
+        if checkpoint not in set(map(str, div["checkpoint"].values)):
+            raise ValueError(f"{where}: ranking {ranking!r}: the divergence analysis has no checkpoint {checkpoint!r}")
+        a, b = div.attrs["condition_a"], div.attrs["condition_b"]
+        key = {"a_minus_b": f"{a}_minus_{b}", "b_minus_a": f"{b}_minus_{a}", "usage_a": a}.get(arg)
+        if key is None:
+            raise ValueError(f"{where}: ranking {ranking!r}: expected divergence:a_minus_b, b_minus_a or usage_a")
+        out = np.full((L, E), np.nan)
+        row = {int(l): i for i, l in enumerate(layers)}
+        for p in mask_points(div, checkpoint=checkpoint, view=divergence_view)[key]:
+            if int(p["layer"]) in row and int(p["expert"]) < E:
+                out[row[int(p["layer"])], int(p["expert"])] = float(p["value"])
+        return out
+    raise ValueError(f"{where}: unknown ranking {ranking!r}")
+
+
+def mask_sets(sweep: Mapping, *, layers: Sequence[int], num_experts: int, n_values: Sequence[int] = (),
+              scopes: Sequence[str] = ("global",), score: np.ndarray | None = None) -> list[dict]:
+    """The mask sets of one sweep, each a label dict plus its plain mask (``capture.interventions.mask_from_spec``).
+
+    Returns
+    -------
+    [{"run": label, "intervention", "kind", "ranking", "scope", "unit", "n_masked", "seed", "masked": "L0E3 L1E5",
+    "mask": {"kind", "static", "drop_top"}}]
+    """
+    kind, seed = sweep["kind"], int(sweep.get("seed", -1))
+
+    def item(intervention, ranking, scope, n, static=None, drop=(), unit=""):
+        masked = " ".join(f"L{l}E{e}" for l in sorted(static or {}) for e in sorted(static[l])) if static else \
+            " ".join(f"L{l}top1" for l in drop)
+        run = f"{intervention}|{kind}|{ranking}|{scope}|n={n}|seed={seed}" + (f"|{unit}" if unit else "")
+        return {"run": run, "intervention": intervention, "kind": kind, "ranking": ranking, "scope": scope,
+                "unit": unit, "n_masked": int(n), "seed": seed, "masked": masked,
+                "mask": {"kind": kind, "static": {int(l): [int(e) for e in v] for l, v in (static or {}).items()},
+                         "drop_top": [int(l) for l in drop]}}
+
+    if sweep["sweep"] == "drop_top1":
+        return [item("drop_top1", "own top-1", f"L{l}", 1, drop=[l]) for l in layers]
+    if sweep["sweep"] == "single":
+        return [item("single", "single", f"L{l}", 1, static={l: [e]}, unit=f"L{l}E{e}")
+                for l in layers for e in range(int(num_experts))]
+    out = []
+    score = np.where(np.isfinite(score), score, -np.inf)
+    for scope in scopes:
+        for m in rank_masks(score, layers, n_values, scope=scope):
+            out.append(item("mask", sweep["ranking"], m["scope"], m["n_masked"], static=m["static"]))
+    return out
+
+
+def sweep_dataset(scores: Sequence[Mapping[str, np.ndarray]], sets: Sequence[Mapping], sample: np.ndarray) -> xr.Dataset:
+    """Per-sample sums of each mask set's scores: (run, sample) ``nll``, ``correct``, ``n`` with the label coords."""
+    parts = [per_sample(s, sample) for s in scores]
+    ds = xr.concat(parts, dim="run") if parts else per_sample({"nll": np.full(len(sample), np.nan),
+                                                              "correct": np.full(len(sample), np.nan)},
+                                                             sample).expand_dims(run=0).isel(run=slice(0, 0))
+    coords = {"run": [s["run"] for s in sets]}
+    for k in ("intervention", "kind", "ranking", "scope", "unit", "masked"):
+        coords[k] = ("run", np.asarray([str(s[k]) for s in sets], dtype=object))
+    for k in ("n_masked", "seed"):
+        coords[k] = ("run", np.asarray([int(s[k]) for s in sets], dtype=np.int64))
+    return ds.assign_coords(coords)
+
+
+def observed(expert_ids: np.ndarray, expert_weights: np.ndarray, token_sample: np.ndarray, samples: np.ndarray,
+             num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Routed slots and summed gate weights per (layer, expert, sample) of a captured checkpoint.
+
+    Parameters
+    ----------
+    expert_ids, expert_weights : (layer, token, k) as in routing.zarr (-1 = not written: not counted).
+    token_sample : (token,) sample id; samples : (sample,) the ids to count (others ignored).
+
+    Returns
+    -------
+    slots, weights : (layer, expert, sample) float64.
+    """
+    ids = np.asarray(expert_ids)
+    L, T, K = ids.shape
+    pos = np.searchsorted(samples, token_sample)
+    pos = np.clip(pos, 0, len(samples) - 1)
+    keep = samples[pos] == token_sample
+    S, E = len(samples), int(num_experts)
+    ok = (ids >= 0) & keep[None, :, None]
+    layer = np.broadcast_to(np.arange(L)[:, None, None], ids.shape)
+    s = np.broadcast_to(pos[None, :, None], ids.shape)
+    flat = ((layer * E + np.where(ok, ids, 0)) * S + s)[ok]
+    slots = np.bincount(flat, minlength=L * E * S).reshape(L, E, S).astype(np.float64)
+    w = np.bincount(flat, weights=np.asarray(expert_weights, dtype=np.float64)[ok], minlength=L * E * S)
+    return slots, w.reshape(L, E, S)
+
+
+MEASURES = {
+    "usage": "routed slots per scored token (captured routing)",
+    "weighted_usage": "summed gate weight per scored token (captured routing)",
+    "importance": "output-aware importance per scored token: gate weight x ||expert output|| x (1 - cos(h_before, "
+                  "h_after)) (EASY-EP), from the unmasked model",
+    "lift": "specialization lift of the sample's domain (usage in the domain / usage overall), token-weighted",
+    "delta_usage": "usage under condition A minus condition B (slots per token of each condition), paired samples",
+}
+
+
+def checkpoint_cube(baseline: xr.Dataset, sweeps: Sequence[xr.Dataset], *, n_boot: int = 200, seed: int = 0,
+                    ci: float = 0.95, lift: xr.DataArray | None = None, conditions: tuple[str, str] | None = None,
+                    top: int = 3) -> xr.Dataset:
+    """The interventions cube of one checkpoint: Δ per run and domain / condition, and observational vs causal.
+
+    Parameters
+    ----------
+    baseline : (sample) ``nll``, ``correct``, ``n`` of the unmasked model; (layer, expert, sample) ``slots``,
+        ``weights`` and optionally ``importance``; sample coords ``domain``, ``condition``.
+    sweeps : (run, sample) per-sample sums (:func:`sweep_dataset`), same samples.
+    lift : (layer, expert, domain) specialization lift at this checkpoint, optional.
+    conditions : (A, B) of paired data, optional.
+
+    Returns
+    -------
+    Dataset: (run, domain) ``delta_nll``, ``delta_accuracy`` (+ ``_lo``/``_hi``), ``n_tokens``; with conditions,
+    (run, condition) the same named ``*_by_condition`` and ``condition_gap`` = ΔNLL(A) − ΔNLL(B); with a
+    ``single`` sweep, (layer, expert, domain) ``effect`` (+ CI), (measure, layer, expert) ``measure_value``,
+    (measure, domain) ``rho`` (+ CI) and (measure, domain, rank) ``disagree``.
+    """
+    runs = xr.concat(list(sweeps), dim="run") if sweeps else None
+    dom = baseline["domain"].astype(str)
+    base = baseline[["nll", "correct", "n"]]
+    out = delta_cube(base, runs[["nll", "correct"]], dom.rename("domain"), n_boot=n_boot, seed=seed, ci=ci)
+    if conditions and "condition" in baseline.coords:
+        cond = np.asarray(baseline["condition"].values).astype(str)
+        paired = np.isin(cond, list(conditions))
+        if paired.any():
+            sel = np.flatnonzero(paired)
+            byc = delta_cube(base.isel(sample=sel), runs[["nll", "correct"]].isel(sample=sel),
+                             xr.DataArray(cond[sel], dims="sample", name="condition"), n_boot=n_boot, seed=seed, ci=ci)
+            byc = byc.rename({v: f"{v}_by_condition" for v in byc.data_vars})
+            out = out.merge(byc, compat="override", join="outer")
+            a, b = conditions
+            if {a, b} <= set(map(str, out["condition"].values)):
+                out["condition_gap"] = (out["delta_nll_by_condition"].sel(condition=a, drop=True)
+                                        - out["delta_nll_by_condition"].sel(condition=b, drop=True))
+                out["condition_gap"].attrs = {"long_name": f"ΔNLL under condition {a} minus under {b}",
+                                              "units": "nat", "chance": 0.0,
+                                              "description": "divergence between the conditions of the paired data"}
+    for k in ("intervention", "kind", "ranking", "scope", "unit", "n_masked", "seed"):
+        out = out.assign_coords({k: runs[k]})
+    out["masked"] = ("run", np.asarray(runs["masked"].values).astype(str).astype(object))
+    out["masked"].attrs = {"long_name": "experts masked by the run", "units": "1",
+                           "description": "L<layer>E<expert> of a static mask; L<layer>top1 = each token's own top-1"}
+    single = np.flatnonzero(np.asarray(runs["intervention"].values).astype(str) == "single")
+    if single.size:
+        out = out.merge(_obs_vs_causal_cube(baseline, runs.isel(run=single), n_boot=n_boot, seed=seed, ci=ci,
+                                            lift=lift, conditions=conditions, top=top, deltas=out.isel(run=single)),
+                        compat="override", join="outer")
+    return out
+
+
+def _obs_vs_causal_cube(baseline, single, *, n_boot, seed, ci, lift, conditions, top, deltas) -> xr.Dataset:
+    layers = baseline["layer"].values
+    E = baseline.sizes["expert"]
+    units = [f"L{int(l)}E{e}" for l in layers for e in range(E)]
+    unit_of = dict(zip(np.asarray(single["unit"].values).astype(str), range(single.sizes["run"])))
+    order = [unit_of[u] for u in units]
+    eff = xr.DataArray(single["nll"].transpose("run", "sample").values[order] - baseline["nll"].values[None],
+                       dims=("unit", "sample"), coords={"unit": units})
+    n = baseline["n"]
+    doms = np.asarray(baseline["domain"].values).astype(str)
+
+    def per_unit(da):  # (layer, expert, sample) -> (unit, sample)
+        return xr.DataArray(np.asarray(da.transpose("layer", "expert", "sample").values).reshape(len(units), -1),
+                            dims=("unit", "sample"), coords={"unit": units})
+
+    measures = {"usage": per_unit(baseline["slots"]), "weighted_usage": per_unit(baseline["weights"])}
+    if "importance" in baseline:
+        measures["importance"] = per_unit(baseline["importance"])
+    if lift is not None:
+        lv = lift.transpose("layer", "expert", "domain").sel(layer=layers)
+        have = [str(d) for d in lv["domain"].values]
+        mat = np.stack([np.nan_to_num(lv.sel(domain=d).values.reshape(-1)) if d in have else np.zeros(len(units))
+                        for d in doms], axis=1)
+        measures["lift"] = xr.DataArray(mat * n.values[None], dims=("unit", "sample"), coords={"unit": units})
+    if conditions and "condition" in baseline.coords:
+        cond = np.asarray(baseline["condition"].values).astype(str)
+        a, b = conditions
+        ta, tb = float(n.values[cond == a].sum()), float(n.values[cond == b].sum())
+        if ta > 0 and tb > 0:
+            sign = np.where(cond == a, 1 / ta, np.where(cond == b, -1 / tb, 0.0)) * float(n.values.sum())
+            measures["delta_usage"] = measures["usage"] * xr.DataArray(sign, dims="sample")
+    pieces = []
+    for d in ["all", *sorted(set(doms))]:
+        idx = np.flatnonzero(doms == d) if d != "all" else np.arange(len(doms))
+        if idx.size < 3:
+            continue
+        r = obs_vs_causal(eff.isel(sample=idx), n.isel(sample=idx), {k: v.isel(sample=idx) for k, v in measures.items()},
+                          n_boot=n_boot, seed=seed, ci=ci, top=top)
+        pieces.append(r.expand_dims(domain=[d]))
+    res = xr.concat(pieces, dim="domain")
+    tot = float(n.sum())
+    mv = np.stack([(measures[m].sum("sample").values / tot).reshape(len(layers), E) for m in measures])
+    res["measure_value"] = (("measure", "layer", "expert"), mv)
+    res["measure_value"].attrs = {"long_name": "observational measure per (layer, expert), all samples",
+                                  "units": "1", "description": "; ".join(f"{k}: {MEASURES[k]}" for k in measures)}
+    res = res.assign_coords(layer=layers, expert=np.arange(E))
+    d = deltas.assign_coords(run=np.asarray(deltas["unit"].values).astype(str))
+    effects = {}
+    for v in ("delta_nll", "delta_nll_lo", "delta_nll_hi"):
+        vals = d[v].sel(run=units).transpose("run", "domain").values.reshape(len(layers), E, -1)
+        effects[v.replace("delta_nll", "effect")] = xr.DataArray(
+            vals, dims=("layer", "expert", "domain"),
+            coords={"layer": layers, "expert": np.arange(E), "domain": d["domain"].values}, attrs=d[v].attrs)
+    res = xr.merge([res, xr.Dataset(effects)], join="outer", combine_attrs="override")
+    res["effect"].attrs = {"long_name": "causal effect: ΔNLL when the expert alone is masked", "units": "nat",
+                           "chance": 0.0, "description": "ΔNLL of the single-expert mask of (layer, expert), per domain"}
+    return res
+
+
+def select_tokens(sample: np.ndarray, dataset: np.ndarray, max_samples: int) -> np.ndarray:
+    """(token,) bool: the tokens of the first ``max_samples`` samples of each dataset (0 = every token)."""
+    sample, dataset = np.asarray(sample), np.asarray(dataset).astype(str)
+    if not max_samples:
+        return np.ones(sample.shape, dtype=bool)
+    keep = np.zeros(sample.shape, dtype=bool)
+    for d in np.unique(dataset):
+        ids = list(dict.fromkeys(sample[dataset == d].tolist()))[: int(max_samples)]
+        keep |= (dataset == d) & np.isin(sample, ids)
+    return keep
+
+
+def baseline_dataset(scores: Mapping[str, np.ndarray], tokens: Mapping[str, np.ndarray], *, layers: Sequence[int],
+                     slots: np.ndarray, weights: np.ndarray, importance: np.ndarray | None = None) -> xr.Dataset:
+    """The unmasked run of one checkpoint, what its sweeps and the cube start from.
+
+    Parameters
+    ----------
+    scores : per-token ``nll``, ``correct`` (token,) of the unmasked model.
+    tokens : (token,) ``sample``, ``position``, ``token_id``, ``domain``, ``condition`` of the scored tokens.
+    slots, weights, importance : (layer, expert, sample) per-sample sums (:func:`observed`, importance pass).
+
+    Returns
+    -------
+    Dataset: (sample) ``nll``, ``correct``, ``n`` with coords ``domain``, ``condition``; (layer, expert, sample)
+    ``slots``, ``weights`` [, ``importance``]; (token) ``token_sample``, ``token_position``, ``token_id``.
+    """
+    sample = np.asarray(tokens["sample"])
+    ds = per_sample(scores, sample)
+    first = np.searchsorted(sample, ds["sample"].values) if np.all(np.diff(sample) >= 0) else \
+        np.asarray([np.flatnonzero(sample == s)[0] for s in ds["sample"].values])
+    for k in ("domain", "condition"):
+        ds = ds.assign_coords({k: ("sample", np.asarray(tokens[k]).astype(str)[first].astype(object))})
+    dims = ("layer", "expert", "sample")
+    coords = {"layer": np.asarray(layers, dtype=np.int64), "expert": np.arange(np.asarray(slots).shape[1])}
+    ds = ds.assign_coords(coords)
+    ds["slots"], ds["weights"] = (dims, np.asarray(slots, dtype=np.float64)), (dims, np.asarray(weights, np.float64))
+    if importance is not None:
+        ds["importance"] = (dims, np.asarray(importance, dtype=np.float64))
+    ds["token_sample"] = ("token", sample.astype(np.int64))
+    ds["token_position"] = ("token", np.asarray(tokens["position"]).astype(np.int64))
+    ds["token_id"] = ("token", np.asarray(tokens["token_id"]).astype(np.int64))
+    return ds
+
+
+def combine(parts: Mapping[tuple[str, int], tuple[xr.Dataset, Sequence[xr.Dataset]]], *, n_boot: int = 200,
+            seed: int = 0, ci: float = 0.95, lift: xr.DataArray | None = None,
+            conditions: tuple[str, str] | None = None) -> xr.Dataset:
+    """The interventions cube over checkpoints: :func:`checkpoint_cube` of each, stacked on ``checkpoint``.
+
+    Parameters
+    ----------
+    parts : {(checkpoint, step): (baseline, [sweep datasets])}.
+    lift : (checkpoint, layer, expert, domain) specialization lift, optional.
+
+    Returns
+    -------
+    Dataset with a leading ``checkpoint`` dim (coord ``step``) on every variable of :func:`checkpoint_cube`.
+    """
+    cubes = []
+    for (name, step), (base, sweeps) in parts.items():
+        lf = None
+        if lift is not None and name in set(map(str, lift["checkpoint"].values)):
+            lf = lift.sel(checkpoint=name, drop=True)
+        c = checkpoint_cube(base, sweeps, n_boot=n_boot, seed=seed, ci=ci, lift=lf, conditions=conditions)
+        cubes.append(c.expand_dims(checkpoint=[name]).assign_coords(step=("checkpoint", [int(step)])))
+    out = xr.concat(cubes, dim="checkpoint", join="outer", coords="minimal", compat="override",
+                    combine_attrs="drop_conflicts")
+    out.attrs.update({"definition": "ΔNLL / Δaccuracy of masked runs minus the unmasked run, ratio of sums over "
+                                    "scored tokens; causal effect = ΔNLL of one expert masked alone",
+                      "chance": "0 (no change); random rankings give the chance band of the ranked sweeps",
+                      "intervals": f"{int(100 * ci)} % percentile bootstrap over samples ({n_boot} replicates, "
+                                   f"paired with the baseline)"})
+    return out

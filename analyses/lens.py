@@ -29,7 +29,8 @@ import xarray as xr
 from . import bootstrap as bs
 from .figures import hook as figure_hook
 from .divergence import PAIR_VIEWS, conditions, per_pair_sums, per_token_vars, stacked_views, token_pairs
-from .registry import Analysis, describe, finalise, json_number, register, safe_ratio, token_var
+from .outputs import Output
+from .registry import Analysis, finalise, json_number, register, safe_ratio, token_var
 
 NAME = "lens"
 
@@ -77,14 +78,56 @@ def _model_parts(nll_a, nll_b):
     return np.where(ok, ma, 0.0), np.where(ok, mb, 0.0), ok.astype(np.float64)
 
 
+_NAN_NONE = "no target of the view has a finite lens value on both sides at this checkpoint and layer"
+_ESTIMATES = {
+    "lens_nll": Output("logit-lens NLL", "nats", "mean over the view's targets of −log p(target) read out after the "
+                       "layer (final norm + LM head)", nan_where=_NAN_NONE),
+    "lens_nll_diff": Output("logit-lens NLL difference {a} − {b}", "nats",
+                            "mean over target pairs of NLL[{a}] − NLL[{b}] (negative: {a} predicts the content better "
+                            "at this layer)", chance=0.0, nan_where=_NAN_NONE),
+    "targets": Output("target pairs", "token pairs", "target pairs whose lens values are finite on both sides"),
+    "js": Output("Jensen-Shannon divergence between conditions", "nats",
+                 "mean over aligned targets of JS(P_A ‖ P_B) of the two lens next-token distributions that predict "
+                 f"them (0 = identical, ln 2 = {math.log(2):.3f} = disjoint)", chance=0.0,
+                 nan_where=_NAN_NONE + "; or no target pair of the view is aligned"),
+    "model_nll": Output("model NLL", "nats", "the model's own next-token NLL on the same targets (the lens at the "
+                        "last decoder layer equals it)", nan_where="no target with a finite NLL"),
+}
+# the bounds are worded here, not by analyses.bootstrap.add_interval: they resample pairs of samples
+OUTPUTS = {
+    **_ESTIMATES,
+    **{f"{name}_{side}": Output(
+        f"{_ESTIMATES[name].long_name} ({bound} bound)", "nats",
+        "{ci_percent:g} % bootstrap interval over {n_boot} replicates resampling pairs of samples (not tokens)",
+        nan_where=_ESTIMATES[name].nan_where + "; or every replicate undefined")
+       for name in ("lens_nll", "lens_nll_diff", "js") for side, bound in (("lo", "lower"), ("hi", "upper"))},
+}
+
+
+def _means(sums: xr.Dataset, condition: np.ndarray) -> dict[str, xr.DataArray]:
+    """lens_nll (.., condition), lens_nll_diff and js (with ``sum_js``) from (resampled or plain) sums."""
+    per_condition = xr.concat([sums["sum_a"], sums["sum_b"]], dim="condition")
+    out = {"lens_nll": safe_ratio(per_condition, sums["n"]).assign_coords(condition=condition),
+           "lens_nll_diff": safe_ratio(sums["sum_d"], sums["n"])}
+    if "sum_js" in sums:
+        out["js"] = safe_ratio(sums["sum_js"], sums["n_js"])
+    return out
+
+
+_DEFINITION = (
+    "Conditions A = {a}, B = {b}. For each target token t of the view (aligned canonical tokens, or each sample "
+    "pair's last canonical token) the lens value is lens_logprob at t − 1 = log p(t) read out after the layer; "
+    "lens_nll = mean −log p; lens_nll_diff = mean of the paired differences; js = mean Jensen-Shannon divergence "
+    "between the two conditions' read-out distributions for aligned targets.")
+_NORMALISATION = "nats per target token; means over target pairs with finite values on both sides"
+_CHANCE = "lens_nll: ln V for a uniform prediction over the vocabulary; difference 0; JS 0 for identical distributions"
+
+
 def lens(
     routing: xr.Dataset,
     *,
-    condition_a: str = "",
-    condition_b: str = "",
-    n_boot: int = 200,
-    ci: float = 0.95,
-    seed: int = 0,
+    condition_a: str = "", condition_b: str = "",
+    n_boot: int = 200, ci: float = 0.95, seed: int = 0,
 ) -> xr.Dataset:
     """Logit-lens NLL per layer for conditions A and B on aligned targets, their difference, and JS.
 
@@ -130,69 +173,23 @@ def lens(
     ps = per_pair_sums(per_token_vars(_lens_parts, inputs, names), unit, n_units, dim="token",
                        by=by_view)  # (checkpoint, layer, sample, view)
 
-    def means(sums):
-        """lens_nll (.., condition), lens_nll_diff and js from (resampled or plain) sums."""
-        per_condition = xr.concat([sums["sum_a"], sums["sum_b"]], dim="condition")
-        out = {"lens_nll": safe_ratio(per_condition, sums["n"]).assign_coords(condition=condition),
-               "lens_nll_diff": safe_ratio(sums["sum_d"], sums["n"])}
-        if has_js:
-            out["js"] = safe_ratio(sums["sum_js"], sums["n_js"])
-        return out
-
     tot = ps.sum(bs.SAMPLE)
-    out = {**means(tot), "targets": tot["n"].astype(np.int64)}
+    out = {**_means(tot, condition), "targets": tot["n"].astype(np.int64)}
     if n_boot:
-        for name, rep in means(bs.resample(ps, weights)).items():
+        for name, rep in _means(bs.resample(ps, weights), condition).items():
             out[f"{name}_lo"], out[f"{name}_hi"] = bs.interval(rep, ci)
     if has_nll:
         # the model's own NLL has no layer dim: its own small pass over the (checkpoint, token) blocks
         model = per_token_vars(_model_parts, [values("nll", pos_a), values("nll", pos_b)], ["a", "b", "n"])
-        mt = per_pair_sums(model, unit, n_units, dim="token", by=by_view).sum(bs.SAMPLE)
-        out["model_nll"] = safe_ratio(xr.concat([mt["a"], mt["b"]], dim="condition"),
-                                      mt["n"]).assign_coords(condition=condition)
+        model_sums = per_pair_sums(model, unit, n_units, dim="token", by=by_view).sum(bs.SAMPLE)
+        out["model_nll"] = safe_ratio(xr.concat([model_sums["a"], model_sums["b"]], dim="condition"),
+                                      model_sums["n"]).assign_coords(condition=condition)
     res = xr.Dataset(out).assign_coords(view=np.array(PAIR_VIEWS, dtype=object))
     res = res.transpose("checkpoint", "layer", "view", "condition", ...)
 
-    nan_none = "no target of the view has a finite lens value on both sides at this checkpoint and layer"
-    ci_note = f"{100 * ci:g} % bootstrap interval over {n_boot} replicates resampling pairs of samples (not tokens)"
-    out = {
-        "lens_nll": describe(res["lens_nll"], "logit-lens NLL", "nats",
-                             "mean over the view's targets of −log p(target) read out after the layer "
-                             "(final norm + LM head)", nan_where=nan_none),
-        "lens_nll_diff": describe(res["lens_nll_diff"], f"logit-lens NLL difference {a} − {b}", "nats",
-                                  f"mean over target pairs of NLL[{a}] − NLL[{b}] (negative: {a} predicts the "
-                                  "content better at this layer)", chance=0.0, nan_where=nan_none),
-        "targets": describe(res["targets"], "target pairs", "token pairs",
-                            "target pairs whose lens values are finite on both sides"),
-    }
-    if has_js:
-        out["js"] = describe(res["js"], "Jensen-Shannon divergence between conditions", "nats",
-                             "mean over aligned targets of JS(P_A ‖ P_B) of the two lens next-token distributions "
-                             f"that predict them (0 = identical, ln 2 = {math.log(2):.3f} = disjoint)", chance=0.0,
-                             nan_where=nan_none + "; or no target pair of the view is aligned")
-    if has_nll:
-        out["model_nll"] = describe(res["model_nll"], "model NLL", "nats",
-                                    "the model's own next-token NLL on the same targets (the lens at the last "
-                                    "decoder layer equals it)", nan_where="no target with a finite NLL")
-    if n_boot:
-        for name in ("lens_nll", "lens_nll_diff", "js"):
-            if name not in out:
-                continue
-            for side in ("lo", "hi"):
-                out[f"{name}_{side}"] = describe(
-                    res[f"{name}_{side}"], f"{out[name].attrs['long_name']} ({'lower' if side == 'lo' else 'upper'} "
-                    "bound)", "nats", ci_note, nan_where=out[name].attrs["nan_where"] + "; or every replicate undefined")
     result = finalise(
-        xr.Dataset(out), routing, name=NAME,
-        definition=(
-            f"Conditions A = {a!r}, B = {b!r}. For each target token t of the view (aligned canonical tokens, or "
-            "each sample pair's last canonical token) the lens value is lens_logprob at t − 1 = log p(t) read out "
-            "after the layer; lens_nll = mean −log p; lens_nll_diff = mean of the paired differences; js = mean "
-            "Jensen-Shannon divergence between the two conditions' read-out distributions for aligned targets."
-        ),
-        normalisation="nats per target token; means over target pairs with finite values on both sides",
-        chance="lens_nll: ln V for a uniform prediction over the vocabulary; difference 0; JS 0 for identical "
-        "distributions",
+        res, routing, name=NAME, outputs=OUTPUTS, context={"a": a, "b": b, "ci_percent": 100 * ci},
+        definition=_DEFINITION.format(a=repr(a), b=repr(b)), normalisation=_NORMALISATION, chance=_CHANCE,
         params={"condition_a": condition_a, "condition_b": condition_b, "n_boot": n_boot, "ci": ci, "seed": seed},
     )
     result.attrs["condition_a"], result.attrs["condition_b"] = a, b
@@ -261,7 +258,7 @@ ANALYSIS = register(
         ),
         requires=("expert_ids", "lens_logprob"),
         optional=("lens_js", "nll"),
-        table=table,
-        summary=summary,
+        table=table, summary=summary,
+        outputs=OUTPUTS,
     )
 )

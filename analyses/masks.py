@@ -11,7 +11,18 @@ Pruning criteria computed here (unstructured, at ``sparsity`` = fraction pruned)
   inputs of the layer; in every output row prune the ``int(sparsity · cols)`` lowest scores
   (stable sort, as ``prune_wanda`` of the paper's code).
 
-SparseGPT is not implemented. Masks supplied by the user are read by :func:`load_mask`.
+* :func:`sparsegpt_prune` / :func:`sparsegpt_mask`: SparseGPT (Frantar & Alistarh 2023), unstructured,
+  as ``SparseGPT.fasterprune`` of the paper's code with ``prunen = 0``: Hessian H = XᵀX of the
+  calibration inputs (dead inputs: H_jj = 1, W_:j = 0), damped by ``percdamp``·mean(diag H);
+  U = upper Cholesky factor of H⁻¹; columns are processed left to right in blocks of ``blocksize``;
+  at the start of each block the mask of the block is chosen over all its rows and columns by the
+  OBS saliency w²/U_jj² (= w²/[H_F⁻¹]_jj, F the columns not yet processed), pruning the
+  ``int(sparsity · rows · block)`` lowest (stable sort; the paper's code prunes every score ≤ that
+  order statistic, one more on ties); each pruned weight's error is spread over the columns to its
+  right by the OBS update δ_F = −(w_j / U_jj) · U_j,F, and the updated weights decide the later
+  blocks' masks. Computed in float64. Weight reconstruction is returned but only the mask is stored.
+
+Masks supplied by the user are read by :func:`load_mask`.
 
 Masks are stored bit-packed along columns (``numpy.packbits``, big bit order), and
 Hamming distances are XOR + popcount on the packed bytes viewed as uint64
@@ -44,8 +55,8 @@ import xarray as xr
 
 from analyses.outputs import Output, apply_outputs
 
-VERSION = "masks-1"
-METHODS = ("magnitude", "wanda")
+VERSION = "masks-2"
+METHODS = ("magnitude", "wanda", "sparsegpt")
 VERDICTS = ((2.0, "excellent"), (1.0, "good"), (0.5, "moderate"))
 
 OUTPUTS = {
@@ -109,6 +120,54 @@ def wanda_mask(weight: np.ndarray, input_norm: np.ndarray, sparsity: float) -> n
     idx = np.argsort(score, axis=1, kind="stable")[:, :n]
     np.put_along_axis(keep, idx, False, axis=1)
     return keep
+
+
+def sparsegpt_prune(weight: np.ndarray, hessian: np.ndarray, sparsity: float, *, blocksize: int = 128,
+                    percdamp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """SparseGPT: keep-mask and the reconstructed weights (Frantar & Alistarh 2023; see the module docstring).
+
+    Parameters
+    ----------
+    weight : (rows = out features, cols = in features).
+    hessian : (cols, cols) XᵀX of the layer's calibration inputs (any positive scale: it cancels).
+    sparsity : fraction pruned in [0, 1), chosen per block of ``blocksize`` columns over all rows.
+
+    Returns
+    -------
+    keep : bool (rows, cols), True = kept; weights : float64 (rows, cols), pruned entries 0, the kept
+    ones updated by the OBS corrections.
+    """
+    _check_sparsity(sparsity)
+    w = np.array(weight, dtype=np.float64)
+    h = np.array(hessian, dtype=np.float64)
+    rows, cols = w.shape
+    if h.shape != (cols, cols):
+        raise ValueError(f"sparsegpt: Hessian is {h.shape}, the weight has {cols} columns")
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(cols)] += percdamp * np.mean(np.diag(h))
+    # U upper with H⁻¹ = UᵀU: row j of U is H_F⁻¹'s first row / sqrt(its first entry), F = j … cols − 1
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    pruned = np.zeros(w.shape, dtype=bool)
+    for i1 in range(0, cols, int(blocksize)):
+        i2 = min(i1 + int(blocksize), cols)
+        d = np.diag(u)[i1:i2]
+        score = (w[:, i1:i2] / d) ** 2
+        n = int(score.size * sparsity)
+        block = np.zeros(score.size, dtype=bool)
+        block[np.argsort(score.ravel(), kind="stable")[:n]] = True
+        pruned[:, i1:i2] = block.reshape(score.shape)
+        for j in range(i1, i2):
+            err = np.where(pruned[:, j], w[:, j], 0.0) / u[j, j]  # (w − q) / U_jj, q = 0 where pruned
+            w[:, j:] -= np.outer(err, u[j, j:])  # column j of a pruned row becomes exactly 0
+            w[pruned[:, j], j] = 0.0
+    return ~pruned, w
+
+
+def sparsegpt_mask(weight: np.ndarray, hessian: np.ndarray, sparsity: float, **kw) -> np.ndarray:
+    """Keep-mask of :func:`sparsegpt_prune` → bool (rows, cols)."""
+    return sparsegpt_prune(weight, hessian, sparsity, **kw)[0]
 
 
 def load_mask(path: str | Path, key: str | None = None) -> np.ndarray:
@@ -180,6 +239,84 @@ def component_matrix(path, component: str, layer: int) -> tuple[np.ndarray, np.n
         raise ValueError(f"{path}: component {component!r} in layer {layer} matches {len(found)} weights {names[:4]}; "
                          "need exactly one")
     return found[0][2], None
+
+
+def compute_masks(weights: dict, methods, sparsity: float, *, norms: dict | None = None,
+                  grams: dict | None = None) -> dict:
+    """Keep-masks of every method for every (component, layer) weight.
+
+    Parameters
+    ----------
+    weights : {(component, layer): (weight (rows, cols), row_expert (rows,) or None)} from
+        :func:`component_matrix`; stacked experts (row_expert given) are pruned expert by expert,
+        each expert's matrix being a layer of its own.
+    methods : among :data:`METHODS`.
+    norms : {(component, layer): ‖X_j‖₂ (cols,) or (expert, cols)} for "wanda".
+    grams : {(component, layer): XᵀX (cols, cols) or (expert, cols, cols)} for "sparsegpt".
+
+    Returns
+    -------
+    {(method, component, layer): (keep bool (rows, cols), row_expert)}.
+    """
+    out = {}
+    for (c, layer), (w, row_expert) in weights.items():
+        groups = [(None, np.arange(len(w)))] if row_expert is None else [
+            (int(e), np.flatnonzero(row_expert == e)) for e in np.unique(row_expert)]
+        for method in methods:
+            keep = np.ones(w.shape, dtype=bool)
+            for e, rows in groups:
+                if method == "magnitude":
+                    keep[rows] = magnitude_mask(w[rows], sparsity)
+                elif method == "wanda":
+                    x = norms[(c, layer)]
+                    keep[rows] = wanda_mask(w[rows], x if e is None else x[e], sparsity)
+                elif method == "sparsegpt":
+                    h = grams[(c, layer)]
+                    keep[rows] = sparsegpt_mask(w[rows], h if e is None else h[e], sparsity)
+                else:
+                    raise ValueError(f"masks: unknown pruning method {method!r} (one of {', '.join(METHODS)})")
+            out[(method, c, layer)] = (keep, row_expert)
+    return out
+
+
+def mask_variable(method: str, component: str, layer: int) -> str:
+    """Name of a mask's variable in masks.zarr: ``mask__<method>__<component>__<layer>``, dots → _."""
+    return f"mask__{method}__{component}__{layer}".replace(".", "_")
+
+
+def masks_dataset(mats: dict, attrs: dict) -> xr.Dataset:
+    """Bit-packed masks → one Dataset, a variable per (method, component, layer) with its own row/byte dims.
+
+    ``mats`` as returned by :func:`compute_masks`; each variable's attrs hold method, component,
+    layer, cols and kept_fraction; stacked experts get an ``expert_<var>`` coordinate per row.
+    """
+    ds = xr.Dataset(attrs={"packing": "numpy.packbits along columns (big bit order); 1 = weight kept",
+                           "magnitude": "the int(sparsity·size) smallest |W| of each matrix (each expert's) pruned",
+                           "wanda": "per output row, the int(sparsity·cols) lowest |W|·‖X_j‖₂ pruned",
+                           "sparsegpt": "SparseGPT (Frantar & Alistarh 2023), blocksize 128, percdamp 0.01, "
+                                        "per block the int(sparsity·rows·block) lowest w²/[H_F⁻¹]_jj pruned; "
+                                        "see analyses/masks.py", **attrs})
+    for (method, c, layer), (keep, row_expert) in mats.items():
+        v = mask_variable(method, c, layer)
+        ds[v] = xr.DataArray(pack_rows(keep), dims=(f"row_{v}", f"byte_{v}"),
+                             attrs={"method": method, "component": c, "layer": int(layer),
+                                    "cols": int(keep.shape[1]), "kept_fraction": float(keep.mean())})
+        if row_expert is not None:
+            ds = ds.assign_coords({f"expert_{v}": (f"row_{v}", np.asarray(row_expert))})
+    return ds
+
+
+def combine_clusters(keys: list, results: list, attrs: dict) -> xr.Dataset:
+    """:func:`cluster_rows` results of each (method, component, layer) key → one Dataset with those dims."""
+    cells = []
+    for (method, c, layer), r in zip(keys, results):
+        cell = r.assign(n_used=((), float(r.attrs["n"]))).expand_dims(method=[method], component=[c],
+                                                                       layer=[int(layer)])
+        cell.attrs = {}
+        cells.append(cell)
+    res = xr.combine_by_coords(cells, fill_value=np.nan, join="outer", combine_attrs="drop")
+    res.attrs.update(attrs)
+    return res
 
 
 # ------------------------------------------------------------------ packed bits

@@ -35,7 +35,7 @@ Conventions (checked by :func:`check_result` and the contract test)
   :func:`validate_params` checks an experiment's ``[analyses.params.<name>]``
   against them before anything runs.
 
-The helpers below the registry (``domain_codes``, ``reduce_by_domain``,
+The helpers below the registry (``token_var``, ``view_ids``, ``safe_ratio``,
 ``finalise``, ``tidy``...) are the shared building blocks that keep those
 conventions in one place.
 """
@@ -401,86 +401,6 @@ def routed_ids(routing: xr.Dataset, *, canonical_only: bool = False) -> xr.DataA
     return ids
 
 
-def domain_codes(routing: xr.Dataset) -> tuple[xr.DataArray, np.ndarray]:
-    """Integer code per token for its domain, and the sorted domain labels.
-
-    Reads the ``domain`` coordinate (one label per token) into memory: group
-    labels must be known before the graph is built (flox ``expected_groups``).
-
-    Returns
-    -------
-    codes : DataArray (token,) int64, index into ``labels``
-    labels : object ndarray (domain,)
-    """
-    if "domain" not in routing.coords:
-        raise ValueError("routing cube: token coordinate 'domain' is missing")
-    from .bootstrap import _memo
-
-    raw = np.asarray(routing["domain"].values)
-
-    def factorize():
-        codes, labels = pd.factorize(pd.Series(raw).astype(str), sort=True)  # hashing, not sorting strings
-        return codes.astype(np.int64), np.asarray(labels, dtype=object)
-
-    codes, labels = _memo(raw, "domain_codes", factorize)
-    return xr.DataArray(codes, dims="token"), labels
-
-
-def reduce_by_domain(
-    obj: xr.Dataset | xr.DataArray,
-    routing: xr.Dataset,
-    *,
-    dim: str | tuple[str, ...],
-    expert_ids: xr.DataArray | None = None,
-    num_experts: int | None = None,
-    func: str = "sum",
-) -> xr.Dataset | xr.DataArray:
-    """Grouped ``func`` of ``obj`` over ``dim`` by domain (and by expert id).
-
-    A chunk-wise flox map-reduce: each (checkpoint, layer, token-chunk) block is
-    reduced to (domain[, expert]) and the partial results are combined, so
-    nothing is materialised per token.
-
-    Parameters
-    ----------
-    obj : dims (..., token[, k]); token coordinates are dropped.
-    dim : the dims reduced away (must include ``token``).
-    expert_ids : optional (..., token, k) ids to group by as well; ids outside
-        ``0..num_experts-1`` (``FILL_ID``) fall in no group and are excluded.
-
-    Returns
-    -------
-    dims (..., domain[, expert]) with the domain labels as coordinate; empty
-    groups hold 0 for sums.
-    """
-    codes, labels = domain_codes(routing)
-    by = [codes.rename("_domain")]
-    expected = [np.arange(len(labels))]
-    if expert_ids is not None:
-        if num_experts is None:
-            raise ValueError("reduce_by_domain: num_experts is required with expert_ids")
-        by.append(expert_ids.rename("_expert"))
-        expected.append(np.arange(num_experts))
-    obj = _drop_token_coords(obj)
-    import flox.xarray
-
-    out = flox.xarray.xarray_reduce(
-        obj, *by, func=func, dim=dim, expected_groups=tuple(expected), fill_value=0
-    )
-    out = out.rename({"_domain": "domain"}).assign_coords(domain=("domain", labels))
-    if expert_ids is not None:
-        out = out.rename({"_expert": "expert"}).assign_coords(
-            expert=("expert", np.arange(num_experts, dtype=np.int32))
-        )
-    # group dims last, whatever order flox returns them in
-    return out.transpose(..., *(["domain", "expert"] if expert_ids is not None else ["domain"]))
-
-
-def _drop_token_coords(obj):
-    drop = [c for c in obj.coords if "token" in obj[c].dims]
-    return obj.drop_vars(drop)
-
-
 def safe_ratio(num: xr.DataArray, den: xr.DataArray) -> xr.DataArray:
     """``num / den`` with NaN (not inf, no warning) where ``den`` is 0."""
     return (num / den.where(den != 0)).astype(np.float64)
@@ -566,6 +486,7 @@ def finalise(
     chance: float | str,
     params: Mapping[str, Any],
     outputs: Mapping[str, Output] | None = None,
+    context: Mapping[str, Any] | None = None,
 ) -> xr.Dataset:
     """Attach coordinates and attrs every result carries.
 
@@ -574,10 +495,14 @@ def finalise(
     and the analysis' own ``definition``/``normalisation``/``chance``/``params``.
     With ``outputs`` (the module's ``OUTPUTS`` table) every data variable gets its
     declared attrs (:func:`analyses.outputs.apply_outputs`; an undeclared variable
-    is refused).
+    is refused). The declarations' templates are filled from the cube's
+    ``num_experts`` and ``top_k``, ``params`` and ``context`` (what else the
+    analysis knows, e.g. whether the router is a sigmoid one).
     """
     if outputs is not None:
-        result = apply_outputs(result, outputs, where=f"result of analysis {name!r}")
+        sizes = {key: int(routing.attrs[key]) for key in ("num_experts", "top_k") if key in routing.attrs}
+        result = apply_outputs(result, outputs, where=f"result of analysis {name!r}",
+                               context={**sizes, **params, **(context or {})})
     if "checkpoint" in result.dims:
         steps = pd.Series(checkpoint_steps(routing), index=np.asarray(routing["checkpoint"].values))
         result = result.assign_coords(
@@ -599,13 +524,6 @@ def finalise(
             attrs[key] = str(routing.attrs[key])
     result.attrs = attrs
     return result
-
-
-def describe(var: xr.DataArray, long_name: str, units: str, description: str, **extra) -> xr.DataArray:
-    """``var`` with the variable attrs of the conventions (and any ``extra`` such as chance, nan_where)."""
-    var = var.copy()
-    var.attrs = {"long_name": long_name, "units": units, "description": description, **extra}
-    return var
 
 
 def tidy(result: xr.Dataset, variables: Sequence[str]) -> pd.DataFrame:

@@ -206,13 +206,22 @@ def _import_note(key: str, value) -> str:
     return f"{key}: {value}"
 
 
-def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, dashboard: str = "") -> Path:
-    """Render figures, tables, summary.json and index.html for ``analysis_names``."""
-    from . import get
+_STYLE = """<style>
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+img { max-width: 100%; border: 1px solid #ddd; }
+figure { margin: 1em 0; }
+.caption { color: #333; }
+dt { font-weight: 600; } dd { margin: 0 0 .5em 1em; }
+table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: .2em .6em; }
+img { width: 100%; }
+table.headline { font-size: 90%; margin: .5em 0 1em; } table.headline td.num { text-align: right; }
+table.headline caption { text-align: left; font-weight: 600; padding: .3em 0; }
+.meta { color: #555; font-size: 90%; }
+</style>"""
 
-    formats = tuple(exp.report.formats) if "png" in exp.report.formats else ("png", *exp.report.formats)
-    routing = cubes.open_routing(layout.routing)
-    sections = []
+
+def _run_summary(exp, routing) -> tuple[dict, dict]:
+    """summary.json's description of the run (model, checkpoints, layers, tokens per domain), and the import notes."""
     summary = {
         "experiment": exp.name,
         "experiment_file": exp.source_file,
@@ -239,48 +248,47 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
     notes = {k: routing.attrs[k] for k in IMPORT_NOTES if routing.attrs.get(k)}
     if notes:
         summary["import_notes"] = notes
-    # The report folder stands on its own (copied or zipped alone it still shows and links everything):
-    # tables and extra files are written under report/tables/ and mirrored to tables/ (the README's place).
-    report_tables = layout.report_dir / "tables"
-    report_tables.mkdir(parents=True, exist_ok=True)
-    layout.tables_dir.mkdir(parents=True, exist_ok=True)
+    return summary, notes
 
-    train_files, train_summary = _training_figure(layout, formats)
-    if train_summary:
-        summary["training"] = train_summary
 
-    for name in analysis_names:
-        a = get(name)
-        result = cubes.open_result(layout.analysis(name))
-        if result.attrs.get("skipped"):
-            summary.setdefault("skipped", {})[name] = result.attrs["skipped"]
-            sections.append(
-                f'<section id="{html.escape(name)}"><h2>{html.escape(a.title)}</h2>'
-                f'<p class="caption"><strong>Skipped:</strong> {html.escape(result.attrs["skipped"])}.</p></section>'
-            )
-            continue
-        out = layout.figures_dir / name
-        files = a.figure(result, out, formats)
-        table = a.table(result)
-        # labels and token text come from user data: escaped so the CSV cannot carry spreadsheet formulas
-        table_file = report_tables / f"{name}.csv"
-        csv_safe(table).to_csv(table_file, index=False)
-        # Extra files for other tools (e.g. mask points for ablation sweeps), linked below.
-        extra = [Path(f) for f in a.artifacts(result, report_tables / name)] if a.artifacts else []
-        mirrored = [_mirror(f, report_tables, layout.tables_dir) for f in [table_file, *extra]]
-        if extra:
-            summary.setdefault("artifacts", {})[name] = [os.path.relpath(f, layout.root) for f in mirrored[1:]]
-        headline = a.summary(result)
-        summary["analyses"][name] = {
-            "definition": result.attrs.get("definition", ""),
-            "chance": result.attrs.get("chance", ""),
-            "headline": headline,
-        }
-        pngs = [f for f in files if Path(f).suffix == ".png"]
-        others = [f for f in files if Path(f).suffix != ".png"]
-        chance = result.attrs.get("chance", "")
-        sections.append(
-            f"""
+def _analysis_section(name: str, layout, report_tables: Path, formats, summary: dict) -> str:
+    """The report's section of analysis ``name``: figures, table, extra files; its headline added to ``summary``."""
+    from . import get
+
+    a = get(name)
+    result = cubes.open_result(layout.analysis(name))
+    if result.attrs.get("skipped"):
+        summary.setdefault("skipped", {})[name] = result.attrs["skipped"]
+        return (
+            f'<section id="{html.escape(name)}"><h2>{html.escape(a.title)}</h2>'
+            f'<p class="caption"><strong>Skipped:</strong> {html.escape(result.attrs["skipped"])}.</p></section>'
+        )
+    out = layout.figures_dir / name
+    files = a.figure(result, out, formats)
+    table = a.table(result)
+    # labels and token text come from user data: escaped so the CSV cannot carry spreadsheet formulas
+    table_file = report_tables / f"{name}.csv"
+    csv_safe(table).to_csv(table_file, index=False)
+    # Extra files for other tools (e.g. mask points for ablation sweeps), linked below.
+    extra = [Path(f) for f in a.artifacts(result, report_tables / name)] if a.artifacts else []
+    mirrored = [_mirror(f, report_tables, layout.tables_dir) for f in [table_file, *extra]]
+    if extra:
+        summary.setdefault("artifacts", {})[name] = [os.path.relpath(f, layout.root) for f in mirrored[1:]]
+    headline = a.summary(result)
+    summary["analyses"][name] = {
+        "definition": result.attrs.get("definition", ""),
+        "chance": result.attrs.get("chance", ""),
+        "headline": headline,
+    }
+    pngs = [f for f in files if Path(f).suffix == ".png"]
+    others = [f for f in files if Path(f).suffix != ".png"]
+    chance = result.attrs.get("chance", "")
+    from .figures.training_runs import side_by_side  # issue 16: this analysis of every [[runs]] run beside this one
+    runs_html, runs_headline = side_by_side(layout, name, a, files, formats, headline)
+    if runs_headline:
+        summary["analyses"][name]["runs"] = runs_headline
+    return (
+        f"""
 <section id="{html.escape(name)}">
   <h2>{html.escape(a.title)}</h2>
   <p class="caption">{html.escape(a.caption)}</p>
@@ -296,8 +304,31 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
   {''.join(f' · <a href="{html.escape(os.path.relpath(f, layout.report_dir))}">{html.escape(Path(f).name)}</a>' for f in others)}</p>
   {_artifact_list(extra, layout.report_dir)}
   {headline_html(headline)}
+  {runs_html}
 </section>"""
-        )
+    )
+
+
+def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, dashboard: str = "") -> Path:
+    """Render figures, tables, summary.json and index.html for ``analysis_names``."""
+    from . import get
+
+    formats = tuple(exp.report.formats) if "png" in exp.report.formats else ("png", *exp.report.formats)
+    routing = cubes.open_routing(layout.routing)
+    sections = []
+    summary, notes = _run_summary(exp, routing)
+    # The report folder stands on its own (copied or zipped alone it still shows and links everything):
+    # tables and extra files are written under report/tables/ and mirrored to tables/ (the README's place).
+    report_tables = layout.report_dir / "tables"
+    report_tables.mkdir(parents=True, exist_ok=True)
+    layout.tables_dir.mkdir(parents=True, exist_ok=True)
+
+    train_files, train_summary = _training_figure(layout, formats)
+    if train_summary:
+        summary["training"] = train_summary
+
+    for name in analysis_names:
+        sections.append(_analysis_section(name, layout, report_tables, formats, summary))
 
     from .figures.explorer import report_section as explorer_section  # issue 17: report/explorer.html
     explorer_html = explorer_section(layout, routing, formats, analysis_names)
@@ -315,22 +346,13 @@ dashed, right axis). Checkpoints analysed below were saved along this curve.</p>
     training += report_hook(layout, formats, summary)
     from .weights_report import report_hook as weights_hook  # issue 14: experts as objects, masks (tasks/experts.py)
     training += weights_hook(layout, formats, summary)
+    from .figures.interventions import report_hook as interventions_hook  # issue 15 (tasks/interventions.py)
+    training += interventions_hook(layout, formats, summary)
     training_item = '<li><a href="#training">The model&rsquo;s training</a></li>' if training else ""
     toc = "".join(f'<li><a href="#{html.escape(n)}">{html.escape(get(n).title)}</a></li>' for n in analysis_names)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
-img {{ max-width: 100%; border: 1px solid #ddd; }}
-figure {{ margin: 1em 0; }}
-.caption {{ color: #333; }}
-dt {{ font-weight: 600; }} dd {{ margin: 0 0 .5em 1em; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: .2em .6em; }}
-img {{ width: 100%; }}
-table.headline {{ font-size: 90%; margin: .5em 0 1em; }} table.headline td.num {{ text-align: right; }}
-table.headline caption {{ text-align: left; font-weight: 600; padding: .3em 0; }}
-.meta {{ color: #555; font-size: 90%; }}
-</style></head><body>
+{_STYLE}</head><body>
 <h1>{html.escape(title)}</h1>
 <p class="meta">Experiment <code>{html.escape(exp.source_file)}</code> · generated {summary["generated"]}
 {f'· Dask dashboard during the run: <code>{html.escape(dashboard)}</code>' if dashboard else ''}</p>

@@ -121,8 +121,7 @@ ANALYSIS = register(
             "experts whose share top-k selection raises above the router's mean preference."
         ),
         requires=("expert_ids", "router_logits"),
-        table=table,
-        summary=summary,
+        table=table, summary=summary,
         outputs=OUTPUTS,
     )
 )

@@ -41,6 +41,7 @@ ratio_to_chance and excess exist; the rest is NaN with ``nan_where`` saying why.
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -48,30 +49,14 @@ import xarray as xr
 
 from storage.schema import is_counts_cube
 
+from .counts import NO_SAMPLES, slot_counts
 from .figures import hook as figure_hook
+from .outputs import Output, k_of_experts, per_expert
 from .token_pass import Samples
 from .bootstrap import (
-    add_interval,
-    bootstrap_weights,
-    group_sums,
-    interval,
-    per_sample_sums,
-    resample,
-    sample_groups,
-    sample_index,
+    add_interval, bootstrap_weights, group_sums, interval, per_sample_sums, resample, sample_groups, sample_index
 )
-from .registry import (
-    Analysis,
-    cube_sizes,
-    describe,
-    finalise,
-    json_number,
-    register,
-    routed_ids,
-    safe_ratio,
-    tidy,
-    token_mask,
-)
+from .registry import Analysis, cube_sizes, finalise, json_number, register, routed_ids, safe_ratio, tidy, token_mask
 
 NAME = "specialization"
 LOG2 = np.log(2.0)
@@ -530,16 +515,125 @@ def next_token_ids(routing: xr.Dataset) -> np.ndarray:
 # ----------------------------------------------------------------------------- the analysis
 
 
+def _fdr_q(context) -> float:
+    return float(context["fdr_q"])
+
+
+_NAN_CL = "no routed token at this checkpoint and layer"
+_NAN_DOMAIN = "the domain has no routed token at this checkpoint and layer"
+_NAN_TYPES = "no token type with >= {min_count} routed occurrences"
+_CELL = ("checkpoint", "layer", "expert", "domain")
+OUTPUTS = {
+    "usage": Output("expert usage by domain", "share of routing slots",
+                    "slots of the domain's tokens going to the expert / all slots of the domain", chance=per_expert,
+                    nan_where=_NAN_DOMAIN),
+    "usage_all": Output("expert usage (all domains)", "share of routing slots",
+                        "share of all routing slots going to the expert", chance=per_expert, nan_where=_NAN_CL),
+    "lift": Output("domain lift", "ratio", "usage by the domain / pooled usage of the expert (1 = no preference)",
+                   chance=1.0, nan_where="the expert or the domain has no slot at this checkpoint and layer"),
+    "ratio_to_chance": Output("usage ratio to chance", "ratio", "usage by the domain × E (1 = uniform routing)",
+                              chance=1.0, nan_where=_NAN_DOMAIN),
+    "excess": Output("excess slots", "slots",
+                     "n_(domain,expert) − u_expert · n_domain: slots above what the pooled usage predicts", chance=0.0,
+                     nan_where=_NAN_CL),
+    "z": Output("randomisation z", "standard deviations",
+                "excess / its standard deviation under random relabelling of samples with domains", chance=0.0,
+                nan_where=_NAN_CL),
+    "p_value": Output("p-value", "probability",
+                      "two-sided p of the excess under random relabelling of samples (normal approximation)",
+                      nan_where=_NAN_CL),
+    "q_value": Output("BH q-value", "probability",
+                      "Benjamini–Hochberg adjusted p-value across all (checkpoint, layer, expert, domain) cells",
+                      nan_where=_NAN_CL),
+    "significant": Output("significant cell", "boolean",
+                          "Benjamini–Hochberg q <= {fdr_q} (two-sided; the sign of 'excess' gives the direction)"),
+    "mi": Output("mutual information domain–top-1", "bits", "I(domain; top-1 expert) over tokens, plug-in estimate",
+                 chance=0.0, nan_where=_NAN_CL),
+    "mi_floor_mean": Output("MI floor (mean)", "bits",
+                            "mean MI over {n_shuffle} random relabellings of samples with domains", nan_where=_NAN_CL),
+    "mi_floor_p95": Output("MI floor (95th percentile)", "bits",
+                           "95th percentile of MI over {n_shuffle} random relabellings of samples", nan_where=_NAN_CL),
+    "domain_entropy": Output("domain entropy", "bits",
+                             "H(domain) over the tokens with a written top-1 (MI's upper bound)", nan_where=_NAN_CL),
+    "vocab_input": Output(
+        "vocabulary specialization (input token)", "share of occurrences",
+        "mean over token types seen >= {min_count} times of max_e count(id → e)/n_id (tokens with an unknown id, "
+        "-1, are left out); top-k membership, not OLMoE's top-1 over every type (token_specialization_olmoe_input)",
+        chance=k_of_experts, nan_where=_NAN_TYPES + " (e.g. the source logs no token ids)"),
+    "vocab_input_floor": Output(
+        "vocabulary specialization floor (input token)", "share of occurrences",
+        "the same if occurrences were routed independently of the id with the observed per-expert rates "
+        "(mean over types of E[max_e Binomial(n_id, q_e)]/n_id)", chance=k_of_experts, nan_where=_NAN_TYPES),
+    "vocab_input_types": Output("token types (input)", "types", "token types with >= {min_count} routed occurrences"),
+    "vocab_next": Output("vocabulary specialization (next token)", "share of occurrences",
+                         "as vocab_input, grouping token t by the id of token t+1 of the same sample",
+                         chance=k_of_experts, nan_where="no next-token type with >= {min_count} routed occurrences"),
+    "vocab_next_floor": Output("vocabulary specialization floor (next token)", "share of occurrences",
+                               "independence floor of vocab_next", chance=k_of_experts,
+                               nan_where="no next-token type with >= {min_count} routed occurrences"),
+    "vocab_next_types": Output("token types (next)", "types",
+                               "next-token types with >= {min_count} routed occurrences"),
+    "token_specialization_olmoe_input": Output(
+        "token specialization, OLMoE's definition (input token)", "share of occurrences",
+        "OLMoE's run_moe_analysis.py: mean over every token type (seen at least once) of max_e "
+        "count(id → top-1 expert e)/n_id; top-1 expert only, unlike vocab_input (top-k membership, types "
+        "seen >= {min_count} times); no simple chance level: a type seen once scores 1, so rare types pull it up",
+        nan_where="no token with a known id and a written top-1 slot"),
+    "token_specialization_olmoe_next": Output(
+        "token specialization, OLMoE's definition (next token)", "share of occurrences",
+        "as token_specialization_olmoe_input, grouping token t by the id of token t+1 of the same sample "
+        "(OLMoE's ground-truth next token)", nan_where="no token with a known next id and a written top-1 slot"),
+    "significant_fraction": Output("fraction of significant cells", "share of (expert, domain) cells",
+                                   "share of (expert, domain) cells with BH q <= {fdr_q}", chance=_fdr_q),
+    "mi_component": Output("MI above floor / H(domain)", "fraction",
+                           "clip((mi − mi_floor_mean) / domain_entropy, 0, 1)", chance=0.0, nan_where=_NAN_CL),
+    "vocab_component": Output("vocabulary specialization above floor", "fraction",
+                              "clip((vocab_input − vocab_input_floor) / (1 − vocab_input_floor), 0, 1)", chance=0.0,
+                              nan_where=_NAN_TYPES),
+    "score": Output("specialization score", "score in [0, 1]",
+                    "mean of mi_component, significant_fraction and vocab_component",
+                    chance="≈ fdr_q/3 (null: only false discoveries)", nan_where=_NAN_CL + ", or " + _NAN_TYPES),
+}
+# an aggregate-counts cube: usage, lift, ratio_to_chance and excess exact, the rest NaN (or none) and saying why
+_NA = f"always: {NO_SAMPLES}"
+_NO_IDS = {"description": "needs token ids", "nan_where": _NA, "chance": None}
+COUNTS_OUTPUTS = {
+    "usage": replace(OUTPUTS["usage"], description="slots of the domain counted for the expert / all slots of the "
+                     "domain", nan_where="the domain has no counted slot at this checkpoint and layer"),
+    "usage_all": replace(OUTPUTS["usage_all"], description="share of all counted routing slots going to the expert",
+                         nan_where="no counted slot at this checkpoint and layer"),
+    "lift": OUTPUTS["lift"],
+    "ratio_to_chance": replace(OUTPUTS["ratio_to_chance"],
+                               nan_where="the domain has no counted slot at this checkpoint and layer"),
+    "excess": replace(OUTPUTS["excess"], nan_where=None),
+    "z": Output("randomisation z", "standard deviations", "randomisation test of the excess", nan_where=_NA),
+    "p_value": Output("p-value", "probability", "randomisation test of the excess", nan_where=_NA),
+    "q_value": Output("BH q-value", "probability", "Benjamini–Hochberg adjusted p-value", nan_where=_NA),
+    "significant": replace(OUTPUTS["significant"], description="always False: no randomisation test is possible "
+                           "on slot counts (see attrs intervals)"),
+    "mi": Output("mutual information domain–top-1", "bits",
+                 "I(domain; top-1 expert) over tokens: needs each token's top-1 expert", nan_where=_NA),
+    "mi_floor_mean": Output("MI floor (mean)", "bits", "MI under relabelled samples", nan_where=_NA),
+    "mi_floor_p95": Output("MI floor (95th percentile)", "bits", "MI under relabelled samples", nan_where=_NA),
+    "domain_entropy": Output("domain entropy", "bits", "H(domain) over tokens with a top-1", nan_where=_NA),
+    "significant_fraction": Output("fraction of significant cells", "share of (expert, domain) cells",
+                                   "share of cells with BH q <= fdr_q", nan_where=_NA),
+    "mi_component": Output("MI above floor / H(domain)", "fraction", "needs mi", nan_where=_NA),
+    **{name: replace(OUTPUTS[name], **_NO_IDS) for name in ("vocab_input", "vocab_input_floor", "vocab_next",
+                                                             "vocab_next_floor", "vocab_component")},
+    "vocab_input_types": replace(OUTPUTS["vocab_input_types"],
+                                 description="token types counted: none without token ids"),
+    "vocab_next_types": Output("token types (next)", "types", "token types counted: none without token ids"),
+    "score": Output("specialization score", "score in [0, 1]",
+                    "mean of mi_component, significant_fraction and vocab_component", nan_where=_NA),
+}
+
+
 def specialization(
     routing: xr.Dataset,
     *,
-    canonical_only: bool = False,
-    fdr_q: float = 0.05,
-    n_shuffle: int = 200,
-    min_count: int = 10,
-    n_boot: int = 200,
-    ci: float = 0.95,
-    seed: int = 0,
+    canonical_only: bool = False, fdr_q: float = 0.05, n_shuffle: int = 200, min_count: int = 10,
+    n_boot: int = 200, ci: float = 0.95, seed: int = 0,
 ) -> xr.Dataset:
     """Domain, mutual-information and vocabulary specialization per (checkpoint, layer).
 
@@ -576,243 +670,172 @@ def specialization(
         (at compute time for lazy input) ids outside -1..E-1.
     """
     E, k = cube_sizes(routing)
-    if not 0.0 < float(fdr_q) < 1.0:
-        raise ValueError(f"specialization: fdr_q={fdr_q}; expected a level strictly between 0 and 1")
-    for pname, v, least in (("n_shuffle", n_shuffle, 1), ("min_count", min_count, 1), ("n_boot", n_boot, 0)):
-        if int(v) < least:
-            raise ValueError(f"specialization: {pname}={v}; expected >= {least}")
+    _check_params(fdr_q=fdr_q, n_shuffle=n_shuffle, min_count=min_count, n_boot=n_boot)
+    params = {"canonical_only": canonical_only, "fdr_q": fdr_q, "n_shuffle": int(n_shuffle),
+              "min_count": int(min_count), "n_boot": int(n_boot), "ci": ci, "seed": seed}
     if is_counts_cube(routing):
-        return _specialization_from_counts(
-            routing, E=E, k=k, canonical_only=canonical_only, fdr_q=fdr_q, n_shuffle=n_shuffle, min_count=min_count,
-            n_boot=n_boot, ci=ci, seed=seed)
+        return _specialization_from_counts(routing, E=E, params=params)
     samples = Samples.of(routing)  # once: every token pass below shares it
     domains = sample_groups(routing, "domain", samples)  # (sample,), raises on a sample with two domains
     labels = np.unique(np.asarray(domains.values).astype(str))
     if len(labels) < 2:
-        raise ValueError(
-            f"specialization: the routing cube has {len(labels)} domain label(s) {labels.tolist()} on coordinate "
-            "'domain'; domain specialization needs at least 2"
-        )
+        raise ValueError(f"specialization: the routing cube has {len(labels)} domain label(s) {labels.tolist()} on "
+                         "coordinate 'domain'; domain specialization needs at least 2")
     domains = domains.astype(str).astype(object)
     ids = routed_ids(routing, canonical_only=canonical_only)
     top1 = ids.isel(k=0, drop=True)
-
     slots_s = per_sample_sums(xr.ones_like(ids, dtype=np.int32), samples, dim=("token", "k"),
                               by={"expert": (ids, E)}).astype(np.int64)  # (checkpoint, layer, sample, expert)
     top1_s = per_sample_sums(xr.ones_like(top1, dtype=np.int32), samples, dim="token",
                              by={"expert": (top1, E)}).astype(np.int64)
 
-    # --- domain specialization ------------------------------------------------------------
+    out = {
+        **_domain_specialization(slots_s, domains),
+        **_mutual_information(top1_s, domains, labels, n_shuffle=int(n_shuffle), seed=seed),
+        **_vocabulary(routing, ids, canonical_only=canonical_only, E=E, min_count=min_count),
+    }
+    if n_boot > 0:
+        _add_intervals(out, slots_s, top1_s, domains, n_boot=n_boot, ci=ci, seed=seed)
+    out.update(_score(out, fdr_q))
+    return finalise(
+        xr.Dataset(out), routing, name=NAME, outputs=OUTPUTS,
+        definition=_DEFINITION.format(fdr_q=fdr_q, n_shuffle=int(n_shuffle), min_count=min_count),
+        normalisation=_NORMALISATION,
+        chance=_CHANCE.format(usage=1.0 / E, vocab=k / E, fdr_q=fdr_q),
+        params=params,
+    )
+
+
+_DEFINITION = (
+    "usage[c,l,e,d] = slots of domain d to expert e / slots of d; lift = usage / pooled usage; significance: "
+    "two-sided randomisation test of the excess n_de − u_e·n_d under random relabelling of SAMPLES with domains "
+    "(exact permutation mean and variance, normal tail; tokens of one sample are dependent, so a token-level "
+    "chi-square would be anti-conservative), Benjamini–Hochberg across all cells, significant = q <= {fdr_q}. mi = "
+    "I(domain; top-1 expert) in bits over tokens, floor from {n_shuffle} sample relabellings (mean, 95th "
+    "percentile). vocab_* = mean over token types seen >= {min_count} times of max_e count(id→e)/n_id, by input "
+    "token and by next token (same sample); token_specialization_olmoe_* = OLMoE's variant, top-1 expert only, over "
+    "every type seen once or more. score = mean(clip((mi − mi_floor_mean)/H(domain), 0, 1), significant_fraction, "
+    "clip((vocab_input − floor)/(1 − floor), 0, 1)).")
+_NORMALISATION = ("usage: share of routing slots (1/E uniform); lift and ratio_to_chance: ratios; mi: bits; vocab: "
+                  "share of a type's occurrences; score in [0, 1]")
+_CHANCE = ("usage: 1/E = {usage:.4g}; lift, ratio_to_chance: 1; mi: ≈ mi_floor (0 asymptotically); vocab: uniform "
+           "k/E = {vocab:.4g} (the max over experts sits above it: see vocab_*_floor); significant_fraction: ≤ fdr_q "
+           "= {fdr_q} under the null")
+
+
+def _check_params(*, fdr_q, n_shuffle, min_count, n_boot) -> None:
+    """ValueError naming the first parameter of :func:`specialization` outside its range."""
+    if not 0.0 < float(fdr_q) < 1.0:
+        raise ValueError(f"specialization: fdr_q={fdr_q}; expected a level strictly between 0 and 1")
+    for pname, v, least in (("n_shuffle", n_shuffle, 1), ("min_count", min_count, 1), ("n_boot", n_boot, 0)):
+        if int(v) < least:
+            raise ValueError(f"specialization: {pname}={v}; expected >= {least}")
+
+
+def _domain_specialization(slots_s: xr.DataArray, domains: xr.DataArray) -> dict[str, xr.DataArray]:
+    """usage, usage_all, lift, ratio_to_chance and the randomisation test (excess, z, p_value, q_value).
+
+    ``slots_s`` (checkpoint, layer, sample, expert) slot counts per sample, ``domains`` (sample,) labels.
+    """
+    E = slots_s.sizes["expert"]
     count = group_sums(slots_s, domains)  # (checkpoint, layer, expert, domain)
     slots_d = count.sum("expert")
     usage = safe_ratio(count, slots_d)
     usage_all = safe_ratio(count.sum("domain"), slots_d.sum("domain"))
-    lift = safe_ratio(usage, usage_all)
     excess, z, p = randomization_test(slots_s, domains)
-    q = bh_qvalues(p.transpose("checkpoint", "layer", "expert", "domain"))
+    return {
+        "usage": usage,
+        "usage_all": usage_all.transpose("checkpoint", "layer", "expert"),
+        "lift": safe_ratio(usage, usage_all),
+        "ratio_to_chance": usage * E,
+        "excess": excess.transpose(*_CELL),
+        "z": z.transpose(*_CELL),
+        "p_value": p.transpose(*_CELL),
+        "q_value": bh_qvalues(p.transpose(*_CELL)),
+    }
 
-    # --- mutual information -----------------------------------------------------------------
+
+def _mutual_information(top1_s: xr.DataArray, domains: xr.DataArray, labels: np.ndarray, *, n_shuffle: int,
+                        seed: int) -> dict[str, xr.DataArray]:
+    """mi, its floor under ``n_shuffle`` relabellings of samples (mean, 95th percentile) and domain_entropy.
+
+    ``top1_s`` (checkpoint, layer, sample, expert) top-1 counts per sample; results (checkpoint, layer).
+    """
     top1_d = group_sums(top1_s, domains)  # (checkpoint, layer, expert, domain)
-    mi = mutual_information(top1_d)
-    h_domain = entropy_bits(top1_d.sum("expert"), "domain")
     rng = np.random.default_rng([seed, 1])
-    dom_values = np.asarray(domains.values).astype(str)
-    dom_codes = np.searchsorted(labels, dom_values)
+    domain_codes = np.searchsorted(labels, np.asarray(domains.values).astype(str))
     perms = xr.DataArray(
-        np.stack([rng.permutation(dom_codes) for _ in range(int(n_shuffle))]).astype(np.int32),
+        np.stack([rng.permutation(domain_codes) for _ in range(n_shuffle)]).astype(np.int32),
         dims=("shuffle", "sample"),
     )
-    mi_shuf = xr.apply_ufunc(
+    mi_shuffled = xr.apply_ufunc(
         shuffled_mi, _one_sample_chunk(top1_s.drop_vars("sample")), perms, kwargs={"n_groups": len(labels)},
         input_core_dims=[["sample", "expert"], ["shuffle", "sample"]], output_core_dims=[["shuffle"]],
         dask="parallelized", output_dtypes=[np.float64],
     )
-    mi_floor_mean = mi_shuf.mean("shuffle")
-    mi_floor_p95 = mi_shuf.quantile(0.95, dim="shuffle").drop_vars("quantile")
+    return {
+        "mi": mutual_information(top1_d),
+        "mi_floor_mean": mi_shuffled.mean("shuffle"),
+        "mi_floor_p95": mi_shuffled.quantile(0.95, dim="shuffle").drop_vars("quantile"),
+        "domain_entropy": entropy_bits(top1_d.sum("expert"), "domain"),
+    }
 
-    # --- vocabulary specialization ------------------------------------------------------------
+
+def _vocabulary(routing: xr.Dataset, ids: xr.DataArray, *, canonical_only: bool, E: int,
+                min_count: int) -> dict[str, xr.DataArray]:
+    """vocab_{input,next}[_floor, _types] and token_specialization_olmoe_{input,next} (checkpoint, layer)."""
     mask = token_mask(routing, canonical_only)
     keep = np.ones(routing.sizes["token"], dtype=bool) if mask is None else mask.values
-    tid = np.asarray(routing["token_id"].values, dtype=np.int64)
-    nxt = next_token_ids(routing)
+    out = {}
     # an unknown token id (-1, e.g. traces that log no ids) is no token type: such tokens stay out,
     # and with no known id at all the vocabulary statistics are NaN rather than "one type, -1"
-    in_codes, n_in = _type_codes(tid, keep & (tid >= 0), min_count)
-    nx_codes, n_nx = _type_codes(nxt, keep & (nxt >= 0), min_count)
-    v_in, f_in, t_in = vocabulary_specialization(ids, in_codes, n_in, E=E, min_count=min_count)
-    v_nx, f_nx, t_nx = vocabulary_specialization(ids, nx_codes, n_nx, E=E, min_count=min_count)
-    # OLMoE's variant: top-1 only and every type (types seen once score 1, so it sits above vocab_*)
-    o_in = top1_token_specialization(ids, *_type_codes(tid, keep & (tid >= 0), 1), E=E)
-    o_nx = top1_token_specialization(ids, *_type_codes(nxt, keep & (nxt >= 0), 1), E=E)
+    for which, token_ids in (("input", np.asarray(routing["token_id"].values, dtype=np.int64)),
+                             ("next", next_token_ids(routing))):
+        known = keep & (token_ids >= 0)
+        value, floor, types = vocabulary_specialization(ids, *_type_codes(token_ids, known, min_count), E=E,
+                                                        min_count=min_count)
+        out.update({f"vocab_{which}": value, f"vocab_{which}_floor": floor, f"vocab_{which}_types": types})
+        # OLMoE's variant: top-1 only and every type (types seen once score 1, so it sits above vocab_*)
+        out[f"token_specialization_olmoe_{which}"] = top1_token_specialization(
+            ids, *_type_codes(token_ids, known, 1), E=E)
+    return out
 
-    chance = 1.0 / E
-    nan_cl = "no routed token at this checkpoint and layer"
-    out = {
-        "usage": describe(
-            usage, "expert usage by domain", "share of routing slots",
-            "slots of the domain's tokens going to the expert / all slots of the domain", chance=chance,
-            nan_where="the domain has no routed token at this checkpoint and layer",
-        ),
-        "usage_all": describe(
-            usage_all.transpose("checkpoint", "layer", "expert"), "expert usage (all domains)",
-            "share of routing slots", "share of all routing slots going to the expert", chance=chance,
-            nan_where=nan_cl,
-        ),
-        "lift": describe(
-            lift, "domain lift", "ratio", "usage by the domain / pooled usage of the expert (1 = no preference)",
-            chance=1.0, nan_where="the expert or the domain has no slot at this checkpoint and layer",
-        ),
-        "ratio_to_chance": describe(
-            usage * E, "usage ratio to chance", "ratio", "usage by the domain × E (1 = uniform routing)",
-            chance=1.0, nan_where="the domain has no routed token at this checkpoint and layer",
-        ),
-        "excess": describe(
-            excess.transpose("checkpoint", "layer", "expert", "domain"), "excess slots", "slots",
-            "n_(domain,expert) − u_expert · n_domain: slots above what the pooled usage predicts", chance=0.0,
-            nan_where=nan_cl,
-        ),
-        "z": describe(
-            z.transpose("checkpoint", "layer", "expert", "domain"), "randomisation z", "standard deviations",
-            "excess / its standard deviation under random relabelling of samples with domains", chance=0.0,
-            nan_where=nan_cl,
-        ),
-        "p_value": describe(
-            p.transpose("checkpoint", "layer", "expert", "domain"), "p-value", "probability",
-            "two-sided p of the excess under random relabelling of samples (normal approximation)",
-            nan_where=nan_cl,
-        ),
-        "q_value": describe(
-            q, "BH q-value", "probability",
-            "Benjamini–Hochberg adjusted p-value across all (checkpoint, layer, expert, domain) cells",
-            nan_where=nan_cl,
-        ),
-        "mi": describe(
-            mi, "mutual information domain–top-1", "bits",
-            "I(domain; top-1 expert) over tokens, plug-in estimate", chance=0.0, nan_where=nan_cl,
-        ),
-        "mi_floor_mean": describe(
-            mi_floor_mean, "MI floor (mean)", "bits",
-            f"mean MI over {int(n_shuffle)} random relabellings of samples with domains", nan_where=nan_cl,
-        ),
-        "mi_floor_p95": describe(
-            mi_floor_p95, "MI floor (95th percentile)", "bits",
-            f"95th percentile of MI over {int(n_shuffle)} random relabellings of samples", nan_where=nan_cl,
-        ),
-        "domain_entropy": describe(
-            h_domain, "domain entropy", "bits", "H(domain) over the tokens with a written top-1 (MI's upper bound)",
-            nan_where=nan_cl,
-        ),
-        "vocab_input": describe(
-            v_in, "vocabulary specialization (input token)", "share of occurrences",
-            f"mean over token types seen >= {min_count} times of max_e count(id → e)/n_id (tokens with an "
-            "unknown id, -1, are left out); top-k membership, not OLMoE's top-1 over every type "
-            "(token_specialization_olmoe_input)", chance=k / E,
-            nan_where=f"no token type with >= {min_count} routed occurrences (e.g. the source logs no token ids)",
-        ),
-        "vocab_input_floor": describe(
-            f_in, "vocabulary specialization floor (input token)", "share of occurrences",
-            "the same if occurrences were routed independently of the id with the observed per-expert rates "
-            "(mean over types of E[max_e Binomial(n_id, q_e)]/n_id)", chance=k / E,
-            nan_where=f"no token type with >= {min_count} routed occurrences",
-        ),
-        "vocab_input_types": describe(t_in, "token types (input)", "types",
-                                      f"token types with >= {min_count} routed occurrences"),
-        "vocab_next": describe(
-            v_nx, "vocabulary specialization (next token)", "share of occurrences",
-            f"as vocab_input, grouping token t by the id of token t+1 of the same sample", chance=k / E,
-            nan_where=f"no next-token type with >= {min_count} routed occurrences",
-        ),
-        "vocab_next_floor": describe(
-            f_nx, "vocabulary specialization floor (next token)", "share of occurrences",
-            "independence floor of vocab_next", chance=k / E,
-            nan_where=f"no next-token type with >= {min_count} routed occurrences",
-        ),
-        "vocab_next_types": describe(t_nx, "token types (next)", "types",
-                                     f"next-token types with >= {min_count} routed occurrences"),
-        "token_specialization_olmoe_input": describe(
-            o_in, "token specialization, OLMoE's definition (input token)", "share of occurrences",
-            "OLMoE's run_moe_analysis.py: mean over every token type (seen at least once) of max_e "
-            "count(id → top-1 expert e)/n_id; top-1 expert only, unlike vocab_input (top-k membership, types "
-            f"seen >= {min_count} times); no simple chance level: a type seen once scores 1, so rare types pull "
-            "it up",
-            nan_where="no token with a known id and a written top-1 slot",
-        ),
-        "token_specialization_olmoe_next": describe(
-            o_nx, "token specialization, OLMoE's definition (next token)", "share of occurrences",
-            "as token_specialization_olmoe_input, grouping token t by the id of token t+1 of the same sample "
-            "(OLMoE's ground-truth next token)",
-            nan_where="no token with a known next id and a written top-1 slot",
-        ),
+
+def _add_intervals(out: dict, slots_s, top1_s, domains, *, n_boot: int, ci: float, seed: int) -> None:
+    """Add lift_lo/hi and mi_lo/hi to ``out``: bootstrap over samples stratified by domain."""
+    weights = bootstrap_weights(domains.sizes["sample"], n_boot, seed, strata=domains)
+    scheme = "resampling samples (not tokens) within each domain"
+    count_reps = resample(slots_s, weights, groups=domains)  # (checkpoint, layer, boot, expert, domain)
+    usage_reps = safe_ratio(count_reps, count_reps.sum("expert"))
+    pooled_reps = safe_ratio(count_reps.sum("domain"), count_reps.sum(("expert", "domain")))
+    lo, hi = interval(safe_ratio(usage_reps, pooled_reps), ci)
+    add_interval(out, "lift", lo, hi, ci=ci, n_boot=n_boot, scheme=scheme)
+    # Resampling duplicates samples, which adds to the plug-in MI's upward bias: centre the
+    # replicates on the estimate (subtract their mean bias) before taking percentiles.
+    mi_reps = mutual_information(resample(top1_s, weights, groups=domains))
+    lo, hi = interval(mi_reps - (mi_reps.mean("boot") - out["mi"]), ci)
+    lo, hi = lo.clip(0.0, None), hi.clip(0.0, None)  # MI is never negative
+    add_interval(out, "mi", lo, hi, ci=ci, n_boot=n_boot,
+                 scheme=scheme + ", shifted by the replicates' mean bias (mean replicate − estimate)")
+
+
+def _score(parts: dict, fdr_q: float) -> dict[str, xr.DataArray]:
+    """significant, significant_fraction, mi_component, vocab_component and score from the other estimates."""
+    significant = (parts["q_value"] <= fdr_q).fillna(False)
+    fraction = significant.astype(np.float64).mean(("expert", "domain"))
+    mi_component = ((parts["mi"] - parts["mi_floor_mean"]) / parts["domain_entropy"]).clip(0.0, 1.0)
+    floor = parts["vocab_input_floor"]
+    vocab_component = ((parts["vocab_input"] - floor) / (1.0 - floor)).clip(0.0, 1.0)
+    return {
+        "significant_fraction": fraction,
+        "mi_component": mi_component,
+        "vocab_component": vocab_component,
+        "score": (mi_component + fraction + vocab_component) / 3.0,
+        "significant": significant.transpose(*_CELL),
     }
-    if n_boot > 0:
-        weights = bootstrap_weights(domains.sizes["sample"], n_boot, seed, strata=domains)
-        scheme = "resampling samples (not tokens) within each domain"
-        c_r = resample(slots_s, weights, groups=domains)  # (checkpoint, layer, boot, expert, domain)
-        u_r = safe_ratio(c_r, c_r.sum("expert"))
-        ua_r = safe_ratio(c_r.sum("domain"), c_r.sum(("expert", "domain")))
-        lo, hi = interval(safe_ratio(u_r, ua_r), ci)
-        add_interval(out, "lift", lo, hi, ci=ci, n_boot=n_boot, scheme=scheme)
-        # Resampling duplicates samples, which adds to the plug-in MI's upward bias: centre the
-        # replicates on the estimate (subtract their mean bias) before taking percentiles.
-        mi_r = mutual_information(resample(top1_s, weights, groups=domains))
-        lo, hi = interval(mi_r - (mi_r.mean("boot") - mi), ci)
-        lo, hi = lo.clip(0.0, None), hi.clip(0.0, None)  # MI is never negative
-        add_interval(out, "mi", lo, hi, ci=ci, n_boot=n_boot,
-                     scheme=scheme + ", shifted by the replicates' mean bias (mean replicate − estimate)")
-    # Derived variables are built from the intermediates, never from another output variable:
-    # an output whose graph key feeds a second output breaks Dataset computes on distributed
-    # ("lost dependencies", dask 2026.8 / xarray 2026.9).
-    significant = (q <= fdr_q).fillna(False)
-    frac = significant.astype(np.float64).mean(("expert", "domain"))
-    mi_comp = ((mi - mi_floor_mean) / h_domain).clip(0.0, 1.0)
-    vocab_comp = ((v_in - f_in) / (1.0 - f_in)).clip(0.0, 1.0)
-    out["significant_fraction"] = describe(
-        frac, "fraction of significant cells", "share of (expert, domain) cells",
-        f"share of (expert, domain) cells with BH q <= {fdr_q}", chance=float(fdr_q),
-    )
-    out["mi_component"] = describe(
-        mi_comp, "MI above floor / H(domain)", "fraction", "clip((mi − mi_floor_mean) / domain_entropy, 0, 1)",
-        chance=0.0, nan_where=nan_cl,
-    )
-    out["vocab_component"] = describe(
-        vocab_comp, "vocabulary specialization above floor", "fraction",
-        "clip((vocab_input − vocab_input_floor) / (1 − vocab_input_floor), 0, 1)", chance=0.0,
-        nan_where=f"no token type with >= {min_count} routed occurrences",
-    )
-    out["score"] = describe(
-        (mi_comp + frac + vocab_comp) / 3.0, "specialization score", "score in [0, 1]",
-        "mean of mi_component, significant_fraction and vocab_component", chance="≈ fdr_q/3 (null: only false "
-        "discoveries)", nan_where=nan_cl + f", or no token type with >= {min_count} routed occurrences",
-    )
-    result = xr.Dataset(out)
-    result["significant"] = describe(
-        significant.transpose("checkpoint", "layer", "expert", "domain"), "significant cell",
-        "boolean", f"Benjamini–Hochberg q <= {fdr_q} (two-sided; the sign of 'excess' gives the direction)",
-    )
-    return finalise(
-        result, routing, name=NAME,
-        definition="usage[c,l,e,d] = slots of domain d to expert e / slots of d; lift = usage / pooled usage; "
-        "significance: two-sided randomisation test of the excess n_de − u_e·n_d under random relabelling of "
-        "SAMPLES with domains (exact permutation mean and variance, normal tail; tokens of one sample are "
-        "dependent, so a token-level chi-square would be anti-conservative), Benjamini–Hochberg across all "
-        f"cells, significant = q <= {fdr_q}. mi = I(domain; top-1 expert) in bits over tokens, floor from "
-        f"{int(n_shuffle)} sample relabellings (mean, 95th percentile). vocab_* = mean over token types seen "
-        f">= {min_count} times of max_e count(id→e)/n_id, by input token and by next token (same sample); "
-        "token_specialization_olmoe_* = OLMoE's variant, top-1 expert only, over every type seen once or more. "
-        "score = mean(clip((mi − mi_floor_mean)/H(domain), 0, 1), significant_fraction, "
-        "clip((vocab_input − floor)/(1 − floor), 0, 1)).",
-        normalisation="usage: share of routing slots (1/E uniform); lift and ratio_to_chance: ratios; mi: bits; "
-        "vocab: share of a type's occurrences; score in [0, 1]",
-        chance=f"usage: 1/E = {chance:.4g}; lift, ratio_to_chance: 1; mi: ≈ mi_floor (0 asymptotically); vocab: "
-        f"uniform k/E = {k / E:.4g} (the max over experts sits above it: see vocab_*_floor); "
-        f"significant_fraction: ≤ fdr_q = {fdr_q} under the null",
-        params={"canonical_only": canonical_only, "fdr_q": fdr_q, "n_shuffle": int(n_shuffle),
-                "min_count": int(min_count), "n_boot": int(n_boot), "ci": ci, "seed": seed},
-    )
 
 
-def _specialization_from_counts(routing, *, E, k, canonical_only, fdr_q, n_shuffle, min_count, n_boot, ci,
-                                seed) -> xr.Dataset:
+def _specialization_from_counts(routing: xr.Dataset, *, E: int, params: dict) -> xr.Dataset:
     """:func:`specialization` on an aggregate-counts cube: exact domain usage, lift and excess only.
 
     The randomisation test and the MI floor relabel samples, the MI needs each
@@ -822,83 +845,37 @@ def _specialization_from_counts(routing, *, E, k, canonical_only, fdr_q, n_shuff
     why, and attrs ``intervals`` says there are none. Same variables and dims
     as :func:`specialization`.
     """
-    from .counts import NO_SAMPLES, slot_counts
-
-    if canonical_only:
+    if params["canonical_only"]:
         raise ValueError("specialization: canonical_only=True needs per-token routing; an aggregate-counts cube "
                          "has no token text")
-    counts = slot_counts(routing)
-    count = counts.transpose("checkpoint", "layer", "expert", "domain")
+    count = slot_counts(routing).transpose(*_CELL)
     if count.sizes["domain"] < 2:
         raise ValueError(f"specialization: the counts cube has {count.sizes['domain']} domain(s); domain "
                          "specialization needs at least 2")
     slots_d = count.sum("expert")
-    pooled = count.sum("domain")
     usage = safe_ratio(count, slots_d)
-    usage_all = safe_ratio(pooled, slots_d.sum("domain"))
-    lift = safe_ratio(usage, usage_all)
-    excess = (count - usage_all.fillna(0.0) * slots_d).astype(np.float64)
+    usage_all = safe_ratio(count.sum("domain"), slots_d.sum("domain"))
     cell = xr.full_like(usage, np.nan, dtype=np.float64)
     layer = xr.full_like(usage.isel(expert=0, domain=0, drop=True), np.nan, dtype=np.float64)
     none = xr.zeros_like(layer, dtype=np.int64)
-    na = f"always: {NO_SAMPLES}"
-    chance = 1.0 / E
     out = {
-        "usage": describe(usage, "expert usage by domain", "share of routing slots",
-                          "slots of the domain counted for the expert / all slots of the domain", chance=chance,
-                          nan_where="the domain has no counted slot at this checkpoint and layer"),
-        "usage_all": describe(usage_all, "expert usage (all domains)", "share of routing slots",
-                              "share of all counted routing slots going to the expert", chance=chance,
-                              nan_where="no counted slot at this checkpoint and layer"),
-        "lift": describe(lift, "domain lift", "ratio",
-                         "usage by the domain / pooled usage of the expert (1 = no preference)", chance=1.0,
-                         nan_where="the expert or the domain has no slot at this checkpoint and layer"),
-        "ratio_to_chance": describe(usage * E, "usage ratio to chance", "ratio",
-                                    "usage by the domain × E (1 = uniform routing)", chance=1.0,
-                                    nan_where="the domain has no counted slot at this checkpoint and layer"),
-        "excess": describe(excess, "excess slots", "slots",
-                           "n_(domain,expert) − u_expert · n_domain: slots above what the pooled usage predicts",
-                           chance=0.0),
-        "z": describe(cell, "randomisation z", "standard deviations", "randomisation test of the excess",
-                      nan_where=na),
-        "p_value": describe(cell, "p-value", "probability", "randomisation test of the excess", nan_where=na),
-        "q_value": describe(cell, "BH q-value", "probability", "Benjamini–Hochberg adjusted p-value", nan_where=na),
-        "mi": describe(layer, "mutual information domain–top-1", "bits",
-                       "I(domain; top-1 expert) over tokens: needs each token's top-1 expert", nan_where=na),
-        "mi_floor_mean": describe(layer, "MI floor (mean)", "bits", "MI under relabelled samples", nan_where=na),
-        "mi_floor_p95": describe(layer, "MI floor (95th percentile)", "bits", "MI under relabelled samples",
-                                 nan_where=na),
-        "domain_entropy": describe(layer, "domain entropy", "bits", "H(domain) over tokens with a top-1",
-                                   nan_where=na),
-        "significant_fraction": describe(layer, "fraction of significant cells", "share of (expert, domain) cells",
-                                         "share of cells with BH q <= fdr_q", nan_where=na),
-        "mi_component": describe(layer, "MI above floor / H(domain)", "fraction", "needs mi", nan_where=na),
+        "usage": usage, "usage_all": usage_all, "lift": safe_ratio(usage, usage_all), "ratio_to_chance": usage * E,
+        "excess": (count - usage_all.fillna(0.0) * slots_d).astype(np.float64),
+        **{name: cell for name in ("z", "p_value", "q_value")},
+        **{name: layer for name in ("mi", "mi_floor_mean", "mi_floor_p95", "domain_entropy", "significant_fraction",
+                                    "mi_component", "vocab_input", "vocab_input_floor", "vocab_next",
+                                    "vocab_next_floor", "vocab_component", "score")},
+        "vocab_input_types": none, "vocab_next_types": none,
+        "significant": xr.zeros_like(usage, dtype=bool),
     }
-    for which in ("input", "next"):
-        out[f"vocab_{which}"] = describe(layer, f"vocabulary specialization ({which} token)",
-                                         "share of occurrences", "needs token ids", nan_where=na)
-        out[f"vocab_{which}_floor"] = describe(layer, f"vocabulary specialization floor ({which} token)",
-                                               "share of occurrences", "needs token ids", nan_where=na)
-        out[f"vocab_{which}_types"] = describe(none, f"token types ({which})", "types",
-                                               "token types counted: none without token ids")
-    out["vocab_component"] = describe(layer, "vocabulary specialization above floor", "fraction",
-                                      "needs token ids", nan_where=na)
-    out["score"] = describe(layer, "specialization score", "score in [0, 1]",
-                            "mean of mi_component, significant_fraction and vocab_component", nan_where=na)
-    result = xr.Dataset(out)
-    result["significant"] = describe(
-        xr.zeros_like(usage, dtype=bool), "significant cell", "boolean",
-        "always False: no randomisation test is possible on slot counts (see attrs intervals)",
-    )
     result = finalise(
-        result, routing, name=NAME,
+        xr.Dataset(out), routing, name=NAME, outputs=COUNTS_OUTPUTS,
         definition="from an aggregate-counts cube: usage[c,l,e,d] = slots of domain d counted for expert e / slots "
         "of d; lift = usage / pooled usage; excess = n_de − u_e·n_d. The randomisation test, MI (top-1), its "
         "shuffled floor, vocabulary specialization and the score need per-token routing and are NaN.",
         normalisation="usage: share of routing slots (1/E uniform); lift and ratio_to_chance: ratios",
-        chance=f"usage: 1/E = {chance:.4g}; lift, ratio_to_chance: 1; excess: 0",
-        params={"canonical_only": canonical_only, "fdr_q": fdr_q, "n_shuffle": int(n_shuffle),
-                "min_count": int(min_count), "n_boot": int(n_boot), "ci": ci, "seed": seed},
+        chance=f"usage: 1/E = {1.0 / E:.4g}; lift, ratio_to_chance: 1; excess: 0",
+        params=params,
     )
     result.attrs["intervals"] = f"bootstrap intervals, randomisation tests and MI floors {NO_SAMPLES}"
     result.attrs["counts_only"] = 1
@@ -960,8 +937,8 @@ ANALYSIS = register(
         requires=("expert_ids",),
         accepts_counts=True,
         min_domains=2,
-        table=table,
-        summary=summary,
+        table=table, summary=summary,
+        outputs=OUTPUTS,
     )
 )
 

@@ -34,18 +34,9 @@ import xarray as xr
 from storage.schema import FILL_ID, phases_present
 
 from .figures import hook as figure_hook
+from .outputs import Output, per_expert
 from .bootstrap import add_interval, bootstrap_weights, interval, sample_index
-from .registry import (
-    Analysis,
-    cube_sizes,
-    describe,
-    finalise,
-    json_number,
-    register,
-    routed_ids,
-    safe_ratio,
-    tidy,
-)
+from .registry import Analysis, cube_sizes, finalise, json_number, register, routed_ids, safe_ratio, tidy
 
 NAME = "temporal"
 PAIR_STATS = ("top1_pairs", "top1_repeats", "set_pairs", "set_repeats")
@@ -82,7 +73,7 @@ def _layout(E: int, S: int, M: int) -> dict[str, tuple[int, ...]]:
     so that one matrix product with the (boot, sample) weights resamples all of it.
     A block's local sums have the same layout with S = the samples it touches.
     """
-    return {"transition": (E, E), "bad": (1,), "per_sample": (S, _columns(E, M)["sxy"].stop)}
+    return {"transition": (E, E), "per_sample": (S, _columns(E, M)["sxy"].stop)}
 
 
 def _size(E: int, S: int, M: int) -> int:
@@ -116,7 +107,6 @@ def _place(dense: np.ndarray, local: np.ndarray, first: int, count: int, *, E: i
     """Add local sums (..., P_local) of samples first .. first + count - 1 into dense sums (..., P) of all S."""
     d, part = _unpack(dense, E, S, M), _unpack(local, E, count, M)
     d["transition"] += part["transition"]
-    d["bad"] += part["bad"]
     d["per_sample"][..., first:first + count, :] += part["per_sample"]
 
 
@@ -135,8 +125,7 @@ def pair_stats(ids: np.ndarray, sample: np.ndarray, n_core: int, *, E: int, S: i
     Returns
     -------
     int64 (..., P): the arrays of :func:`_layout`, raveled and concatenated:
-    transition (E, E) of adjacent top-1 pairs; bad (1): slots of the core
-    tokens with an id outside -1..E-1; per_sample (S, R): per sample of the
+    transition (E, E) of adjacent top-1 pairs; per_sample (S, R): per sample of the
     first token, the adjacent-pair counts, and per lag m the pair count n and
     the sums sx = Σ[e ∈ S_t], sy = Σ[e ∈ S_(t+m)], sxy = Σ[e ∈ both] (a slot
     is counted with its multiplicity). Samples the block does not touch hold 0
@@ -172,8 +161,6 @@ def local_pair_stats(ids: np.ndarray, sample: np.ndarray, n_core: int, *, E: int
     out = _unpack(packed, E, count, M)
     n_core = int(min(max(n_core, 0), T))
     raw = np.asarray(ids).reshape(G, T, K)
-    core = raw[:, :n_core]
-    out["bad"][:, 0] = ((core < FILL_ID) | (core >= E)).sum((1, 2))
     if K == 0:
         return packed.reshape(*lead, -1)
     sample = sample - first
@@ -304,11 +291,11 @@ def _assemble(blocks, *, E, S, M, ranges):
 
 
 def _totals(packed: np.ndarray, *, E: int, S: int, M: int) -> np.ndarray:
-    """Packed sums (..., P) → int64 (..., E·E + 1 + R): transition, bad, per_sample summed over samples."""
+    """Packed sums (..., P) → int64 (..., E·E + R): transition, per_sample summed over samples."""
     parts = _unpack(packed, E, S, M)
     lead = packed.shape[:-1]
     return np.concatenate(
-        [parts["transition"].reshape(*lead, E * E), parts["bad"], parts["per_sample"].sum(-2)], axis=-1
+        [parts["transition"].reshape(*lead, E * E), parts["per_sample"].sum(-2)], axis=-1
     )
 
 
@@ -371,8 +358,8 @@ def _pair_sums(  # long: numerical kernel (block overlap + the fused pair pass i
 
     Returns
     -------
-    totals : Dataset, int64: top1_pairs, top1_repeats, set_pairs, set_repeats,
-        bad (checkpoint, layer); transition (checkpoint, layer, expert,
+    totals : Dataset, int64: top1_pairs, top1_repeats, set_pairs, set_repeats
+        (checkpoint, layer); transition (checkpoint, layer, expert,
         expert_next); n (checkpoint, layer, lag); sx, sy, sxy (checkpoint,
         layer, lag, expert).
     reps : Dataset, float64, or None without ``weights``: top1_repeat,
@@ -381,7 +368,7 @@ def _pair_sums(  # long: numerical kernel (block overlap + the fused pair pass i
     """
     ids = ids.transpose("checkpoint", "layer", "token", "k")
     T = ids.sizes["token"]
-    Q = E * E + 1 + _columns(E, M)["sxy"].stop
+    Q = E * E + _columns(E, M)["sxy"].stop
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float64)
     if ids.chunks is None:
@@ -436,10 +423,9 @@ def _pair_sums(  # long: numerical kernel (block overlap + the fused pair pass i
     def part(start, stop, shp, dims):
         return xr.Variable(lead + dims, tot[:, :, start:stop].reshape(shape + shp))
 
-    off = E * E + 1
+    off = E * E
     out = {name: part(off + i, off + i + 1, (), ()) for i, name in enumerate(PAIR_STATS)}
     out["transition"] = part(0, E * E, (E, E), ("expert", "expert_next"))
-    out["bad"] = part(E * E, E * E + 1, (), ())
     out["n"] = part(off + cols["n"].start, off + cols["n"].stop, (M,), ("lag",))
     for name in ("sx", "sy", "sxy"):
         out[name] = part(off + cols[name].start, off + cols[name].stop, (M, E), ("lag", "expert"))
@@ -455,6 +441,51 @@ def _pair_sums(  # long: numerical kernel (block overlap + the fused pair pass i
         coords=coords,
     )
     return totals, reps
+
+
+def _set_chance(context) -> float:
+    return set_repeat_chance(context["num_experts"], context["top_k"])
+
+
+_NAN_PAIR = "no adjacent pair with written routing at this checkpoint and layer"
+_NAN_PHASE = "no adjacent pair of this phase with written routing at this checkpoint and layer"
+OUTPUTS = {
+    "top1_repeat": Output("top-1 repeat", "share of adjacent pairs",
+                          "P(top1_t = top1_(t+1)) over adjacent token pairs of the same sample", chance=per_expert,
+                          nan_where=_NAN_PAIR),
+    "set_repeat": Output("set repeat", "share of adjacent pairs",
+                         "P(S_t ∩ S_(t+1) ≠ ∅) over adjacent token pairs of the same sample", chance=_set_chance,
+                         nan_where=_NAN_PAIR),
+    "top1_repeat_independent": Output(
+        "top-1 repeat if independent", "share of adjacent pairs",
+        "Σ_e f_e·f'_e with f, f' the top-1 shares of the first and second tokens of the pairs: the repeat "
+        "rate expected from unequal expert usage alone, without any dependence along the sequence",
+        chance=per_expert, nan_where=_NAN_PAIR),
+    "top1_pairs": Output("adjacent top-1 pairs", "pairs",
+                         "adjacent token pairs of one sample, both with a written top-1 expert"),
+    "set_pairs": Output("adjacent set pairs", "pairs",
+                        "adjacent token pairs of one sample, both with at least one written slot"),
+    "transition_count": Output("top-1 transitions", "pairs",
+                               "number of adjacent pairs with top1_t = expert and top1_(t+1) = expert_next"),
+    "transition": Output("top-1 transition probability", "probability",
+                         "P(top1_(t+1) = expert_next | top1_t = expert); each row sums to 1", chance=per_expert,
+                         nan_where="expert is never the top-1 of a pair's first token"),
+    "autocorrelation": Output(
+        "activation autocorrelation", "Pearson r",
+        "Pearson correlation of [e ∈ S_t] and [e ∈ S_(t+lag)] over token pairs lag apart in one sample",
+        chance=0.0, nan_where="the expert is always or never selected over the pairs at this lag"),
+    "autocorrelation_mean": Output("mean activation autocorrelation", "Pearson r",
+                                   "autocorrelation averaged over the experts where it is defined", chance=0.0,
+                                   nan_where="no expert has a defined autocorrelation at this lag"),
+    "top1_repeat_by_phase": Output(
+        "top-1 repeat by phase", "share of adjacent pairs",
+        "top1_repeat over the adjacent pairs whose two tokens have this 'phase' (prefill / decode)",
+        chance=per_expert, nan_where=_NAN_PHASE),
+    "set_repeat_by_phase": Output(
+        "set repeat by phase", "share of adjacent pairs",
+        "set_repeat over the adjacent pairs whose two tokens have this 'phase' (prefill / decode)",
+        chance=_set_chance, nan_where=_NAN_PHASE),
+}
 
 
 def temporal(
@@ -513,90 +544,62 @@ def temporal(
 
     chance_set = set_repeat_chance(E, k)
     out = {
-        "top1_repeat": describe(
-            safe_ratio(totals["top1_repeats"], totals["top1_pairs"]), "top-1 repeat", "share of adjacent pairs",
-            "P(top1_t = top1_(t+1)) over adjacent token pairs of the same sample", chance=1.0 / E,
-            nan_where="no adjacent pair with written routing at this checkpoint and layer",
-        ),
-        "set_repeat": describe(
-            safe_ratio(totals["set_repeats"], totals["set_pairs"]), "set repeat", "share of adjacent pairs",
-            "P(S_t ∩ S_(t+1) ≠ ∅) over adjacent token pairs of the same sample", chance=chance_set,
-            nan_where="no adjacent pair with written routing at this checkpoint and layer",
-        ),
-        "top1_repeat_independent": describe(
-            independent, "top-1 repeat if independent", "share of adjacent pairs",
-            "Σ_e f_e·f'_e with f, f' the top-1 shares of the first and second tokens of the pairs: the repeat "
-            "rate expected from unequal expert usage alone, without any dependence along the sequence",
-            chance=1.0 / E, nan_where="no adjacent pair with written routing at this checkpoint and layer",
-        ),
-        "top1_pairs": describe(totals["top1_pairs"], "adjacent top-1 pairs", "pairs",
-                               "adjacent token pairs of one sample, both with a written top-1 expert"),
-        "set_pairs": describe(totals["set_pairs"], "adjacent set pairs", "pairs",
-                              "adjacent token pairs of one sample, both with at least one written slot"),
-        "transition_count": describe(
-            trans.astype(np.int64), "top-1 transitions", "pairs",
-            "number of adjacent pairs with top1_t = expert and top1_(t+1) = expert_next",
-        ),
-        "transition": describe(
-            safe_ratio(trans, trans.sum("expert_next")), "top-1 transition probability", "probability",
-            "P(top1_(t+1) = expert_next | top1_t = expert); each row sums to 1", chance=1.0 / E,
-            nan_where="expert is never the top-1 of a pair's first token",
-        ),
-        "autocorrelation": describe(
-            autocorr, "activation autocorrelation", "Pearson r",
-            "Pearson correlation of [e ∈ S_t] and [e ∈ S_(t+lag)] over token pairs lag apart in one sample",
-            chance=0.0, nan_where="the expert is always or never selected over the pairs at this lag",
-        ),
-        "autocorrelation_mean": describe(
-            autocorr.mean("expert", skipna=True), "mean activation autocorrelation", "Pearson r",
-            "autocorrelation averaged over the experts where it is defined", chance=0.0,
-            nan_where="no expert has a defined autocorrelation at this lag",
-        ),
+        "top1_repeat": safe_ratio(totals["top1_repeats"], totals["top1_pairs"]),
+        "set_repeat": safe_ratio(totals["set_repeats"], totals["set_pairs"]),
+        "top1_repeat_independent": independent,
+        "top1_pairs": totals["top1_pairs"],
+        "set_pairs": totals["set_pairs"],
+        "transition_count": trans.astype(np.int64),
+        "transition": safe_ratio(trans, trans.sum("expert_next")),
+        "autocorrelation": autocorr,
+        "autocorrelation_mean": autocorr.mean("expert", skipna=True),
     }
-    present = phases_present(routing)
-    if len(present) > 1:
-        # per inference phase: pairs whose two tokens are both of the phase (the other tokens are
-        # masked to -1, which never forms a pair); one more pass over the tokens per phase
-        phase = np.asarray(routing["phase"].values, dtype=object)
-        top1, sets = [], []
-        for p in present:
-            masked = ids.where(xr.DataArray(phase == p, dims="token"), FILL_ID).astype(ids.dtype)
-            tot, _ = _pair_sums(masked, codes.values, E=E, S=S, M=max_lag, weights=None)
-            top1.append(safe_ratio(tot["top1_repeats"], tot["top1_pairs"]))
-            sets.append(safe_ratio(tot["set_repeats"], tot["set_pairs"]))
-        view = {"view": np.asarray(present, dtype=object)}
-        nan_p = "no adjacent pair of this phase with written routing at this checkpoint and layer"
-        out["top1_repeat_by_phase"] = describe(
-            xr.concat(top1, dim="view").assign_coords(view).transpose("checkpoint", "layer", "view"),
-            "top-1 repeat by phase", "share of adjacent pairs",
-            "top1_repeat over the adjacent pairs whose two tokens have this 'phase' (prefill / decode)",
-            chance=1.0 / E, nan_where=nan_p,
-        )
-        out["set_repeat_by_phase"] = describe(
-            xr.concat(sets, dim="view").assign_coords(view).transpose("checkpoint", "layer", "view"),
-            "set repeat by phase", "share of adjacent pairs",
-            "set_repeat over the adjacent pairs whose two tokens have this 'phase' (prefill / decode)",
-            chance=chance_set, nan_where=nan_p,
-        )
+    if len(phases_present(routing)) > 1:
+        out.update(_repeat_by_phase(routing, ids, codes.values, E=E, S=S, M=max_lag))
     if reps is not None:
         reps = reps.assign_coords(lag_coords)
         scheme = "resampling samples (not tokens); a pair belongs to the sample of its first token"
         for name in ("top1_repeat", "set_repeat", "autocorrelation_mean"):
             lo, hi = interval(reps[name], ci)
             add_interval(out, name, lo, hi, ci=ci, n_boot=n_boot, scheme=scheme)
-    result = xr.Dataset(out)
     return finalise(
-        result, routing, name=NAME,
-        definition="over token pairs (t, t+m) of the same sample, both written: top1_repeat = "
-        "P(top1_t = top1_(t+1)); set_repeat = P(S_t ∩ S_(t+1) ≠ ∅); transition[i, j] = "
-        "P(top1_(t+1) = j | top1_t = i); autocorrelation[m, e] = Pearson r of [e ∈ S_t] and [e ∈ S_(t+m)], "
-        f"m = 1..{max_lag}. Pairs never cross a sample boundary.",
-        normalisation="repeat rates: share of adjacent pairs; transition rows sum to 1; autocorrelation in [-1, 1]",
-        chance=f"top1_repeat and transition cells: 1/E = {1 / E:.4g}; set_repeat: 1 − C(E−k,k)/C(E,k) = "
-        f"{chance_set:.4g}; autocorrelation: 0 (i.i.d. routing). top1_repeat_independent gives the repeat "
-        "expected from the observed (unequal) top-1 usage alone",
+        xr.Dataset(out), routing, name=NAME, outputs=OUTPUTS,
+        definition=_DEFINITION.format(max_lag=max_lag), normalisation=_NORMALISATION,
+        chance=_CHANCE.format(top1=1 / E, set=chance_set),
         params={"max_lag": max_lag, "n_boot": n_boot, "ci": ci, "seed": seed},
     )
+
+
+_DEFINITION = (
+    "over token pairs (t, t+m) of the same sample, both written: top1_repeat = P(top1_t = top1_(t+1)); set_repeat = "
+    "P(S_t ∩ S_(t+1) ≠ ∅); transition[i, j] = P(top1_(t+1) = j | top1_t = i); autocorrelation[m, e] = Pearson r of "
+    "[e ∈ S_t] and [e ∈ S_(t+m)], m = 1..{max_lag}. Pairs never cross a sample boundary.")
+_NORMALISATION = "repeat rates: share of adjacent pairs; transition rows sum to 1; autocorrelation in [-1, 1]"
+_CHANCE = (
+    "top1_repeat and transition cells: 1/E = {top1:.4g}; set_repeat: 1 − C(E−k,k)/C(E,k) = {set:.4g}; "
+    "autocorrelation: 0 (i.i.d. routing). top1_repeat_independent gives the repeat expected from the observed "
+    "(unequal) top-1 usage alone")
+
+
+def _repeat_by_phase(routing: xr.Dataset, ids: xr.DataArray, codes: np.ndarray, *, E: int, S: int, M: int) -> dict:
+    """top1_repeat_by_phase, set_repeat_by_phase (checkpoint, layer, view): repeat rates per inference phase.
+
+    Pairs whose two tokens are both of the phase count (the other tokens are
+    masked to -1, which never forms a pair); one more pass over the tokens per phase.
+    """
+    present = phases_present(routing)
+    phase = np.asarray(routing["phase"].values, dtype=object)
+    top1, sets = [], []
+    for p in present:
+        masked = ids.where(xr.DataArray(phase == p, dims="token"), FILL_ID).astype(ids.dtype)
+        tot, _ = _pair_sums(masked, codes, E=E, S=S, M=M, weights=None)
+        top1.append(safe_ratio(tot["top1_repeats"], tot["top1_pairs"]))
+        sets.append(safe_ratio(tot["set_repeats"], tot["set_pairs"]))
+    view = {"view": np.asarray(present, dtype=object)}
+    return {
+        "top1_repeat_by_phase": xr.concat(top1, dim="view").assign_coords(view).transpose("checkpoint", "layer", "view"),
+        "set_repeat_by_phase": xr.concat(sets, dim="view").assign_coords(view).transpose("checkpoint", "layer", "view"),
+    }
 
 
 def table(result: xr.Dataset) -> pd.DataFrame:
@@ -654,7 +657,7 @@ ANALYSIS = register(
             "experts; chance 0."
         ),
         requires=("expert_ids",),
-        table=table,
-        summary=summary,
+        table=table, summary=summary,
+        outputs=OUTPUTS,
     )
 )

@@ -60,6 +60,12 @@ COMPARE_OUTPUTS = {
     "first_divergence_token": Output("first divergent token", "1",
                                      "index along token of the earliest token whose expert set differs in any "
                                      "layer; -1 when none"),
+    "first_divergence_sample": Output("sample of the first divergent token", "1",
+                                      "the sample id of first_divergence_token; '' when none differs"),
+    "first_divergence_position": Output("position of the first divergent token", "1",
+                                        "its position in the sample (0 = first token); -1 when none differs"),
+    "first_divergence_text": Output("text of the first divergent token", "1",
+                                    "its token_text; '' when none differs"),
 }
 
 LOAD_OUTPUTS = {
@@ -224,6 +230,14 @@ def compare_routing(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
         attrs={"definition": "agreement of two runs' routing on the same tokens", "num_experts": E, "top_k": k,
                "chance": f"top-1 agreement 1/E = {1 / E:.3g}; overlap k/E = {k / E:.3g}"},
     )
+    # where that token is: sample, position and text (the token coordinates of ``a``), for a reader
+    for coord, var, empty in (("sample", "first_divergence_sample", ""), ("position", "first_divergence_position", -1),
+                              ("token_text", "first_divergence_text", "")):
+        if coord in a.coords:
+            vals = np.asarray(a[coord].values)
+            picked = [vals[t] if t >= 0 else empty for t in f_tok]
+            ds[var] = (("checkpoint",), np.asarray([int(v) for v in picked], np.int64) if empty == -1
+                       else np.asarray([str(v) for v in picked], dtype=object))
     if "step" in a.coords:
         ds = ds.assign_coords(step=("checkpoint", a["step"].sel(checkpoint=ck).values))
     return apply_outputs(ds, COMPARE_OUTPUTS, where="compare_routing")

@@ -50,6 +50,8 @@ class RunInput:
     """(name, step, path) of each checkpoint whose weights hold the routers."""
     training_log: str = ""
     """The demo's training_log.json when the run trained the demo model."""
+    training_log_source: str = ""
+    """How the outputs name ``training_log``: relative to the run folder (default: its path)."""
     datasets: tuple = ()
     """(name, path) of its JSONL datasets (read for a per-sample ``source`` field)."""
     extra_logs: tuple = field(default_factory=tuple)
@@ -77,7 +79,8 @@ def build(runs: Sequence[RunInput]) -> dict[str, xr.Dataset]:
     main = runs[0]
 
     # ---- training logs
-    entries = [{"path": r.training_log, "format": "demo", "run": r.name} for r in runs if r.training_log]
+    entries = [{"path": r.training_log, "format": "demo", "run": r.name, "source": r.training_log_source}
+               for r in runs if r.training_log]
     entries += [dict(e) for r in runs for e in r.extra_logs]
     if entries:
         cube = logs_io.read_training_logs(entries)

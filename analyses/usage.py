@@ -21,6 +21,7 @@ each domain (:mod:`analyses.bootstrap`) at no extra pass over the tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -30,20 +31,10 @@ from storage.schema import PHASES, is_counts_cube, phases_present
 
 from . import bootstrap as bs
 from .figures import hook as figure_hook
+from .outputs import Output, per_expert
 from .registry import (
-    VIEWS,
-    Analysis,
-    cube_sizes,
-    describe,
-    finalise,
-    json_number,
-    over_slots,
-    register,
-    safe_ratio,
-    tidy,
-    token_var,
-    view_classes,
-    view_ids,
+    VIEWS, Analysis, cube_sizes, finalise, json_number, over_slots, register, safe_ratio, tidy, token_var,
+    view_classes, view_ids
 )
 
 NAME = "usage"
@@ -118,14 +109,51 @@ def position_buckets(routing: xr.Dataset, n_bins: int) -> tuple[xr.DataArray, np
     return xr.DataArray(codes, dims="token"), edges
 
 
+_NAN_DOMAIN = "a domain has no routed token in this view at this checkpoint and layer"
+_NAN_POOLED = "no routed token in this view at this checkpoint and layer"
+OUTPUTS = {
+    "count": Output("routing slots", "slots",
+                    "number of routing slots (token × top-k position) of the group assigned to the expert"),
+    "tokens": Output("routed tokens", "tokens", "tokens of the group with at least one valid slot"),
+    "usage": Output("expert usage", "share of routing slots",
+                    "count / (k · tokens) of the domain and view: share of the group's routing slots going to the "
+                    "expert", chance=per_expert, nan_where=_NAN_DOMAIN),
+    "usage_all": Output("expert usage (all domains)", "share of routing slots",
+                        "share of the view's routing slots going to the expert, every domain pooled",
+                        chance=per_expert, nan_where=_NAN_POOLED),
+    "usage_by_position": Output(
+        "expert usage by token position", "share of routing slots",
+        "share of the routing slots of tokens whose position lies in the bucket going to the expert "
+        "(every token, domains pooled)", chance=per_expert,
+        nan_where="no routed token in this position bucket at this checkpoint and layer"),
+    "position_slots": Output("routing slots per position bucket", "slots",
+                             "valid routing slots of the tokens whose position lies in the bucket"),
+    "weighted_usage": Output("weighted expert usage", "share of routing weight",
+                             "Σ of the weights the expert receives / Σ of all weights, within the domain and view",
+                             chance=per_expert, nan_where=_NAN_DOMAIN),
+    "weighted_usage_all": Output("weighted expert usage (all domains)", "share of routing weight",
+                                 "Σ of the weights the expert receives / Σ of all weights, every domain pooled",
+                                 chance=per_expert, nan_where=_NAN_POOLED),
+}
+# an aggregate-counts cube (view 'all' only): the same variables, counted by the source
+COUNTS_OUTPUTS = {
+    "count": replace(OUTPUTS["count"], description="number of routing slots (token × top-k position) of the "
+                     "domain assigned to the expert, as the source counted them"),
+    "tokens": replace(OUTPUTS["tokens"], description="slots / k: tokens of the domain implied by the counts (every "
+                      "token fills k slots)"),
+    "usage": replace(OUTPUTS["usage"], description="count / Σ_e count of the domain: share of the domain's routing "
+                     "slots going to the expert",
+                     nan_where="the domain has no counted slot at this checkpoint and layer"),
+    "usage_all": replace(OUTPUTS["usage_all"], description="share of all counted routing slots going to the expert, "
+                         "every domain pooled", nan_where="no counted slot at this checkpoint and layer"),
+}
+
+
 def usage(
     routing: xr.Dataset,
     *,
-    views: Sequence[str] = VIEWS,
-    position_bins: int = 8,
-    n_boot: int = 200,
-    ci: float = 0.95,
-    seed: int = 0,
+    views: Sequence[str] = VIEWS, position_bins: int = 8,
+    n_boot: int = 200, ci: float = 0.95, seed: int = 0,
 ) -> xr.Dataset:
     """Share of routing slots per expert, by checkpoint, layer, token view and domain, with bootstrap CIs.
 
@@ -168,116 +196,118 @@ def usage(
     if is_counts_cube(routing):
         return _usage_from_counts(routing, E=E, k=k, views=views, position_bins=position_bins, n_boot=n_boot,
                                   ci=ci, seed=seed)
-    ids_all = view_ids(routing, "all")
     samples = bs.Samples.of(routing)  # once: every token pass below shares it
     groups = bs.sample_groups(routing, "domain", samples)
+    classes, member, phase_views = _token_classes(routing, views)
+    ps, ps_tokens, ps_pos, edges = _per_sample(routing, samples, classes, member, int(position_bins))
+    out = _usage_estimates(ps, ps_tokens, ps_pos, groups, member)
+    if n_boot > 0:
+        _add_intervals(out, ps, ps_pos, groups, member, n_boot=n_boot, ci=ci, seed=seed)
+    result = xr.Dataset(out).assign_coords(
+        position_start=("position_bin", edges[:-1]), position_end=("position_bin", edges[1:])
+    )
+    phases = (f"; per inference phase ({', '.join(phase_views)}: the tokens whose 'phase' coordinate says so), "
+              "added because the cube labels more than one phase" if phase_views else "")
+    return finalise(
+        result, routing, name=NAME, outputs=OUTPUTS,
+        definition=_DEFINITION.format(phases=phases, ci_percent=100 * ci, n_boot=n_boot),
+        normalisation="share of routing slots (divide by k·tokens); sums to 1 over experts. The other common "
+        "normalisation, per-token share (uniform k/E), is usage × k.",
+        chance=1.0 / E,
+        params={"views": views, "position_bins": int(position_bins), "n_boot": n_boot, "ci": float(ci),
+                "seed": int(seed)},
+    )
+
+
+_ORDER = ("checkpoint", "layer", "view", "domain", "expert")
+_DEFINITION = (
+    "usage[c,l,v,d,e] = #slots of domain d's tokens in view v routed to expert e / #valid slots of those tokens "
+    "(checkpoint c, layer l); weighted_usage uses the received weights w instead of 1; usage_by_position pools the "
+    "tokens whose position lies in a bucket (view all). Views: all tokens, canonical (non-whitespace) tokens, the "
+    "last canonical token of each sample{phases}. Ids of -1 (unwritten) are excluded. Intervals: {ci_percent:g} % "
+    "percentile bootstrap over samples resampled within each domain ({n_boot} replicates; none when 0).")
+
+
+def _token_classes(routing: xr.Dataset, views: Sequence[str]) -> tuple[xr.DataArray, xr.DataArray, list[str]]:
+    """Token classes (token,) and view membership (view, view_class) of ``views`` plus the phase views, and those."""
     classes, member = view_classes(routing, views)
     present = phases_present(routing)
     phase_views = present if len(present) > 1 else []  # one phase only: its view would repeat 'all'
     if phase_views:
         classes, member = with_phase_views(routing, classes, member, phase_views)
+    return classes, member, phase_views
 
-    # One pass over the tokens, grouped by token class (views are unions of classes) and
-    # expert: everything below is sums over samples and classes.
+
+def _per_sample(routing: xr.Dataset, samples, classes, member, position_bins: int):
+    """The token passes of :func:`usage`: per-sample sums grouped by token class (and expert, position bucket).
+
+    One pass over the tokens, grouped by token class (views are unions of classes) and
+    expert: everything after is sums over samples and classes.
+
+    Returns
+    -------
+    ps : Dataset count [, wsum] (checkpoint, layer, sample, view_class, expert)
+    ps_tokens : (checkpoint, layer, sample, view_class) routed tokens
+    ps_pos : (checkpoint, layer, sample, position_bin, expert) slots
+    edges : (position_bin + 1,) the position buckets' edges
+    """
+    E, _ = cube_sizes(routing)
+    ids_all = view_ids(routing, "all")
     parts = {"count": xr.ones_like(ids_all, dtype=np.int64)}
     if "expert_weights" in routing:
         parts["wsum"] = token_var(routing, "expert_weights").astype(np.float64).where(ids_all >= 0, 0.0)
     by_class = {"view_class": (classes, member.sizes["view_class"])}
     ps = bs.per_sample_sums(xr.Dataset(parts), samples, dim=("token", "k"), by={**by_class, "expert": (ids_all, E)})
     ps_tokens = bs.per_sample_sums(over_slots(ids_all >= 0, "any").astype(np.int64), samples, dim="token", by=by_class)
-
-    def by_view(x):
-        # group sums and bootstrap replicates are linear in the per-sample sums, so the
-        # classes are combined into views only on their (small) results
-        return xr.dot(member, x, dim="view_class").transpose("checkpoint", "layer", "view", ...)
-    pos_codes, edges = position_buckets(routing, int(position_bins))
+    pos_codes, edges = position_buckets(routing, position_bins)
     ps_pos = bs.per_sample_sums(
         xr.ones_like(ids_all, dtype=np.int64), samples, dim=("token", "k"),
         by={"position_bin": (pos_codes, len(edges) - 1), "expert": (ids_all, E)},
     )
+    return ps, ps_tokens, ps_pos, edges
 
-    order = ("checkpoint", "layer", "view", "domain", "expert")
-    count = by_view(bs.group_sums(ps["count"], groups)).transpose(*order)
-    tokens = by_view(bs.group_sums(ps_tokens, groups)).transpose(*order[:-1])
+
+def _by_view(x: xr.DataArray, member: xr.DataArray) -> xr.DataArray:
+    """Token classes combined into views: (..., view_class, ...) -> (checkpoint, layer, view, ...).
+
+    Group sums and bootstrap replicates are linear in the per-sample sums, so the
+    classes are combined only on their (small) results.
+    """
+    return xr.dot(member, x, dim="view_class").transpose("checkpoint", "layer", "view", ...)
+
+
+def _usage_estimates(ps, ps_tokens, ps_pos, groups, member) -> dict[str, xr.DataArray]:
+    """The point estimates of :func:`usage` from its per-sample sums."""
+    count = _by_view(bs.group_sums(ps["count"], groups), member).transpose(*_ORDER)
     pos_count = bs.group_sums(ps_pos)
-
-    chance = 1.0 / E
-    nan_dom = "a domain has no routed token in this view at this checkpoint and layer"
-    nan_all = "no routed token in this view at this checkpoint and layer"
     out = {
-        "count": describe(
-            count, "routing slots", "slots",
-            "number of routing slots (token × top-k position) of the group assigned to the expert",
-        ),
-        "tokens": describe(tokens, "routed tokens", "tokens", "tokens of the group with at least one valid slot"),
-        "usage": describe(
-            safe_ratio(count, count.sum("expert")), "expert usage", "share of routing slots",
-            "count / (k · tokens) of the domain and view: share of the group's routing slots going to the expert",
-            chance=chance, nan_where=nan_dom,
-        ),
-        "usage_all": describe(
-            safe_ratio(count.sum("domain"), count.sum(("domain", "expert"))), "expert usage (all domains)",
-            "share of routing slots", "share of the view's routing slots going to the expert, every domain pooled",
-            chance=chance, nan_where=nan_all,
-        ),
-        "usage_by_position": describe(
-            safe_ratio(pos_count, pos_count.sum("expert")), "expert usage by token position",
-            "share of routing slots",
-            "share of the routing slots of tokens whose position lies in the bucket going to the expert "
-            "(every token, domains pooled)", chance=chance,
-            nan_where="no routed token in this position bucket at this checkpoint and layer",
-        ),
-        "position_slots": describe(
-            pos_count.sum("expert"), "routing slots per position bucket", "slots",
-            "valid routing slots of the tokens whose position lies in the bucket",
-        ),
+        "count": count,
+        "tokens": _by_view(bs.group_sums(ps_tokens, groups), member).transpose(*_ORDER[:-1]),
+        "usage": safe_ratio(count, count.sum("expert")),
+        "usage_all": safe_ratio(count.sum("domain"), count.sum(("domain", "expert"))),
+        "usage_by_position": safe_ratio(pos_count, pos_count.sum("expert")),
+        "position_slots": pos_count.sum("expert"),
     }
     if "wsum" in ps:
-        wsum = by_view(bs.group_sums(ps["wsum"], groups)).transpose(*order)
-        out["weighted_usage"] = describe(
-            safe_ratio(wsum, wsum.sum("expert")), "weighted expert usage", "share of routing weight",
-            "Σ of the weights the expert receives / Σ of all weights, within the domain and view",
-            chance=chance, nan_where=nan_dom,
-        )
-        out["weighted_usage_all"] = describe(
-            safe_ratio(wsum.sum("domain"), wsum.sum(("domain", "expert"))), "weighted expert usage (all domains)",
-            "share of routing weight", "Σ of the weights the expert receives / Σ of all weights, every domain pooled",
-            chance=chance, nan_where=nan_all,
-        )
+        wsum = _by_view(bs.group_sums(ps["wsum"], groups), member).transpose(*_ORDER)
+        out["weighted_usage"] = safe_ratio(wsum, wsum.sum("expert"))
+        out["weighted_usage_all"] = safe_ratio(wsum.sum("domain"), wsum.sum(("domain", "expert")))
+    return out
 
-    if n_boot > 0:
-        weights = bs.bootstrap_weights(ps.sizes["sample"], n_boot, seed, strata=groups)
-        sources = [("usage", ps["count"])] + ([("weighted_usage", ps["wsum"])] if "wsum" in ps else [])
-        for name, per_sample in sources:
-            reps = by_view(bs.resample(per_sample, weights, groups=groups))  # (c, l, view, boot, expert, domain)
-            pooled = reps.sum("domain")  # the same stratified replicates, pooled
-            for var, r in ((name, reps), (f"{name}_all", pooled)):
-                lo, hi = bs.interval(safe_ratio(r, r.sum("expert")), ci)
-                bs.add_interval(out, var, lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
-        reps = bs.resample(ps_pos, weights)
-        lo, hi = bs.interval(safe_ratio(reps, reps.sum("expert")), ci)
-        bs.add_interval(out, "usage_by_position", lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
 
-    result = xr.Dataset(out).assign_coords(
-        position_start=("position_bin", edges[:-1]), position_end=("position_bin", edges[1:])
-    )
-    return finalise(
-        result, routing, name=NAME,
-        definition="usage[c,l,v,d,e] = #slots of domain d's tokens in view v routed to expert e / #valid slots "
-        "of those tokens (checkpoint c, layer l); weighted_usage uses the received weights w instead of 1; "
-        "usage_by_position pools the tokens whose position lies in a bucket (view all). Views: all tokens, "
-        "canonical (non-whitespace) tokens, the last canonical token of each sample"
-        + (f"; per inference phase ({', '.join(phase_views)}: the tokens whose 'phase' coordinate says so), "
-           "added because the cube labels more than one phase" if phase_views else "")
-        + ". Ids of -1 (unwritten) "
-        f"are excluded. Intervals: {100 * ci:g} % percentile bootstrap over samples resampled within each "
-        f"domain ({n_boot} replicates; none when 0).",
-        normalisation="share of routing slots (divide by k·tokens); sums to 1 over experts. The other common "
-        "normalisation, per-token share (uniform k/E), is usage × k.",
-        chance=chance,
-        params={"views": views, "position_bins": int(position_bins), "n_boot": n_boot, "ci": float(ci),
-                "seed": int(seed)},
-    )
+def _add_intervals(out: dict, ps, ps_pos, groups, member, *, n_boot: int, ci: float, seed: int) -> None:
+    """Add ``<var>_lo`` / ``<var>_hi`` of :func:`usage` to ``out``: replicates stratified by domain, pooled from the same ones."""
+    weights = bs.bootstrap_weights(ps.sizes["sample"], n_boot, seed, strata=groups)
+    sources = [("usage", ps["count"])] + ([("weighted_usage", ps["wsum"])] if "wsum" in ps else [])
+    for name, per_sample in sources:
+        reps = _by_view(bs.resample(per_sample, weights, groups=groups), member)  # (c, l, view, boot, expert, domain)
+        pooled = reps.sum("domain")  # the same stratified replicates, pooled
+        for var, r in ((name, reps), (f"{name}_all", pooled)):
+            lo, hi = bs.interval(safe_ratio(r, r.sum("expert")), ci)
+            bs.add_interval(out, var, lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
+    reps = bs.resample(ps_pos, weights)
+    lo, hi = bs.interval(safe_ratio(reps, reps.sum("expert")), ci)
+    bs.add_interval(out, "usage_by_position", lo, hi, ci=ci, n_boot=n_boot, scheme=bs.STRATIFIED)
 
 
 def _usage_from_counts(routing: xr.Dataset, *, E: int, k: int, views, position_bins, n_boot, ci, seed) -> xr.Dataset:
@@ -295,30 +325,18 @@ def _usage_from_counts(routing: xr.Dataset, *, E: int, k: int, views, position_b
     counts = slot_counts(routing)
     count = counts.expand_dims(view=np.asarray(["all"], dtype=object), axis=2).transpose(
         "checkpoint", "layer", "view", "domain", "expert")
-    chance = 1.0 / E
     out = {
-        "count": describe(count, "routing slots", "slots",
-                          "number of routing slots (token × top-k position) of the domain assigned to the expert, "
-                          "as the source counted them"),
-        "tokens": describe(implied_tokens(count, k), "routed tokens", "tokens",
-                           "slots / k: tokens of the domain implied by the counts (every token fills k slots)"),
-        "usage": describe(
-            safe_ratio(count, count.sum("expert")), "expert usage", "share of routing slots",
-            "count / Σ_e count of the domain: share of the domain's routing slots going to the expert",
-            chance=chance, nan_where="the domain has no counted slot at this checkpoint and layer",
-        ),
-        "usage_all": describe(
-            safe_ratio(count.sum("domain"), count.sum(("domain", "expert"))), "expert usage (all domains)",
-            "share of routing slots", "share of all counted routing slots going to the expert, every domain pooled",
-            chance=chance, nan_where="no counted slot at this checkpoint and layer",
-        ),
+        "count": count,
+        "tokens": implied_tokens(count, k),
+        "usage": safe_ratio(count, count.sum("expert")),
+        "usage_all": safe_ratio(count.sum("domain"), count.sum(("domain", "expert"))),
     }
     result = finalise(
-        xr.Dataset(out), routing, name=NAME,
+        xr.Dataset(out), routing, name=NAME, outputs=COUNTS_OUTPUTS,
         definition="usage[c,l,d,e] = slots of domain d counted for expert e / all slots counted for d "
         "(checkpoint c, layer l), from an aggregate-counts cube (view 'all' only).",
         normalisation="share of routing slots; sums to 1 over experts. Per-token share (uniform k/E) is usage × k.",
-        chance=chance,
+        chance=1.0 / E,
         params={"views": ["all"], "position_bins": int(position_bins), "n_boot": int(n_boot), "ci": float(ci),
                 "seed": int(seed)},
     )
@@ -384,7 +402,7 @@ ANALYSIS = register(
         requires=("expert_ids",),
         accepts_counts=True,
         optional=("expert_weights",),
-        table=table,
-        summary=summary,
+        table=table, summary=summary,
+        outputs=OUTPUTS,
     )
 )

@@ -5,7 +5,8 @@
    ``PYTHONPATH`` points at the clone so its packages shadow the editable install);
 2. ``luigi --module tasks FullReport`` there (the embedded demo: train, tokenize,
    capture, analyse, report), timed;
-3. the same command again: a no-op re-run, timed;
+3. the same command again: a no-op re-run, timed; then ``moe-atlas run`` three times
+   (a no-op re-run in <= 3 s, issue 13), beside the import floor of the same run;
 4. a second experiment with ``source = "checkpoints"`` naming the demo's trained
    checkpoints with one (a middle one) left out, over the demo's held-out data: run, timed;
 5. the missing checkpoint added to that experiment: run, timed (only that checkpoint
@@ -24,7 +25,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -39,72 +39,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.analyses import emit, log, machine  # noqa: E402
+from experiments.toml_writer import to_toml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNING = re.compile(r"\) running\s+(\w+)\((.*)\)\s*$")
 DONE = re.compile(r"\) done\s+(\w+)\((.*)\)\s*$")
 FAILED = re.compile(r"\) failed\s+(\w+)\((.*)\)\s*$")
-
-# Small enough for a smoke test; the demo model of tests/test_pipeline.py's TINY_DEMO, one analysis.
-TINY_DEMO = """
-name = "tiny"
-output_dir = "runs/tiny"
-[model]
-source = "demo"
-[model.demo]
-steps = 12
-checkpoint_steps = [0, 6, 12]
-hidden_size = 32
-intermediate_size = 64
-num_layers = 2
-num_heads = 2
-num_experts = 4
-top_k = 2
-vocab_size = 384
-seq_len = 64
-batch_size = 8
-lr = 0.01
-warmup_steps = 2
-eval_samples_per_domain = 3
-eval_max_chars = 300
-train_chars_per_domain = 20000
-[capture]
-keep_router_logits = true
-batch_size = 4
-max_length = 64
-[analyses]
-run = ["usage"]
-[dask]
-n_workers = 1
-"""
-
-
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    raise ValueError(f"cannot write {type(v).__name__} {v!r} as a TOML value")
-
-
-def to_toml(table: dict, prefix: str = "") -> list[str]:
-    """Lines of TOML for ``table`` (scalars, lists, sub-tables, arrays of tables), what tomllib reads back."""
-    def is_tables(v):
-        return isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
-
-    lines = [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict) and not is_tables(v)]
-    for k, v in table.items():
-        if isinstance(v, dict):
-            lines += [f"[{prefix}{k}]"] + to_toml(v, f"{prefix}{k}.")
-        elif is_tables(v):
-            for item in v:
-                lines += [f"[[{prefix}{k}]]"] + to_toml(item, f"{prefix}{k}.")
-    return lines
-
 
 def task_label(name: str, params: str) -> str:
     """``Name:param/param`` without the experiment path (the same in every task)."""
@@ -153,6 +93,40 @@ def luigi_run(clone: Path, env: dict, experiment: str | None, log_file: Path) ->
     ok = rc == 0 and not failed and "This progress looks :)" in out
     return {"command": " ".join(["luigi"] + cmd[1:]), "cwd": str(clone), "wall_s": wall, "ok": ok,
             "returncode": rc, "tasks_ran": ran, "task_seconds": seconds, "tasks_failed": failed,
+            "log": str(log_file)}
+
+
+def cli_noop(clone: Path, env: dict, experiment: str, log_file: Path, *, repeats: int = 3) -> dict:
+    """``moe-atlas run EXPERIMENT`` on a finished run, ``repeats`` times (issue 13: a no-op re-run in <= 3 s).
+
+    Wall and CPU seconds (this process's children) of each, and in the same
+    run the floor every command pays: ``python -c "import tasks, analyses"``
+    (``import_floor_s``); ``ratio_to_import_floor`` compares the two within
+    this run, so machine load cancels out at least partly.
+    """
+    import resource
+
+    def timed(cmd) -> tuple[float, float, subprocess.CompletedProcess]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), proc
+
+    runs, floor, out = [], [], []
+    for _ in range(repeats):
+        wall, cpu, proc = timed([sys.executable, "-m", "moe_atlas", "run", experiment])
+        out.append(proc.stdout + proc.stderr)
+        runs.append({"wall_s": wall, "cpu_s": cpu, "returncode": proc.returncode,
+                     "nothing_to_run": "nothing to run" in proc.stdout})
+        floor.append(timed([sys.executable, "-c", "import tasks, analyses"])[0])
+    log_file.write_text("\n".join(out))
+    best = min(r["wall_s"] for r in runs)
+    return {"command": f"moe-atlas run {experiment}", "runs": runs, "wall_s": best, "best_wall_s": best,
+            "median_wall_s": sorted(r["wall_s"] for r in runs)[len(runs) // 2],
+            "import_floor_s": min(floor), "ratio_to_import_floor": best / min(floor), "target_s": 3.0,
+            "meets_target": best <= 3.0, "ok": all(r["returncode"] == 0 and r["nothing_to_run"] for r in runs),
             "log": str(log_file)}
 
 
@@ -215,13 +189,17 @@ def main(argv=None) -> int:
 
         experiment = None
         if args.tiny:
-            (clone / "experiments" / "tiny.toml").write_text(TINY_DEMO)
+            from experiments.tiny import tiny_experiment  # small enough for a smoke test; one analysis
+
+            (clone / "experiments" / "tiny.toml").write_text(tiny_experiment("runs/tiny"))
             experiment = "experiments/tiny.toml"
         runs = doc["runs"] = {}
         log("1/4 FullReport from a clean checkout")
         runs["full_from_clean"] = luigi_run(clone, env, experiment, root / "1-full.log")
         log("2/4 no-op re-run")
         runs["noop_rerun"] = luigi_run(clone, env, experiment, root / "2-noop.log")
+        log("2/4 no-op re-run with moe-atlas run (x3)")
+        runs["noop_rerun_cli"] = cli_noop(clone, env, experiment or "experiments/demo.toml", root / "2-noop-cli.log")
         if not runs["full_from_clean"]["ok"]:
             raise RuntimeError(f"the demo run failed; see {runs['full_from_clean']['log']}")
 

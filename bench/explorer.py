@@ -3,11 +3,14 @@
     python -m bench.explorer [RUN]     # RUN: a run folder (default: a seeded mock cube)
 
 Open time: from navigation to the routing map filled by the page's JavaScript
-(median of 3 opens, fresh page each). Needs the system ``chromium``.
+(median of 3 opens, fresh page each), and the renderer's main-thread busy time
+until then (Chromium's ``TaskDuration``; on a loaded machine the open time
+grows with the load, this much less). Needs the system ``chromium``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -30,10 +33,12 @@ def main(argv=None) -> int:
     from storage.layout import RunLayout
     from storage.schema import mock_cube
 
-    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m bench.explorer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", nargs="?", metavar="RUN", help="a run folder (default: a seeded mock cube)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
-    if argv:
-        layout = RunLayout(Path(argv[0]))
+    if args.run:
+        layout = RunLayout(Path(args.run))
         routing = cubes.open_routing(layout.routing)
         res = {n: cubes.open_result(layout.analysis(n)) if (layout.analysis(n) / "zarr.json").exists() else None
                for n in ("usage", "temporal")}
@@ -49,16 +54,21 @@ def main(argv=None) -> int:
               "tokens_total": data["tokens_total"], "build_s": round(build_s, 3)}
     binary = chromium()
     if binary:
-        times = []
+        times, busy = [], []
         for _ in range(3):
             p = Page(binary)
             try:
+                p.call("Performance.enable")
                 times.append(p.open(out.as_uri(), READY))
+                metrics = {m["name"]: m["value"] for m in p.call("Performance.getMetrics")["metrics"]}
+                busy.append(metrics.get("TaskDuration", float("nan")))
                 result["console_errors"] = p.errors
             finally:
                 p.close()
         result["open_s_median"] = round(statistics.median(times), 3)
         result["open_s"] = [round(t, 3) for t in times]
+        # the page's main-thread busy time until ready: less sensitive than open_s to other load on the machine
+        result["main_thread_s_median"] = round(statistics.median(busy), 3)
     else:
         result["open_s_median"] = None
         result["note"] = "no chromium binary"

@@ -63,17 +63,6 @@ SIZES = {
 }
 
 
-class _Sink:
-    def __init__(self):
-        self.parts = []
-
-    def append(self, **arrays):
-        self.parts.append(arrays)
-
-    def get(self, name):
-        return np.concatenate([p[name] for p in self.parts], axis=0 if name == "nll" else 1)
-
-
 def _synthetic(size: str, seed: int = 0):
     """A random Mixtral of ``size`` and a paired token table (sample 2i and 2i+1 share their tokens)."""
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -142,9 +131,9 @@ def _forward(model, batches):
 
 
 def _capture(model, tokens, batch_size, **kw):
-    from capture.run import capture_model
+    from capture.run import MemorySink, capture_model
 
-    sink = _Sink()
+    sink = MemorySink()
     capture_model(model, tokens, sink, batch_size=batch_size, progress=False, **kw)
     return sink
 

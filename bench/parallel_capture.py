@@ -47,25 +47,6 @@ from bench.analyses import emit, log, machine, summary  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY_DEMO = """
-[model.demo]
-steps = {steps}
-checkpoint_steps = {ckpts}
-hidden_size = 32
-intermediate_size = 64
-num_layers = 2
-num_heads = 2
-num_experts = 4
-top_k = 2
-vocab_size = 384
-seq_len = 64
-batch_size = 8
-warmup_steps = 1
-eval_samples_per_domain = 3
-eval_max_chars = 300
-train_chars_per_domain = 20000
-"""
-
 
 def experiment_text(out: Path, *, steps: int, tiny: bool) -> str:
     """demo.toml with ``output_dir = out``, ``steps`` training steps and four checkpoints spread over them."""
@@ -75,8 +56,10 @@ def experiment_text(out: Path, *, steps: int, tiny: bool) -> str:
     if len(ckpts) != 4:
         raise SystemExit(f"--train-steps {steps}: need at least 3 steps for four distinct checkpoints")
     if tiny:
-        text = re.sub(r"(?ms)^\[model\.demo\]\n.*?(?=^\[)", TINY_DEMO.format(steps=steps, ckpts=ckpts).lstrip() + "\n",
-                      text)
+        from experiments.tiny import demo_section
+
+        section = demo_section(steps=steps, checkpoint_steps=ckpts, warmup_steps=1)
+        text = re.sub(r"(?ms)^\[model\.demo\]\n.*?(?=^\[)", lambda _: section + "\n", text)
     else:
         text = text.replace("[model.demo]\n", f"[model.demo]\nsteps = {steps}\ncheckpoint_steps = {ckpts}\n"
                             f"warmup_steps = {max(1, steps // 10)}\n", 1)

@@ -12,7 +12,9 @@ tables, then the square root. Components:
   act(gate)·up is recomputed from the fused ``gate_up_proj`` (E, 2I, H) of the
   Mixtral/OLMoE/Qwen-MoE layout; another layout is refused by name.
 
-Returns {(component, layer): float64 array (in_features,) or (expert, in_features)}.
+:func:`input_norms` returns {(component, layer): float64 array (in_features,) or (expert,
+in_features)}; :func:`input_grams` (SparseGPT's Hessian) the Gram matrices Σ_t x_t x_tᵀ,
+(in_features, in_features) or (expert, in_features, in_features), from the same passes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["input_norms"]
+__all__ = ["input_norms", "input_grams"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)\.")
 
@@ -35,7 +37,17 @@ def _layer_of(name: str) -> int | None:
 
 def input_norms(model, token_ids: list[np.ndarray], components: list[str], *, layers=None,
                 where: str = "model") -> dict[tuple[str, int], np.ndarray]:
-    """‖X_j‖₂ per input feature of each (component, layer), over the given samples.
+    """‖X_j‖₂ per input feature of each (component, layer), over the given samples (Wanda).
+
+    Parameters and errors as :func:`input_grams`.
+    """
+    sums = _accumulate(model, token_ids, components, layers=layers, where=where, gram=False)
+    return {k: np.sqrt(v) for k, v in sums.items()}
+
+
+def input_grams(model, token_ids: list[np.ndarray], components: list[str], *, layers=None,
+                where: str = "model") -> dict[tuple[str, int], np.ndarray]:
+    """Gram matrix XᵀX of the inputs of each (component, layer), over the given samples (SparseGPT's Hessian).
 
     Parameters
     ----------
@@ -47,6 +59,16 @@ def input_norms(model, token_ids: list[np.ndarray], components: list[str], *, la
     Raises ValueError naming the component when no module matches it, or when an experts
     layout cannot be calibrated.
     """
+    return _accumulate(model, token_ids, components, layers=layers, where=where, gram=True)
+
+
+def _accumulate(model, token_ids, components, *, layers, where, gram: bool) -> dict[tuple[str, int], np.ndarray]:
+    """Σ_t x_tj² (gram False) or Σ_t x_t x_tᵀ (gram True) per (component, layer) [per expert], float64."""
+
+    def stat(x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        return x.T @ x if gram else (x**2).sum(0)
+
     wanted = None if layers is None else {int(x) for x in layers}
     sums: dict[tuple[str, int], torch.Tensor] = {}
     handles = []
@@ -78,7 +100,7 @@ def input_norms(model, token_ids: list[np.ndarray], components: list[str], *, la
                     idx = idx.reshape(h.shape[0], -1)
                     E = module.gate_up_proj.shape[0]
                     cols = h.shape[1] if proj != "down_proj" else module.gate_up_proj.shape[1] // 2
-                    acc = torch.zeros(E, cols, dtype=torch.float64)
+                    acc = torch.zeros((E, cols, cols) if gram else (E, cols), dtype=torch.float64)
                     for e in range(E):
                         x = h[(idx == e).any(-1)]
                         if len(x) == 0:
@@ -86,7 +108,7 @@ def input_norms(model, token_ids: list[np.ndarray], components: list[str], *, la
                         if proj == "down_proj":
                             gate, up = nn.functional.linear(x, module.gate_up_proj[e].float()).chunk(2, dim=-1)
                             x = module.act_fn(gate) * up
-                        acc[e] = (x.double() ** 2).sum(0)
+                        acc[e] = stat(x)
                     add(key, acc)
 
                 handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
@@ -100,8 +122,7 @@ def input_norms(model, token_ids: list[np.ndarray], components: list[str], *, la
                 found = True
 
                 def hook(module, args, key=(comp, layer)):
-                    x = args[0].reshape(-1, args[0].shape[-1]).double()
-                    add(key, (x**2).sum(0))
+                    add(key, stat(args[0].reshape(-1, args[0].shape[-1])))
 
                 handles.append(mod.register_forward_pre_hook(hook))
         if not found:
@@ -117,4 +138,4 @@ def input_norms(model, token_ids: list[np.ndarray], components: list[str], *, la
     finally:
         for h in handles:
             h.remove()
-    return {k: np.sqrt(v.cpu().numpy()) for k, v in sums.items()}
+    return {k: v.cpu().numpy() for k, v in sums.items()}

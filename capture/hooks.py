@@ -21,10 +21,42 @@ from torch import nn
 
 from .routers import RouterSite, decode_router_output, find_routers, uncovered_moe_blocks
 
-__all__ = ["RoutingRecorder", "record_routing"]
+__all__ = ["HookRecorder", "RoutingRecorder", "record_routing"]
 
 
-class RoutingRecorder:
+class HookRecorder:
+    """Forward hooks that collect what each layer produced during one forward pass.
+
+    Subclasses add their hooks to ``handles`` in ``install`` and read ``_out`` ({layer: [calls]}) in ``pop``.
+    """
+
+    def __init__(self, layers):
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._out: dict[int, list] = {i: [] for i in layers}
+
+    def install(self) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+    def clear(self) -> None:
+        for v in self._out.values():
+            v.clear()
+
+    @contextmanager
+    def installed(self):
+        """The hooks installed for the ``with`` block; removed (and what they kept forgotten) on exit, also on error."""
+        try:
+            self.install()
+            yield self
+        finally:
+            self.remove()
+            self.clear()
+
+
+class RoutingRecorder(HookRecorder):
     """Collects what every router returned during one forward pass.
 
     Attributes
@@ -38,8 +70,7 @@ class RoutingRecorder:
         self.sites = sites
         self.uncovered = uncovered or []
         self.keep_logits = keep_logits
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._out: dict[int, list] = {s.layer: [] for s in sites}
+        super().__init__([s.layer for s in sites])
         self._experts_args: dict[int, list] = {s.layer: [] for s in sites}
 
     # -- hooks -------------------------------------------------------------
@@ -92,14 +123,9 @@ class RoutingRecorder:
             if s.adapter == "experts_inputs":
                 self.handles.append(s.experts.register_forward_pre_hook(self._experts_hook(s), with_kwargs=True))
 
-    def remove(self) -> None:
-        while self.handles:
-            self.handles.pop().remove()
-
     # -- results -----------------------------------------------------------
     def clear(self) -> None:
-        for v in self._out.values():
-            v.clear()
+        super().clear()
         for v in self._experts_args.values():
             v.clear()
 
@@ -155,10 +181,5 @@ def record_routing(model: nn.Module, sites: list[RouterSite] | None = None, *, k
     """
     if sites is None:
         sites = find_routers(model, where=where)
-    rec = RoutingRecorder(sites, keep_logits=keep_logits, uncovered=uncovered_moe_blocks(model, sites))
-    try:
-        rec.install()
+    with RoutingRecorder(sites, keep_logits=keep_logits, uncovered=uncovered_moe_blocks(model, sites)).installed() as rec:
         yield rec
-    finally:
-        rec.remove()
-        rec.clear()

@@ -58,7 +58,7 @@ from .routers import RouterSite, decode_router_output, find_routers, sort_slots
 from .run import sample_spans
 
 __all__ = ["MaskSet", "MaskError", "apply_masks", "token_scores", "expert_importance", "MASK_ATTRS",
-           "maskable", "forward_passes"]
+           "maskable", "forward_passes", "score_job", "mask_from_spec", "ROUTER_PASS_NOTE"]
 
 MASK_ATTRS = {
     "router": ("router mask: the masked experts' selection score is -inf before top-k, so tokens re-route to the best "
@@ -481,3 +481,66 @@ def expert_importance(model, tokens, *, batch_size: int = 16, where: str = "mode
             h.remove()
     return {"importance": out, "layers": np.asarray([s.layer for s in sites]),
             "samples": np.asarray(tokens["sample"].values)[spans[:, 0]]}
+
+
+
+# ------------------------------------------------------------------ Dask jobs (tasks/interventions.py)
+
+#: Models loaded by the jobs of this worker process, most recent last (a sweep's jobs reuse one load).
+_MODELS: dict = {}
+_MAX_MODELS = 2
+
+ROUTER_PASS_NOTE = ("a drop-top-1 router mask runs each masked router twice (once unmasked to learn the token's "
+                    "top-1); counted as one forward pass")
+
+
+def _model(model_dir: str, device: str, dtype: str, trust_remote_code: bool):
+    from .load import load_model
+
+    key = (str(model_dir), device, dtype, bool(trust_remote_code))
+    if key not in _MODELS:
+        while len(_MODELS) >= _MAX_MODELS:
+            _MODELS.pop(next(iter(_MODELS)))
+        _MODELS[key] = load_model(model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    return _MODELS[key]
+
+
+def mask_from_spec(spec: Mapping | None) -> MaskSet | None:
+    """A :class:`MaskSet` from its plain form ``{"kind", "static": {layer: [experts]}, "drop_top": [layers]}``."""
+    if not spec:
+        return None
+    return MaskSet(spec["kind"], static={int(k): v for k, v in dict(spec.get("static") or {}).items()},
+                   drop_top={int(l): 1 for l in spec.get("drop_top") or ()})
+
+
+def score_job(model_dir: str, tokens: Mapping[str, np.ndarray], masks: Mapping | None = None, *,
+              batch_size: int = 16, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
+              importance: bool = False) -> dict:
+    """One Dask job: per-token NLL / accuracy of a checkpoint under one mask set (plain data in and out).
+
+    Parameters
+    ----------
+    tokens : {"sample", "position", "token_id"} (token,) arrays, samples contiguous.
+    masks : plain mask set (:func:`mask_from_spec`); None = the unmasked baseline.
+    importance : also return the output-aware importance (:func:`expert_importance`, unmasked runs only).
+
+    Returns
+    -------
+    {"nll", "correct": (token,) float64 (NaN at each sample's last token), "forward_passes": int,
+    optionally "importance": (layer, expert, sample) float64 and "layers"}.
+    """
+    from storage.schema import token_table
+
+    model = _model(model_dir, device, dtype, trust_remote_code)
+    table = token_table(sample=np.asarray(tokens["sample"]), position=np.asarray(tokens["position"]),
+                        token_id=np.asarray(tokens["token_id"]))
+    out = token_scores(model, table, masks=mask_from_spec(masks), batch_size=batch_size, where=str(model_dir))
+    n_samples = int(np.unique(np.asarray(tokens["sample"])).size)
+    out["forward_passes"] = forward_passes(n_samples, batch_size)
+    if importance:
+        if masks:
+            raise ValueError("score_job: output-aware importance is measured on the unmasked model only")
+        imp = expert_importance(model, table, batch_size=batch_size, where=str(model_dir))
+        out["importance"], out["layers"] = imp["importance"], imp["layers"]
+        out["forward_passes"] += forward_passes(n_samples, batch_size)
+    return out

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .hooks import HookRecorder
+
 __all__ = ["LensHead", "LensRecorder", "decoder_layers", "find_lens_head", "js_divergence", "record_lens",
            "target_logprob"]
 
@@ -199,7 +201,7 @@ def js_divergence(head: LensHead, ha: torch.Tensor, hb: torch.Tensor, *, targets
     return (out, lp_a, lp_b) if with_targets else out
 
 
-class LensRecorder:
+class LensRecorder(HookRecorder):
     """Forward hooks on decoder layers that apply the lens right after each layer.
 
     Call :meth:`set_batch` before each forward with flat row indices into the
@@ -210,10 +212,9 @@ class LensRecorder:
         self.head = head
         self.layers = dict(sorted(layers.items()))
         self.chunk_elems = chunk_elems
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__(self.layers)
         self._rows = self._targets = self._js_a = self._js_b = None
         self._solo = self._ia = self._ib = None
-        self._out: dict[int, list] = {i: [] for i in self.layers}
 
     def set_batch(self, rows: torch.Tensor, targets: torch.Tensor, js_a: torch.Tensor | None = None,
                   js_b: torch.Tensor | None = None) -> None:
@@ -264,14 +265,6 @@ class LensRecorder:
         for i, mod in self.layers.items():
             self.handles.append(mod.register_forward_hook(self._hook(i)))
 
-    def remove(self) -> None:
-        while self.handles:
-            self.handles.pop().remove()
-
-    def clear(self) -> None:
-        for v in self._out.values():
-            v.clear()
-
     def pop(self) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
         """{layer: (log p(target) (m,), JS (p,) or None)} of the last forward; then forget it.
 
@@ -301,10 +294,5 @@ def record_lens(model: nn.Module, layers: list[int], *, head: LensHead | None = 
     if missing:
         raise ValueError(f"{where}: layers {missing} are not decoder layers of the model "
                          f"(found {sorted(all_layers)})")
-    rec = LensRecorder(head, {i: all_layers[i] for i in layers}, chunk_elems=chunk_elems)
-    try:
-        rec.install()
+    with LensRecorder(head, {i: all_layers[i] for i in layers}, chunk_elems=chunk_elems).installed() as rec:
         yield rec
-    finally:
-        rec.remove()
-        rec.clear()

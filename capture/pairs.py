@@ -92,7 +92,7 @@ def read_pair_tokens(path, *, condition_a: str, condition_b: str, dataset: str, 
     Returns
     -------
     xr.Dataset, dim ``token``: per entry the A sample then the B sample;
-    ``canonical`` True exactly at the listed positions, ``pair`` = the entry's id,
+    ``canonical`` True exactly at the listed positions, ``pair`` and ``sample_id`` = the entry's id,
     ``condition`` = A or B, ``char_start``/``char_end`` = -1.
 
     Raises
@@ -121,7 +121,8 @@ def read_pair_tokens(path, *, condition_a: str, condition_b: str, dataset: str, 
     if max_samples:
         data = data[:max_samples]
 
-    cols = {k: [] for k in ("sample", "position", "token_id", "domain", "condition", "pair", "canonical")}
+    cols = {k: [] for k in ("sample", "sample_id", "position", "token_id", "domain", "condition", "pair",
+                            "canonical")}
     seen: set[str] = set()
     s = start_sample - 1
     for i, entry in enumerate(data):
@@ -163,6 +164,7 @@ def read_pair_tokens(path, *, condition_a: str, condition_b: str, dataset: str, 
             flag = np.zeros(n, dtype=bool)
             flag[pos] = True
             cols["sample"] += [s] * n
+            cols["sample_id"] += [name] * n
             cols["position"] += range(n)
             cols["token_id"] += ids
             cols["canonical"] += flag.tolist()
@@ -178,6 +180,7 @@ def read_pair_tokens(path, *, condition_a: str, condition_b: str, dataset: str, 
     n = token_id.size
     return token_table(
         sample=np.asarray(cols["sample"], dtype=np.int32),
+        sample_id=np.asarray(cols["sample_id"], dtype=object),
         position=np.asarray(cols["position"], dtype=np.int32),
         token_id=token_id.astype(np.int32),
         token_text=text,

@@ -191,6 +191,31 @@ def pair_batches(spans: np.ndarray, partner: np.ndarray, batch_size: int) -> lis
 _TOKEN_AXIS = {"capacity_dropped": 1, "expert_ids": 1, "expert_weights": 1, "router_logits": 1, "lens_logprob": 1, "lens_js": 1, "nll": 0}
 
 
+class MemorySink:
+    """A sink that keeps every batch in memory: for small captures (benchmarks, tests, a notebook).
+
+    ``copy=True`` keeps copies (a caller may reuse its buffers); ``threads`` records which thread
+    appended each batch. ``get(name)`` / ``result()`` join the batches along tokens.
+    """
+
+    def __init__(self, *, copy: bool = False):
+        self.parts: list[dict] = []
+        self.threads: list = []
+        self.copy = copy
+
+    def append(self, **arrays) -> None:
+        import threading
+
+        self.parts.append({k: np.array(v, copy=True) for k, v in arrays.items()} if self.copy else arrays)
+        self.threads.append(threading.current_thread())
+
+    def get(self, name: str) -> np.ndarray:
+        return np.concatenate([p[name] for p in self.parts], axis=_TOKEN_AXIS[name])
+
+    def result(self) -> dict:
+        return {k: self.get(k) for k in self.parts[0]}
+
+
 def capture_model(model, tokens: xr.Dataset, sink, *, keep_logits: bool = False, keep_nll: bool = True,
                   keep_lens: bool = False, keep_js: bool = False, batch_size: int = 16, progress: bool = True,
                   desc: str | None = None, where: str = "model", background: bool | None = None,

@@ -5,7 +5,8 @@ One JSON object per line::
     {"id": "a1", "text": "...", "domain": "code", "condition": "A", "pair": "p7"}
 
 ``text`` is required and non-empty; ``domain`` is required unless
-``domain_field=None``; ``condition`` and ``pair`` are optional ('' when absent).
+``domain_field=None``; ``id`` (kept as the ``sample_id`` coordinate), ``condition``
+and ``pair`` are optional ('' when absent or null).
 Blank lines are skipped. Every error names the file, the 1-based line and the
 field.
 """
@@ -61,7 +62,7 @@ def check_unicode(value: str, where: str, field: str) -> str:
 
 
 def _label(row: dict, field: str, path, line: int, *, required: bool) -> str:
-    if field not in row:
+    if field not in row or (row[field] is None and not required):
         if required:
             raise ValueError(f"{path}:{line}: field '{field}' is missing (expected a string)")
         return ""
@@ -76,7 +77,8 @@ def read_jsonl(path, *, text_field: str = "text", domain_field: str | None = "do
 
     Returns
     -------
-    list of {"text", "domain", "condition", "pair", "line"} dicts, file order.
+    list of {"text", "id", "domain", "condition", "pair", "line"} dicts, file order
+    (``id``: the sample's own id as a string, '' when the line has none).
 
     Raises
     ------
@@ -112,6 +114,7 @@ def read_jsonl(path, *, text_field: str = "text", domain_field: str | None = "do
             check_unicode(text, f"{p}:{line_no}", text_field)
             rows.append({
                 "text": text,
+                "id": _label(row, "id", p, line_no, required=False),
                 "domain": _label(row, domain_field, p, line_no, required=True) if domain_field else "",
                 "condition": _label(row, "condition", p, line_no, required=False),
                 "pair": _label(row, "pair", p, line_no, required=False),
@@ -128,7 +131,8 @@ def tokenize_records(rows: list[dict], tokenizer, *, dataset: str, max_length: i
 
     Parameters
     ----------
-    rows : dicts with "text", "domain", "condition", "pair" (and "line" for errors).
+    rows : dicts with "text", "domain", "condition", "pair" (optional "id": the
+        ``sample_id`` coordinate, '' when absent; "line" for errors).
     tokenizer : a fast tokenizer (offsets needed).
     dataset : dataset name stored on every token.
     max_length : longest sample in tokens; longer texts are truncated (warned).
@@ -155,8 +159,8 @@ def tokenize_records(rows: list[dict], tokenizer, *, dataset: str, max_length: i
         cut = tokenizer([texts[i] for i in long], truncation=True, max_length=max_length, **kw)
         for j, i in enumerate(long):
             all_ids[i], all_offs[i] = cut["input_ids"][j], cut["offset_mapping"][j]
-    cols = {k: [] for k in ("sample", "position", "token_id", "token_text", "char_start", "char_end", "domain",
-                            "condition", "pair", "canonical")}
+    cols = {k: [] for k in ("sample", "sample_id", "position", "token_id", "token_text", "char_start", "char_end",
+                            "domain", "condition", "pair", "canonical")}
     for i, (row, ids, offs) in enumerate(zip(rows, all_ids, all_offs)):
         if len(ids) == 0:
             raise ValueError(f"{where}:{row.get('line', i + 1)}: field 'text' tokenizes to no tokens")
@@ -164,6 +168,7 @@ def tokenize_records(rows: list[dict], tokenizer, *, dataset: str, max_length: i
         n = len(ids)
         spans = [text[a:b] for a, b in offs]
         cols["sample"] += [start_sample + i] * n
+        cols["sample_id"] += [str(row.get("id", ""))] * n
         cols["position"] += range(n)
         cols["token_id"] += ids
         cols["token_text"] += spans
@@ -178,6 +183,7 @@ def tokenize_records(rows: list[dict], tokenizer, *, dataset: str, max_length: i
     n = len(cols["sample"])
     return token_table(
         sample=np.asarray(cols["sample"], dtype=np.int32),
+        sample_id=np.asarray(cols["sample_id"], dtype=object),
         position=np.asarray(cols["position"], dtype=np.int32),
         token_id=np.asarray(cols["token_id"], dtype=np.int32),
         token_text=np.asarray(cols["token_text"], dtype=object),

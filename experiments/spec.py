@@ -231,7 +231,7 @@ class MasksSpec:
 
     enabled: bool = False
     methods: list[str] = field(default_factory=lambda: ["magnitude", "wanda"])
-    """Pruning criteria computed here: magnitude, wanda (SparseGPT is not implemented)."""
+    """Pruning criteria computed here: magnitude, wanda, sparsegpt (calibrated on the experiment's datasets)."""
     components: list[str] = field(default_factory=lambda: ["self_attn.q_proj", "experts.down_proj"])
     """Module-name suffixes of linear layers, or experts.<gate_proj|up_proj|down_proj> (all experts stacked)."""
     layers: list[int] = field(default_factory=lambda: [1])
@@ -247,8 +247,52 @@ class MasksSpec:
     k_values: list[int] = field(default_factory=lambda: [4, 8, 16])
     figure_seeds: int = 1
     """Seeds drawn per-seed figures for (spy plot, statistics, t-SNE, distance heatmap), per k."""
+    figure_k: list[int] = field(default_factory=list)
+    """k values those per-seed figures are drawn for (empty = every k of k_values)."""
     user: list[UserMaskSpec] = field(default_factory=list)
     """[[masks.user]]: masks computed elsewhere, analysed the same way."""
+
+
+#: Rankings of [interventions] (capture.interventions masks the top-n experts of each): name -> analysis it reads.
+INTERVENTION_RANKINGS = {
+    "usage": "usage", "weighted_usage": "usage", "usage:<domain>": "usage", "lift:<domain>": "specialization",
+    "lift": "specialization", "importance": "", "divergence:a_minus_b": "divergence",
+    "divergence:b_minus_a": "divergence", "divergence:usage_a": "divergence",
+}
+
+
+@dataclass(frozen=True)
+class InterventionsSpec:
+    """[interventions]: ablation sweeps and observational vs causal (issue 15; tasks/interventions.py)."""
+
+    enabled: bool = False
+    checkpoints: list[str] = field(default_factory=lambda: ["first", "last"])
+    """Checkpoints intervened on: names, or "first" / "last" (by step)."""
+    kinds: list[str] = field(default_factory=lambda: ["router"])
+    """Mask kinds: router (selection score -inf, tokens re-route) and/or output (slot weight 0, routing kept)."""
+    drop_top1: bool = True
+    """Per MoE layer, mask each token's own top-1 expert (seed 000's drop_top1)."""
+    causal: bool = True
+    """Mask every (layer, expert) alone: the causal effect compared with the observational measures."""
+    rankings: list[str] = field(default_factory=lambda: ["usage", "importance"])
+    """Mask sweeps over the top-n experts of: usage, weighted_usage, usage:<domain>, lift, lift:<domain>,
+    importance (output-aware, EASY-EP), divergence:a_minus_b, divergence:b_minus_a, divergence:usage_a
+    (divergence's points.json rankings)."""
+    n_values: list[int] = field(default_factory=lambda: [1, 2, 4])
+    """Numbers of experts masked (top-n of each ranking)."""
+    scopes: list[str] = field(default_factory=lambda: ["global"])
+    """global (top-n (layer, expert) pairs over all layers) and/or layer (each layer's top-n, one layer at a time)."""
+    random_seeds: int = 5
+    """Random rankings (the chance band), seeds 0 .. random_seeds-1; at least 5 when rankings are swept."""
+    max_samples: int = 0
+    """Score only the first N samples of each dataset (0 = all)."""
+    batch_size: int = 16
+    n_boot: int = 200
+    """Bootstrap replicates (over samples) of every interval."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+    divergence_view: str = "last_canonical"
+    """View of the divergence analysis whose rankings the divergence:* sweeps use (last_canonical or canonical)."""
 
 
 @dataclass(frozen=True)
@@ -275,6 +319,8 @@ class Experiment:
     """[experts]: similarity, diversity, clustering and drift of the experts' weights (issue 14)."""
     masks: MasksSpec = field(default_factory=MasksSpec)
     """[masks]: pruned-weight masks clustered by Hamming distance (issue 14)."""
+    interventions: InterventionsSpec = field(default_factory=InterventionsSpec)
+    """[interventions]: ablation sweeps (drop-top-1, masks of ranked experts) and observational vs causal (issue 15)."""
     """[[runs]]: further training runs (other experiment files) compared side by side with this one."""
     description: str = ""
     source_file: str = ""
@@ -400,9 +446,11 @@ def _check_weights(exp: Experiment, file: str) -> None:
             raise SpecError(f"{file}: '{key}' must be a non-empty list of integers ≥ 2, got {ks}")
     if not 0.0 <= m.sparsity < 1.0:
         raise SpecError(f"{file}: 'masks.sparsity' must be in [0, 1), got {m.sparsity}")
-    bad = [x for x in m.methods if x not in ("magnitude", "wanda")]
+    if set(m.figure_k) - set(m.k_values):
+        raise SpecError(f"{file}: 'masks.figure_k' {m.figure_k} must be among masks.k_values {m.k_values}")
+    bad = [x for x in m.methods if x not in ("magnitude", "wanda", "sparsegpt")]
     if bad:
-        raise SpecError(f"{file}: 'masks.methods' may hold magnitude, wanda (SparseGPT is not implemented); got {bad}")
+        raise SpecError(f"{file}: 'masks.methods' may hold magnitude, wanda, sparsegpt; got {bad}")
     if m.enabled and not m.components and not m.user:
         raise SpecError(f"{file}: [masks] is enabled but names no 'components' and no [[masks.user]]")
     for c in m.components:
@@ -539,6 +587,7 @@ def _check(exp: Experiment, file: str) -> None:
         raise SpecError(f"{file}: 'report.formats' lists a format twice: {exp.report.formats}")
     _check_dask(exp.dask, file)
     _check_training(exp, file)
+    _check_interventions(exp, file)
 
 
 def _check_device(device: str, *, local: bool, file: str) -> None:
@@ -556,17 +605,6 @@ def _check_device(device: str, *, local: bool, file: str) -> None:
     problem = device_problem(device)
     if problem:
         raise SpecError(f"{file}: 'capture.device': {problem}")
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_dask(d: DaskSpec, file: str) -> None:
@@ -604,7 +642,9 @@ def _check_dask(d: DaskSpec, file: str) -> None:
         raise SpecError(f"{file}: 'dask.host' is empty; use '127.0.0.1' (this machine only)")
 
     # the same opt-ins as deploy.cluster.check_settings, which warns loudly when the cluster starts
-    if not _is_loopback(d.host) and not d.allow_remote and os.environ.get("MOE_ATLAS_ALLOW_REMOTE_DASK") != "1":
+    from deploy.cluster import is_loopback  # the one definition, also used where the cluster starts
+
+    if not is_loopback(d.host) and not d.allow_remote and os.environ.get("MOE_ATLAS_ALLOW_REMOTE_DASK") != "1":
         raise SpecError(
             f"{file}: 'dask.host' = {d.host!r} exposes the Dask scheduler and workers (which run code for whoever "
             f"reaches them) beyond this machine; use '127.0.0.1', or set 'dask.allow_remote = true' to do so on "
@@ -648,3 +688,47 @@ def _check_training(exp: Experiment, file: str) -> None:
             raise SpecError(f"{file}: 'runs[{i}].experiment' names this experiment itself")
     if len(set(names + [exp.name])) != len(names) + 1:
         raise SpecError(f"{file}: '[[runs]]' names must differ from each other and from 'name' ({exp.name!r}): {names}")
+
+
+def _check_interventions(exp: Experiment, file: str) -> None:
+    """[interventions] (issue 15): known kinds, scopes and rankings, each ranking's analysis in analyses.run."""
+    iv = exp.interventions
+    if not iv.enabled:
+        return
+    if exp.model.source == "import":
+        raise SpecError(f"{file}: [interventions] runs the model; model.source = 'import' has no checkpoints")
+    for key, values, known in (("kinds", iv.kinds, ("router", "output")), ("scopes", iv.scopes, ("global", "layer"))):
+        bad = [v for v in values if v not in known]
+        if not values or bad or len(set(values)) != len(values):
+            raise SpecError(f"{file}: 'interventions.{key}' must be a non-empty list of distinct {', '.join(known)}; "
+                            f"got {values}")
+    if not iv.checkpoints:
+        raise SpecError(f"{file}: 'interventions.checkpoints' is empty; name checkpoints, or \"first\" / \"last\"")
+    for r in iv.rankings:
+        base, _, arg = r.partition(":")
+        form = f"{base}:<domain>" if base in ("usage", "lift") and arg else r
+        if form not in INTERVENTION_RANKINGS:
+            raise SpecError(f"{file}: 'interventions.rankings' entry {r!r} is not a ranking; expected one of: "
+                            f"{', '.join(INTERVENTION_RANKINGS)}")
+        need = INTERVENTION_RANKINGS[form]
+        if need and need not in exp.analyses.run:
+            raise SpecError(f"{file}: 'interventions.rankings' entry {r!r} ranks from the {need} analysis; add "
+                            f"{need!r} to 'analyses.run'")
+    if len(set(iv.rankings)) != len(iv.rankings):
+        raise SpecError(f"{file}: 'interventions.rankings' names a ranking twice: {iv.rankings}")
+    if iv.rankings and not iv.n_values:
+        raise SpecError(f"{file}: 'interventions.n_values' is empty; the rankings' sweeps need at least one n")
+    if any(n < 1 for n in iv.n_values) or len(set(iv.n_values)) != len(iv.n_values):
+        raise SpecError(f"{file}: 'interventions.n_values' must be distinct integers >= 1, got {iv.n_values}")
+    if iv.rankings and not 5 <= iv.random_seeds <= 1000:
+        raise SpecError(f"{file}: 'interventions.random_seeds' must be in [5, 1000] (random controls give the chance "
+                        f"band of the ranked sweeps), got {iv.random_seeds}")
+    for key, value, lo in (("batch_size", iv.batch_size, 1), ("n_boot", iv.n_boot, 10), ("max_samples", iv.max_samples, 0),
+                           ("seed", iv.seed, 0)):
+        if value < lo:
+            raise SpecError(f"{file}: 'interventions.{key}' must be >= {lo}, got {value}")
+    if iv.divergence_view not in ("last_canonical", "canonical"):
+        raise SpecError(f"{file}: 'interventions.divergence_view' must be last_canonical or canonical, "
+                        f"got {iv.divergence_view!r}")
+    if not (iv.drop_top1 or iv.causal or iv.rankings):
+        raise SpecError(f"{file}: [interventions] is enabled but runs nothing (drop_top1, causal and rankings all off)")

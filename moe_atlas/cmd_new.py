@@ -13,10 +13,11 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
-import json
 import textwrap
 import typing
 from pathlib import Path
+
+from experiments.toml_writer import toml_value
 
 HELP = "write NAME.toml: a new experiment with every option present and commented"
 
@@ -39,20 +40,6 @@ def field_docs(cls) -> dict[str, str]:
             else:
                 docs[node.target.id] = ""
     return docs
-
-
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
-    raise ValueError(f"cannot write {type(v).__name__} {v!r} as a TOML value")
 
 
 def _comment(doc: str, indent: str = "") -> list[str]:

@@ -59,6 +59,8 @@ def make_server(run, port: int = 0) -> ThreadingHTTPServer:
         def do_GET(self):  # noqa: N802 (http.server's name)
             if self.path in ("/", "/index.html", "/explorer.html"):
                 return self._send(200, page, "text/html; charset=utf-8")
+            if self.path == "/favicon.ico":  # browsers ask for it; a 404 would be a console error on the page
+                return self._send(204, b"", "image/x-icon")
             hit = re.fullmatch(r"/sample/(\d+)\.json", self.path)
             if hit and int(hit.group(1)) in known:
                 with lock:

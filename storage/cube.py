@@ -29,7 +29,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from .schema import FILL_ID, TARGET_CHUNK_BYTES, VARIABLES, storage_chunks, validate_routing
+from .schema import FILL_ID, TARGET_CHUNK_BYTES, VARIABLES, apply_result_coord_attrs, storage_chunks, validate_routing
 from .schema import token_chunk_size as _schema_token_chunk_size
 from . import atomic
 from . import manifest as manifests
@@ -393,6 +393,34 @@ def _missing_chunks(path: Path, cis) -> dict[int, tuple[int, int, str]]:
     return out
 
 
+def routing_head(path: str | os.PathLike) -> tuple[dict, list[str]]:
+    """The attrs and the checkpoint names of a routing cube, read cheaply (Zarr metadata and one small array).
+
+    What the pipeline's completeness checks need, without opening the cube
+    with xarray/Dask (``open_routing``), so that a re-run with nothing to do
+    stays fast. The template's manifest is checked as ``open_routing`` does.
+
+    Raises
+    ------
+    CubeError : no cube at ``path``, unreadable metadata, or a damaged template.
+    """
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise CubeError(f"{path}: no routing cube here (zarr.json missing)")
+    try:
+        g = zarr.open_group(str(path), mode="r")
+        attrs = dict(g.attrs)
+        names = [str(n) for n in np.asarray(g["checkpoint"][:]).ravel()]
+    except Exception as exc:  # zarr raises many types for damaged stores
+        raise CubeError(f"{path}: cannot open routing cube (truncated or corrupt store?): {exc}") from exc
+    from .ownership import rerun_command
+
+    problems = manifests.check_template(path, fix=f"{rerun_command(path)} (restores it from the token tables)")
+    if problems:
+        raise CubeError(_problems_message(problems))
+    return attrs, names
+
+
 def completed_checkpoints(path: str | os.PathLike) -> list[str]:
     """Names of the checkpoints whose region is written and whole, in cube order.
 
@@ -649,6 +677,7 @@ def write_result(ds: xr.Dataset, path: str | os.PathLike, *, fingerprint: str) -
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_own_temporaries(path.parent, names={path.name})
     ds = ds.copy()
+    apply_result_coord_attrs(ds)  # long_name/units of shared coordinates (position_bin edges...) where unset
     ds.attrs[FINGERPRINT_ATTR] = fingerprint
     for v in ds.variables.values():
         v.encoding = {}

@@ -35,6 +35,8 @@ import threading
 import time
 from pathlib import Path
 
+from .env import env_number
+
 __all__ = ["RunLocked", "run_lock", "holder", "DEFAULT_TIMEOUT_S", "TIMEOUT_ENV"]
 
 log = logging.getLogger("moe_atlas.lock")
@@ -63,16 +65,7 @@ def holder(path: str | os.PathLike) -> int | None:
 
 
 def _timeout_from_env() -> float:
-    raw = os.environ.get(TIMEOUT_ENV, "")
-    if not raw:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {TIMEOUT_ENV}={raw!r}: expected a number of seconds") from None
-    if value < 0:
-        raise ValueError(f"environment variable {TIMEOUT_ENV}={raw!r}: expected seconds >= 0")
-    return value
+    return env_number(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, unit="seconds")
 
 
 @contextlib.contextmanager

@@ -120,6 +120,8 @@ COUNT_VARIABLES: dict[str, VarSpec] = {
 # Coordinates along ``token``: name -> (dtype, description)
 TOKEN_COORDS: dict[str, tuple[str, str]] = {
     "sample": ("int32", "global sample index (samples are contiguous along token)"),
+    "sample_id": ("str", "the dataset's own id of the sample (JSONL 'id', a pair's id, an imported trace's sample "
+                         "key); '' where the source names none"),
     "position": ("int32", "position of the token inside its sample"),
     "token_id": ("int32", "input token id"),
     "token_text": ("str", "the text span of the token"),
@@ -138,7 +140,7 @@ TOKEN_COORDS: dict[str, tuple[str, str]] = {
 }
 # Coordinates added after cubes were first written: a cube without them still opens
 # (they are filled when the template is built; analyses that need them say so).
-OPTIONAL_TOKEN_COORDS = frozenset({"aligned_token", "last_canonical", "phase"})
+OPTIONAL_TOKEN_COORDS = frozenset({"aligned_token", "last_canonical", "phase", "sample_id"})
 
 # Values of the ``phase`` token coordinate. Capture leaves '' on purpose: its tokens are
 # teacher-forced text, neither a served prompt nor generated output, so calling them
@@ -163,6 +165,7 @@ def token_table(
     sample: np.ndarray,
     position: np.ndarray,
     token_id: np.ndarray,
+    sample_id=None,
     token_text=None,
     char_start=None,
     char_end=None,
@@ -177,7 +180,7 @@ def token_table(
 ) -> xr.Dataset:
     """Build the token table: a Dataset with dim ``token`` and only coordinates.
 
-    Missing optional columns get neutral defaults ('' for labels and ``phase``,
+    Missing optional columns get neutral defaults ('' for labels, ``sample_id`` and ``phase``,
     True for ``canonical``, -1 for character offsets and ``aligned_token``,
     False for ``last_canonical``). ``phase`` values must be among
     :data:`PHASES` or ''.
@@ -193,6 +196,7 @@ def token_table(
 
     cols = {
         "sample": _col(sample, "int32", 0),
+        "sample_id": _col(sample_id, "str", ""),
         "position": _col(position, "int32", 0),
         "token_id": _col(token_id, "int32", -1),
         "token_text": _col(token_text, "str", ""),
@@ -379,6 +383,14 @@ CF_ATTRS: dict[str, tuple[str, str]] = {
     "nll": ("next-token negative log-likelihood", "nats"),
     "capacity_dropped": ("routing slot dropped by expert capacity", "1"),
     "complete": ("checkpoint fully written", "1"),
+    # per-layer aggregates of importers whose sources log no per-token ids (LibMoE), and the counts cube
+    "agg_entropy_topk": ("entropy of the top-k routing weights, mean over samples", "nats"),
+    "agg_entropy_all": ("entropy of the router distribution over all experts, mean over samples", "nats"),
+    "agg_margin": ("top-1 minus top-2 routing weight, mean over tokens", "1"),
+    "agg_samples": ("samples pooled into the layer's aggregates", "samples"),
+    "agg_top1_counts": ("tokens whose top-1 expert is this expert", "tokens"),
+    "agg_topk_counts": ("routing slots assigned to this expert", "slots"),
+    "slot_counts": ("routing slots of the domain's tokens assigned to the expert", "slots"),
     "checkpoint": ("checkpoint name", ""),
     "step": ("training step of the checkpoint", "steps"),
     "layer": ("MoE layer index (decoder layer of the model)", ""),
@@ -386,6 +398,7 @@ CF_ATTRS: dict[str, tuple[str, str]] = {
     "expert": ("expert index", ""),
     "token": ("token index along the cube (all samples, concatenated)", ""),
     "sample": ("sample index (samples are contiguous along token)", ""),
+    "sample_id": ("the dataset's own sample id", ""),
     "position": ("token position in its sample", "tokens"),
     "token_id": ("input token id", ""),
     "token_text": ("text of the token", ""),
@@ -400,6 +413,42 @@ CF_ATTRS: dict[str, tuple[str, str]] = {
     "last_canonical": ("last canonical token of its sample", "1"),
     "phase": ("inference phase (prefill/decode)", ""),
 }
+
+
+#: ``long_name``/``units`` of coordinates that analysis results share (``storage.cube.write_result`` sets them
+#: where the analysis did not): bucket edges are stated as coordinates of their own dim.
+RESULT_COORD_ATTRS: dict[str, tuple[str, str]] = {
+    "checkpoint": CF_ATTRS["checkpoint"],
+    "step": CF_ATTRS["step"],
+    "layer": CF_ATTRS["layer"],
+    "expert": CF_ATTRS["expert"],
+    "expert_b": ("second expert of the pair", ""),
+    "expert_next": ("expert of the next token", ""),
+    "k": CF_ATTRS["k"],
+    "domain": CF_ATTRS["domain"],
+    "dataset": CF_ATTRS["dataset"],
+    "condition": CF_ATTRS["condition"],
+    "view": ("token view (all tokens, or a subset such as canonical or one phase)", ""),
+    "lag": ("distance to the later token in the same sample", "tokens"),
+    "position_bin": ("token-position bucket", ""),
+    "position_start": ("first token position of the bucket", "tokens"),
+    "position_end": ("token position after the bucket (exclusive)", "tokens"),
+    "bin": ("bucket of the binned quantity", ""),
+    "bin_start": ("lower edge of the bucket", "1"),
+    "bin_end": ("upper edge of the bucket", "1"),
+    "run": ("training run", ""),
+    "metric": ("metric name", ""),
+    "task": ("evaluation task", ""),
+}
+
+
+def apply_result_coord_attrs(ds: xr.Dataset) -> xr.Dataset:
+    """Set ``long_name``/``units`` (:data:`RESULT_COORD_ATTRS`) on the coordinates of a result lacking them, in place."""
+    for name, (long_name, units) in RESULT_COORD_ATTRS.items():
+        if name in ds.coords:
+            ds[name].attrs.setdefault("long_name", long_name)
+            ds[name].attrs.setdefault("units", units)
+    return ds
 
 
 def apply_cf_attrs(ds: xr.Dataset) -> xr.Dataset:
@@ -517,6 +566,7 @@ def counts_cube(
             "expert": ("expert", np.arange(E, dtype=np.int32)),
         },
     )
+    apply_cf_attrs(ds)
     ds.attrs.update(attrs)
     ds.attrs.update(cube_kind=COUNTS_KIND, schema_version=SCHEMA_VERSION, num_experts=int(E), top_k=int(top_k),
                     inputs_hash=h.hexdigest()[:16], has_token_ids=False)

@@ -117,6 +117,44 @@ def unit_of(metric: str) -> str:
     return "as logged"
 
 
+_LAYER_PART = re.compile(r"^(?:layers?|l|block|blk)[_\-. ]?(\d+)$", re.I)
+_LAYER_IN = re.compile(r"(?:^|[_\-. ])(?:layers?|block|blk)[_\-. ]?(\d+)(?=$|[_\-. ])", re.I)
+_BASE_WORDS = re.compile(r"loss|diversity|entropy|nll|acc|lr|norm|score", re.I)
+_SPLIT_PARTS = {"train", "trainer", "eval", "val", "valid", "validation", "test"}
+
+
+def metric_parts(name: str) -> tuple[int, str]:
+    """(layer, dataset) a per-layer / per-dataset series name states; -1 and "" where it states none.
+
+    The name is split at "/": a part like ``layer_3``/``layer3``/``l3``/``block3`` (or a ``_layer3`` suffix
+    inside a part) gives the layer; the part naming the quantity (the first holding loss, diversity,
+    entropy, nll, acc, lr, norm or score; else the first) is the metric; split words (train, eval, val,
+    test) are dropped; what remains is the dataset::
+
+        diversity_loss/layer_3         -> (3, "")
+        mmstar/diversity_loss/layer_0  -> (0, "mmstar")
+        train/diversity_loss_layer2    -> (2, "")
+        eval_nll/code                  -> (-1, "code")
+    """
+    parts = [x for x in str(name).split("/") if x]
+    layer = -1
+    rest = []
+    for x in parts:
+        m = _LAYER_PART.match(x)
+        if m:
+            layer = int(m[1])
+            continue
+        m = _LAYER_IN.search(x)
+        if m:
+            layer = int(m[1])
+        rest.append(x)
+    if not rest:
+        return layer, ""
+    base = next((i for i, x in enumerate(rest) if _BASE_WORDS.search(x)), 0)
+    dataset = [x for i, x in enumerate(rest) if i != base and x.lower() not in _SPLIT_PARTS]
+    return layer, "/".join(dataset)
+
+
 @dataclass(frozen=True)
 class LogRecord:
     """One logged number."""
@@ -408,12 +446,26 @@ def training_cube(records: Sequence[LogRecord], *, sources: Mapping[str, tuple[s
             "run": runs, "step": np.asarray(steps, dtype=np.int64), "metric": metrics,
             "metric_unit": ("metric", [unit_of(m) for m in metrics]),
             "metric_source_name": ("metric", [src_name[m] for m in metrics]),
+            "metric_layer": ("metric", np.asarray([metric_parts(m)[0] for m in metrics], dtype=np.int64)),
+            "metric_dataset": ("metric", [metric_parts(m)[1] for m in metrics]),
             "run_source": ("run", [sources.get(r, ("", ""))[0] for r in runs]),
             "run_format": ("run", [sources.get(r, ("", ""))[1] for r in runs]),
         },
         attrs={"duplicates": int(dup), "description": "training logs as a (run, step, metric) cube; NaN where a "
                "run did not log that metric at that step", "source": "storage.training"},
     )
+    for name, long_name, desc in (
+            ("step", "optimizer step", "the training step the log recorded the value at"),
+            ("metric_unit", "units of the metric", "CF-style units per metric (storage.training.unit_of): "
+             "'nat/token' for cross-entropy, '1' dimensionless, 'as logged' when the name does not tell"),
+            ("metric_source_name", "the log's own name of the metric", "before aliases were folded (ALIASES)"),
+            ("metric_layer", "layer the series belongs to", "from the metric's name (metric_parts); -1 = not per layer"),
+            ("metric_dataset", "dataset the series belongs to", "from the metric's name (metric_parts); '' = none"),
+            ("run_source", "file the run was read from", "path of the training log (relative to the run folder "
+             "for the log the run itself wrote)"),
+            ("run_format", "format the run was read as", f"one of {', '.join(LOG_FORMATS)}")):
+        ds[name].attrs = {"long_name": long_name, "description": desc}
+    ds["step"].attrs["units"] = "1"
     ds["value"].attrs = {
         "long_name": "logged training metric", "units": "see metric_unit",
         "description": "the value the training log recorded for the metric at the optimizer step; units per "
@@ -423,7 +475,11 @@ def training_cube(records: Sequence[LogRecord], *, sources: Mapping[str, tuple[s
 
 
 def read_training_logs(logs: Sequence[Mapping]) -> xr.Dataset:
-    """The training cube of several logs: ``[{"path", "format"="auto", "run"=""}, ...]``."""
+    """The training cube of several logs: ``[{"path", "format"="auto", "run"="", "source"=path}, ...]``.
+
+    ``source`` is what the ``run_source`` coordinate records (default: the path as given); a log inside
+    the run folder is best named relative to it, so that the outputs do not depend on where the run lies.
+    """
     records: list[LogRecord] = []
     sources = {}
     for entry in logs:
@@ -432,7 +488,7 @@ def read_training_logs(logs: Sequence[Mapping]) -> xr.Dataset:
         fmt = detect_format(path) if fmt == "auto" else fmt
         recs = read_log_records(path, format=fmt, run=entry.get("run", ""))
         for r in recs:
-            sources.setdefault(r.run, (str(path), fmt))
+            sources.setdefault(r.run, (str(entry.get("source") or path), fmt))
         records.extend(recs)
     return training_cube(records, sources=sources)
 

@@ -262,10 +262,11 @@ class RoutingTemplate(_Stage):
         # What the template was built from; the cube itself is shared with Capture (one region each).
         return luigi.LocalTarget(str(self.layout.template_marker))
 
-    def _current_cube(self):
-        """The cube, if it exists and was built from the current token tables; else None.
+    def _current_cube(self) -> list[str] | None:
+        """The cube's checkpoint names, if it exists and was built from the current token tables; else None.
 
-        Cheap: compares fingerprints kept in the marker (no token table is read or aligned again).
+        Cheap: compares fingerprints kept in the marker (no token table is read or aligned again) and
+        reads the cube's metadata only (``cubes.routing_head``; a no-op re-run stays fast).
         """
         if not all(r.complete() for r in self.requires()[1:]):
             return None
@@ -273,18 +274,18 @@ class RoutingTemplate(_Stage):
         if mark.get("fingerprint") != self.fingerprint():
             return None
         try:
-            ds = cubes.open_routing(self.layout.routing, complete_only=False)
+            attrs, names = cubes.routing_head(self.layout.routing)
         except cubes.CubeError:
             return None
-        return ds if ds.attrs.get("inputs_hash") == mark.get("inputs_hash") else None
+        return names if attrs.get("inputs_hash") == mark.get("inputs_hash") else None
 
     def inputs_current(self) -> bool:
         """The cube exists and was built from the current token tables."""
         return self._current_cube() is not None
 
     def complete(self):
-        ds = self._current_cube()
-        return ds is not None and {c.name for c in checkpoints(self.exp)} <= set(map(str, ds.checkpoint.values))
+        names = self._current_cube()
+        return names is not None and {c.name for c in checkpoints(self.exp)} <= set(names)
 
     def run(self):
         from capture.job import build_template
@@ -404,10 +405,10 @@ class ImportTrace(_Stage):
 
     def complete(self):
         try:
-            ds = cubes.open_routing(self.layout.routing, complete_only=False)
+            attrs, _ = cubes.routing_head(self.layout.routing)
         except cubes.CubeError:
             return False
-        return ds.attrs.get(self.MARK) == self.fingerprint() and bool(cubes.completed_checkpoints(self.layout.routing))
+        return attrs.get(self.MARK) == self.fingerprint() and bool(cubes.completed_checkpoints(self.layout.routing))
 
     def run(self):
         from storage.importers import import_trace
@@ -445,12 +446,12 @@ class Analyse(_Stage):
     def fingerprint(self) -> str:
         from analyses import VERSION
 
-        ds = cubes.open_routing(self.layout.routing, complete_only=False)
+        attrs, _ = cubes.routing_head(self.layout.routing)  # metadata only: complete() must stay cheap
         if self.exp.model.source == "import":
-            inputs = [ds.attrs.get(ImportTrace.MARK)]
+            inputs = [attrs.get(ImportTrace.MARK)]
         else:
             inputs = sorted((c.name, c.step) for c in checkpoints(self.exp))
-        return cubes.fingerprint(self.analysis, self.params(), ds.attrs.get("inputs_hash"), inputs, VERSION)
+        return cubes.fingerprint(self.analysis, self.params(), attrs.get("inputs_hash"), inputs, VERSION)
 
     def output(self):
         return luigi.LocalTarget(str(self.layout.analysis(self.analysis)))
@@ -493,9 +494,11 @@ class FullReport(_Stage):
         from .training import report_requires  # issue 16: the training-runs stage (tasks/training.py)
 
         from .experts import report_requires as weights_requires  # issue 14: tasks/experts.py
+        from .interventions import report_requires as interventions_requires  # issue 15: tasks/interventions.py
 
         return ([Analyse(experiment=self.experiment, analysis=a) for a in self.exp.analyses.run]
-                + report_requires(self.experiment) + weights_requires(self.experiment))
+                + report_requires(self.experiment) + weights_requires(self.experiment)
+                + interventions_requires(self.experiment))
 
     def fingerprint(self) -> str:
         from analyses import REPORT_VERSION, VERSION
@@ -582,14 +585,26 @@ def _path_stamp(path) -> list:
     return ["missing", str(p)]
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
 def _file_digest(path) -> str:
+    """SHA-256 of the file's content (16 hex digits), hashed once per process while its size and mtime stay.
+
+    Completeness checks ask for it many times per run (every Capture checks the token tables): a
+    large dataset must not be read again each time, nor on a no-op re-run more than once.
+    """
     import hashlib
 
     p = Path(path)
     if not p.is_file():
         return "missing"
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()[:16]
+    return _DIGESTS[key]

@@ -31,17 +31,6 @@ def experts_dir(layout) -> Path:
     return Path(layout.root) / "experts"
 
 
-def _embed_layer(path: str, layer: int, ffn_dim: int, seed: int, k_values, kmeans_seeds: int, random_draws: int):
-    import xarray as xr
-
-    from analyses.experts import expert_embeddings, similarity_structure
-
-    emb = expert_embeddings(path, layers=[layer], ffn_dim=ffn_dim, seed=seed)
-    sim = similarity_structure(emb, k_values=tuple(k_values), kmeans_seeds=kmeans_seeds, random_draws=random_draws,
-                               seed=seed)
-    return xr.merge([emb, sim], combine_attrs="drop_conflicts")
-
-
 def _moe_layers(path: str) -> list[int]:
     from storage.weights import _ROUTER, tensor_names
 
@@ -78,15 +67,17 @@ class ExpertWeights(_Stage):
         import numpy as np
         import xarray as xr
 
-        from analyses.experts import drift, mantel_against
+        from analyses.experts import drift, layer_structure, mantel_against
 
         e = self.exp.experts
         ckpts = sorted(checkpoints(self.exp), key=lambda c: c.step)
         layers = list(e.layers) or _moe_layers(ckpts[0].path)
         if not layers:
             raise ValueError(f"{ckpts[0].path}: no router weights found; [experts] needs an MoE checkpoint")
-        jobs = [[dask.delayed(_embed_layer)(c.path, layer, e.ffn_dim, e.seed, list(e.k_values), e.kmeans_seeds,
-                                            e.random_draws) for layer in layers] for c in ckpts]
+        # Dask runs functions of analyses/ only: a worker never imports tasks/ (see analyses.experts.layer_structure)
+        jobs = [[dask.delayed(layer_structure)(c.path, layer, ffn_dim=e.ffn_dim, seed=e.seed, k_values=tuple(e.k_values),
+                                               kmeans_seeds=e.kmeans_seeds, random_draws=e.random_draws)
+                 for layer in layers] for c in ckpts]
         client = _client(self.exp)
         done = dask.compute(jobs, scheduler=client)[0]  # one compute over (checkpoint, layer)
         per_ckpt = [xr.concat(parts, "layer", combine_attrs="drop_conflicts") for parts in done]
@@ -112,12 +103,6 @@ class ExpertWeights(_Stage):
         ds.attrs.update({"analysis": "experts", "ffn_dim": e.ffn_dim, "seed": e.seed,
                          "definition": "see analyses/experts.py; diversity = 1 − mean off-diagonal cosine"})
         cubes.write_result(ds, self.output().path, fingerprint=self.fingerprint())
-
-
-def _cluster_job(packed, cols: int, n: int, k_values, seeds: int):
-    from analyses.masks import cluster_rows
-
-    return cluster_rows(packed, cols, n=n, k_values=tuple(k_values), seeds=seeds, keep_rows=True)
 
 
 class Masks(_Stage):
@@ -154,67 +139,49 @@ class Masks(_Stage):
 
     def run(self):
         import dask
-        import numpy as np
-        import xarray as xr
 
         from analyses import masks as M
 
         m = self.exp.masks
         ck = self._checkpoint()
-        mats = {}  # (method, component, layer) -> (bool mask, row_expert)
         weights = {(c, layer): M.component_matrix(ck.path, c, layer) for c in m.components for layer in m.layers}
-        norms = {}
-        if "wanda" in m.methods and weights:
-            from capture.calibrate import input_norms
-            from capture.job import load_token_tables
-            from capture.load import load_model
-
-            table = load_token_tables([t.output().path for t in self.requires()[1:]])
-            sample, ids = table["sample"].values, table["token_id"].values
-            samples = list(dict.fromkeys(sample.tolist()))[: m.calibration_samples]
-            calib = [ids[sample == s] for s in samples]
-            model = load_model(ck.path, trust_remote_code=self.exp.model.trust_remote_code)
-            norms = input_norms(model, calib, list(m.components), layers=list(m.layers), where=ck.path)
-            del model
-        for (c, layer), (w, row_expert) in weights.items():
-            for method in m.methods:
-                if method == "magnitude":
-                    keep = M.magnitude_mask(w, m.sparsity)
-                else:
-                    x = norms[(c, layer)]
-                    keep = M.wanda_mask(w, x[row_expert] if row_expert is not None else x, m.sparsity)
-                mats[(method, c, layer)] = (keep, row_expert)
+        norms, grams = self._calibrate(ck) if weights and {"wanda", "sparsegpt"} & set(m.methods) else ({}, {})
+        mats = M.compute_masks(weights, m.methods, m.sparsity, norms=norms, grams=grams)
         for u in m.user:
             mats[(u.method, u.component, u.layer)] = (M.load_mask(u.path, u.key or None), None)
-        # the bit-packed cube: one variable per (component) with its own row/byte dims
         out = experts_dir(self.layout)
-        masks_ds = xr.Dataset(attrs={"sparsity": m.sparsity, "checkpoint": ck.name, "checkpoint_path": ck.path,
-                                     "methods": list(m.methods), "calibration_samples": m.calibration_samples,
-                                     "packing": "numpy.packbits along columns (big bit order); 1 = weight kept",
-                                     "magnitude": "the int(sparsity·size) smallest |W| of the matrix pruned",
-                                     "wanda": "per output row, the int(sparsity·cols) lowest |W|·‖X_j‖₂ pruned"})
-        for (method, c, layer), (keep, row_expert) in mats.items():
-            v = f"mask__{method}__{c}__{layer}".replace(".", "_")
-            masks_ds[v] = xr.DataArray(M.pack_rows(keep), dims=(f"row_{v}", f"byte_{v}"),
-                                       attrs={"method": method, "component": c, "layer": int(layer),
-                                              "cols": int(keep.shape[1]), "kept_fraction": float(keep.mean())})
-            if row_expert is not None:
-                masks_ds = masks_ds.assign_coords({f"expert_{v}": (f"row_{v}", row_expert)})
-        cubes.write_result(masks_ds, out / "masks.zarr", fingerprint=self.fingerprint())
+        cubes.write_result(M.masks_dataset(mats, {"sparsity": m.sparsity, "checkpoint": ck.name, "checkpoint_path": ck.path,
+                                                  "methods": list(m.methods), "calibration_samples": m.calibration_samples}),
+                           out / "masks.zarr", fingerprint=self.fingerprint())
         keys = list(mats)
-        jobs = [dask.delayed(_cluster_job)(M.pack_rows(mats[k][0]), mats[k][0].shape[1], m.n_similar, list(m.k_values),
-                                           m.seeds) for k in keys]
-        client = _client(self.exp)
-        results = dask.compute(jobs, scheduler=client)[0]
-        cells = [r.assign(n_used=((), float(r.attrs["n"]))).expand_dims(method=[k[0]], component=[k[1]],
-                                                                        layer=[int(k[2])]) for k, r in zip(keys, results)]
-        for c in cells:
-            c.attrs = {}
-        res = xr.combine_by_coords(cells, fill_value=np.nan, combine_attrs="drop")
-        res.attrs.update({"analysis": "masks", "figure_seeds": int(m.figure_seeds), "n": int(m.n_similar), "sparsity": m.sparsity, "checkpoint": ck.name})
+        jobs = [dask.delayed(M.cluster_rows)(M.pack_rows(mats[k][0]), mats[k][0].shape[1], n=m.n_similar,
+                                             k_values=tuple(m.k_values), seeds=m.seeds, keep_rows=True) for k in keys]
+        results = dask.compute(jobs, scheduler=_client(self.exp))[0]
+        res = M.combine_clusters(keys, results, {"analysis": "masks", "figure_seeds": int(m.figure_seeds),
+                                                 "figure_k": [int(k) for k in m.figure_k or m.k_values],
+                                                 "n": int(m.n_similar), "sparsity": m.sparsity, "checkpoint": ck.name})
         (out / "metrics_summary.json").write_text(json.dumps(M.json_summary(res, {"sparsity": m.sparsity,
                                                                                   "checkpoint": ck.name}), indent=2))
         cubes.write_result(res, self.output().path, fingerprint=self.fingerprint())
+
+    def _calibrate(self, ck):
+        """Calibration statistics of the pruned layers on the experiment's token tables: (Wanda norms, SparseGPT Grams)."""
+        import numpy as np
+
+        from capture.calibrate import input_grams, input_norms
+        from capture.job import load_token_tables
+        from capture.load import load_model
+
+        m = self.exp.masks
+        table = load_token_tables([t.output().path for t in self.requires()[1:]])
+        sample, ids = table["sample"].values, table["token_id"].values
+        samples = list(dict.fromkeys(sample.tolist()))[: m.calibration_samples]
+        calib = [ids[sample == s] for s in samples]
+        model = load_model(ck.path, trust_remote_code=self.exp.model.trust_remote_code)
+        if "sparsegpt" in m.methods:  # one pass: Wanda's ‖X_j‖₂ is the root of the Gram matrix's diagonal
+            grams = input_grams(model, calib, list(m.components), layers=list(m.layers), where=ck.path)
+            return {k: np.sqrt(np.diagonal(g, axis1=-2, axis2=-1)) for k, g in grams.items()}, grams
+        return input_norms(model, calib, list(m.components), layers=list(m.layers), where=ck.path), {}
 
 
 def report_requires(experiment: str) -> list:

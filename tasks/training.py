@@ -11,13 +11,14 @@ last. ``FullReport`` requires it (see :func:`report_requires`). Numbers live in
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import luigi
 
 from storage import cube as cubes
 
-from . import Capture, ImportTrace, PrepareModel, _experiment, _layout, _path_stamp, _Stage, checkpoints, datasets
+from . import Analyse, Capture, ImportTrace, PrepareModel, _experiment, _layout, _path_stamp, _Stage, checkpoints, datasets
 
 
 def _run_inputs(exp, name: str, *, own: bool):
@@ -29,6 +30,7 @@ def _run_inputs(exp, name: str, *, own: bool):
     return RunInput(
         name=name, routing=str(layout.routing), checkpoints=tuple(ck),
         training_log=str(log) if exp.model.source == "demo" and log.is_file() else "",
+        training_log_source=str(log.relative_to(layout.root)),
         datasets=tuple((d.name, d.path) for d in datasets(exp)),
         extra_logs=tuple(dataclasses.asdict(x) for x in exp.training.logs) if own else (),
         score_files=tuple(dataclasses.asdict(x) for x in exp.training.scores) if own else (),
@@ -50,7 +52,20 @@ class TrainingRuns(_Stage):
         reqs = _routing_of(self.experiment)
         for r in self.exp.runs:
             reqs += _routing_of(r.experiment)
-        return reqs
+        return reqs + [t for _, t in self._side_by_side()]
+
+    def _side_by_side(self) -> list:
+        """(run name, Analyse) for each analysis this experiment and a ``[[runs]]`` experiment both list.
+
+        Those run on the other run's own cube too, so that the report shows them side by side
+        (``analyses/figures/training_runs.side_by_side``); the other experiment's ``[analyses] run``
+        says which it affords.
+        """
+        out = []
+        for r in self.exp.runs:
+            other = _experiment(r.experiment).analyses.run
+            out += [(r.name, Analyse(experiment=r.experiment, analysis=a)) for a in self.exp.analyses.run if a in other]
+        return out
 
     def _runs(self):
         exp = self.exp
@@ -64,14 +79,16 @@ class TrainingRuns(_Stage):
         parts = []
         for r in self._runs():
             try:
-                ds = cubes.open_routing(r.routing, complete_only=False)
-                parts.append([ds.attrs.get("inputs_hash"), ds.attrs.get(ImportTrace.MARK), sorted(map(str, ds.checkpoint.values))])
+                attrs, names = cubes.routing_head(r.routing)  # metadata only: complete() must stay cheap
+                parts.append([attrs.get("inputs_hash"), attrs.get(ImportTrace.MARK), sorted(names)])
             except cubes.CubeError:
                 parts.append(None)
             parts.append([r.name, [c[:2] for c in r.checkpoints], _path_stamp(r.training_log) if r.training_log else ""])
         t = self.exp.training
         files = [_path_stamp(x.path) for x in (*t.logs, *t.scores)]
-        return cubes.fingerprint("training", dataclasses.asdict(t), files, parts, VERSION, 2)
+        side = [[name, a.analysis, cubes.result_fingerprint(a.output().path, verify=False)]
+                for name, a in self._side_by_side()]
+        return cubes.fingerprint("training", dataclasses.asdict(t), files, parts, side, VERSION, 3)
 
     def output(self):
         return luigi.LocalTarget(str(self.layout.analysis("training")))
@@ -91,8 +108,16 @@ class TrainingRuns(_Stage):
         parts = build(self._runs())
         for name, ds in parts.items():
             cubes.write_result(ds, out_dir / f"{name}.zarr", fingerprint=fp)
-        # last: the mark the report and complete() read
-        cubes.write_result(xr.Dataset(attrs={"parts": list(parts), "runs": [r.name for r in self._runs()]}),
+        side: dict[str, list[str]] = {}
+        for name, a in self._side_by_side():
+            side.setdefault(a.analysis, []).append(name)
+        # run folders relative to this one: a run's outputs never name where it lies (a moved or copied run
+        # folder, or the same experiment run elsewhere, gives identical outputs; tests/test_faults.py)
+        here = self.layout.root.resolve()
+        roots = ["."] + [os.path.relpath(_layout(_experiment(r.experiment)).root.resolve(), here) for r in self.exp.runs]
+        # last: the mark the report and complete() read; the report finds the other runs' folders here
+        cubes.write_result(xr.Dataset(attrs={"parts": list(parts), "runs": [r.name for r in self._runs()],
+                                             "run_roots": roots, "side_by_side": side}),
                            self.output().path, fingerprint=fp)
 
 

@@ -1,6 +1,6 @@
 """Helpers for tests that run the Luigi pipeline on the tiny demo, in-process or as ``luigi`` subprocesses.
 
-- :func:`tiny_model`: a session fixture, the tiny demo of ``test_pipeline.TINY_DEMO``
+- :func:`tiny_model`: a session fixture, the tiny demo of :func:`tiny_experiment`
   prepared once (trained, ``prepared.json`` written); :func:`new_run` copies its
   model dir into a fresh run, so a run starts at Tokenize.
 - :func:`start_luigi`: ``luigi --module ... FullReport`` in its own session;
@@ -107,20 +107,16 @@ _MODEL: dict[str, Path] = {}
 ANALYSES = ("usage", "change")
 
 
+#: test_pipeline's tiny demo: the tiny experiment with paired conditions and the lens/divergence capture.
+CONDITIONS = {"a": "tool_context", "b": "plain"}
+LENS_CAPTURE = {"logit_lens": True, "js_divergence": True}
+
+
 def tiny_experiment(out: Path, *, port: int, analyses=ANALYSES) -> str:
-    """test_pipeline's TINY_DEMO (model, capture settings, conditions) with only ``analyses`` run."""
-    import re
-    import tomllib
+    """The tiny demo (``experiments/tiny.py``) with conditions and the lens capture, running ``analyses``."""
+    from experiments.tiny import tiny_experiment as tiny
 
-    from test_pipeline import TINY_DEMO
-
-    text = TINY_DEMO.format(out=out, port=port)
-    line = "run = [" + ", ".join(f'"{a}"' for a in analyses) + "]"
-    text, n = re.subn(r"(?m)^run = \[.*\]$", line, text)
-    if not n:
-        text += f"\n[analyses]\n{line}\n"
-    assert tomllib.loads(text)["analyses"]["run"] == list(analyses)
-    return text
+    return tiny(out, analyses=analyses, port=port, capture=LENS_CAPTURE, conditions=CONDITIONS)
 
 
 def build(exp_path, targets=None) -> tuple[bool, list[BaseException]]:
@@ -352,7 +348,7 @@ def outputs(run: Path) -> dict:
     """Everything a user reads from a finished run, as comparable values.
 
     routing.zarr (variables, coords, attrs, complete flags), every analysis
-    result, tables/*.csv, summary.json without the fields that name the run
+    result (and every part of a stage with several, analyses/<stage>/*.zarr), tables/*.csv, summary.json without the fields that name the run
     (its file, output dir, time), the figure file names.
     """
     import xarray as xr
@@ -366,11 +362,14 @@ def outputs(run: Path) -> dict:
     for volatile in ("generated", "experiment_file", "experiment_spec", "fingerprint"):
         summary.pop(volatile, None)
     results = {p.name: cubes.open_result(p) for p in sorted((run / "analyses").glob("*.zarr"))}
-    for ds in results.values():
+    # a stage's several results (analyses/training/*.zarr; the stage's mark is analyses/training.zarr)
+    parts = {str(p.relative_to(run)): cubes.open_result(p) for p in sorted((run / "analyses").glob("*/*.zarr"))}
+    for ds in [*results.values(), *parts.values()]:
         ds.attrs.pop(cubes.FINGERPRINT_ATTR, None)
     return {
         "routing": routing,
         "analyses": results,
+        "parts": parts,
         "tables": {p.name: p.read_text() for p in sorted((run / "tables").glob("*.csv"))},
         "summary": summary,
         "figures": sorted(str(p.relative_to(run)) for p in (run / "report").rglob("*.png")),
@@ -384,6 +383,9 @@ def assert_same_outputs(a: dict, b: dict) -> None:
     assert sorted(a["analyses"]) == sorted(b["analyses"])
     for name in a["analyses"]:
         xr.testing.assert_identical(a["analyses"][name], b["analyses"][name])
+    assert sorted(a["parts"]) == sorted(b["parts"])
+    for name in a["parts"]:
+        xr.testing.assert_identical(a["parts"][name], b["parts"][name])
     assert a["tables"] == b["tables"]
     assert a["summary"] == b["summary"]
     assert a["figures"] == b["figures"]

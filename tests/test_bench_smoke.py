@@ -181,10 +181,14 @@ def test_e2e_tiny():
     doc = run_bench("bench.e2e", "--tiny", timeout=600)
     check_machine(doc)
     runs = doc["runs"]
-    assert set(runs) == {"full_from_clean", "noop_rerun", "checkpoints_minus_one", "add_one_checkpoint"}
+    assert set(runs) == {"full_from_clean", "noop_rerun", "noop_rerun_cli", "checkpoints_minus_one",
+                         "add_one_checkpoint"}
     assert all(r["ok"] and r["wall_s"] > 0 for r in runs.values())
     assert "FullReport" in runs["full_from_clean"]["tasks_ran"]
     assert runs["noop_rerun"]["tasks_ran"] == []
+    cli = runs["noop_rerun_cli"]  # moe-atlas run on the finished run: nothing to run, every time (issue 13)
+    assert len(cli["runs"]) == 3 and all(r["nothing_to_run"] and r["returncode"] == 0 for r in cli["runs"])
+    assert cli["ratio_to_import_floor"] == pytest.approx(cli["best_wall_s"] / cli["import_floor_s"])
     added = doc["left_out_then_added"]
     assert [t for t in runs["add_one_checkpoint"]["tasks_ran"] if t.startswith("Capture")] == [f"Capture:{added}"]
     assert doc["add_one_captured_only_it"] is True

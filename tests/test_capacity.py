@@ -34,9 +34,10 @@ from capture.families import tiny_model
 from capture.job import WEIGHT_SELF_TEST_ATTR, build_template, capture_into_cube, weight_self_test
 from capture.load import ModelInfo
 from capture.run import capture_model
+from capture_helpers import ListSink, seeded_tokens
 from cube_helpers import lazy, small_cube
 from storage import cube as cubes
-from storage.schema import empty_routing, mock_cube, token_table
+from storage.schema import empty_routing, mock_cube
 
 transformers.logging.set_verbosity_error()
 
@@ -45,10 +46,7 @@ LENGTHS = [5, 9, 2, 12, 7]
 
 
 def _tokens(lengths=LENGTHS, seed=0, vocab=VOCAB):
-    rng = np.random.default_rng(seed)
-    sample = np.repeat(np.arange(len(lengths)), lengths)
-    position = np.concatenate([np.arange(n) for n in lengths])
-    return token_table(sample=sample, position=position, token_id=rng.integers(3, vocab, size=len(sample)))
+    return seeded_tokens(lengths, seed, high=vocab)
 
 
 # --------------------------------------------------------------------------- weight self-test in the cube attrs
@@ -164,17 +162,6 @@ def test_concurrent_json_merges_keep_every_checkpoint(tmp_path):
 
 
 # --------------------------------------------------------------------------- the capacity analysis
-
-class ListSink:
-    def __init__(self):
-        self.parts = []
-
-    def append(self, **arrays):
-        self.parts.append(arrays)
-
-    def result(self):
-        return {k: np.concatenate([p[k] for p in self.parts], axis=0 if k == "nll" else 1) for k in self.parts[0]}
-
 
 @pytest.fixture(scope="module")
 def switch_cube():

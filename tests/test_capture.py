@@ -36,6 +36,7 @@ from capture.hooks import record_routing
 from capture.load import describe_checkpoint, load_model
 from capture.routers import RouterSite, decode_router_output, find_routers
 from capture.run import capture_checkpoint, capture_model
+from capture_helpers import ListSink, seeded_tokens
 from storage.schema import token_table
 
 transformers.logging.set_verbosity_error()
@@ -100,24 +101,7 @@ def ckpts(tmp_path_factory):
 
 
 def _tokens(lengths=LENGTHS, seed=0):
-    rng = np.random.default_rng(seed)
-    sample = np.repeat(np.arange(len(lengths)), lengths)
-    position = np.concatenate([np.arange(n) for n in lengths])
-    return token_table(sample=sample, position=position, token_id=rng.integers(0, VOCAB, size=len(sample)))
-
-
-class ListSink:
-    def __init__(self):
-        self.parts = []
-
-    def append(self, **arrays):
-        self.parts.append(arrays)
-
-    def result(self):
-        out = {}
-        for k in self.parts[0]:
-            out[k] = np.concatenate([p[k] for p in self.parts], axis=0 if k == "nll" else 1)
-        return out
+    return seeded_tokens(lengths, seed, low=0, high=VOCAB)
 
 
 def _capture(path, tokens=None, **kw):

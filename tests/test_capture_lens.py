@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, Gemma4TextConfig, MixtralConfig, 
 
 from capture import lens as lens_mod
 from capture.lens import find_lens_head, record_lens, target_logprob
-from capture.run import capture_model, lens_partners, pair_batches, sample_spans
+from capture.run import MemorySink, capture_model, lens_partners, pair_batches, sample_spans
 from storage.schema import token_table
 
 transformers.logging.set_verbosity_error()
@@ -61,17 +61,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def models():
     return {f: _model(f) for f in ("mixtral", "qwen3_moe", "gemma4")}
-
-
-class Sink:
-    def __init__(self):
-        self.parts = []
-
-    def append(self, **arrays):
-        self.parts.append(arrays)
-
-    def get(self, name):
-        return np.concatenate([p[name] for p in self.parts], axis=0 if name == "nll" else 1)
 
 
 def _paired_tokens(layout="adjacent", seed=0):
@@ -127,7 +116,7 @@ def _reference(model, tokens):
 def test_lens_equals_the_readout_of_every_layer_and_the_model_nll_at_the_last(models, family):
     model = models[family]
     tokens = _paired_tokens()
-    sink = Sink()
+    sink = MemorySink()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the built-in last-layer check must stay quiet
         info = capture_model(model, tokens, sink, keep_lens=True, batch_size=4, progress=False)
@@ -151,11 +140,11 @@ def test_js_equals_scipy_and_does_not_depend_on_layout_or_batching(models):
     results = {}
     for layout, bs in (("adjacent", 4), ("split", 1), ("split", 3)):
         tokens = _paired_tokens(layout)
-        sink = Sink()
+        sink = MemorySink()
         capture_model(model, tokens, sink, keep_lens=True, keep_js=True, batch_size=bs, progress=False)
         # samples still reach the sink in token order, whole and consecutive
         assert sum(p["nll"].shape[0] for p in sink.parts) == tokens.sizes["token"]
-        plain = Sink()
+        plain = MemorySink()
         capture_model(model, tokens, plain, keep_lens=True, batch_size=2, progress=False)
         np.testing.assert_array_equal(sink.get("expert_ids"), plain.get("expert_ids"))
         np.testing.assert_allclose(sink.get("lens_logprob"), plain.get("lens_logprob"), atol=1e-5)
@@ -218,7 +207,7 @@ def test_a_wrong_readout_is_reported(models, monkeypatch):
     # a lens without the final norm no longer reproduces the model's logits
     monkeypatch.setattr(lens_mod, "find_lens_head", lambda m, where="model": lens_mod.LensHead(None, real.lm_head))
     with pytest.warns(UserWarning, match="differs from the model's own NLL"):
-        capture_model(model, _paired_tokens(), Sink(), keep_lens=True, progress=False)
+        capture_model(model, _paired_tokens(), MemorySink(), keep_lens=True, progress=False)
 
 
 def test_hooks_removed_and_clear_errors(models):
@@ -238,6 +227,6 @@ def test_hooks_removed_and_clear_errors(models):
             pass
     plain = _paired_tokens().drop_vars("aligned_token")
     with pytest.raises(ValueError, match="'aligned_token' is missing"):
-        capture_model(model, plain, Sink(), keep_js=True, progress=False)
+        capture_model(model, plain, MemorySink(), keep_js=True, progress=False)
     with pytest.raises(ValueError, match="no output embedding"):
         find_lens_head(torch.nn.Linear(2, 2))

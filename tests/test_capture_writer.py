@@ -22,10 +22,11 @@ import torch
 import transformers
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from capture.run import capture_model
+from capture.run import MemorySink, capture_model
+from capture_helpers import seeded_tokens
 from capture.stage import BackgroundWriter, stage_to_host
 from storage import cube as cubes
-from storage.schema import empty_routing, token_table
+from storage.schema import empty_routing
 
 transformers.logging.set_verbosity_error()
 
@@ -48,26 +49,20 @@ def model():
 
 
 def _tokens(lengths=LENGTHS, seed=0):
-    rng = np.random.default_rng(seed)
-    sample = np.repeat(np.arange(len(lengths)), lengths)
-    position = np.concatenate([np.arange(n) for n in lengths])
-    return token_table(sample=sample, position=position, token_id=rng.integers(0, VOCAB, size=len(sample)))
+    return seeded_tokens(lengths, seed, low=0, high=VOCAB)
 
 
-class ListSink:
-    """Keeps copies of what it is given and the thread that gave it."""
+class ListSink(MemorySink):
+    """Keeps copies of what it is given and the thread that gave it; ``fail_at``: raise at that batch."""
 
     def __init__(self, fail_at: int | None = None):
-        self.parts, self.threads, self.fail_at = [], [], fail_at
+        super().__init__(copy=True)
+        self.fail_at = fail_at
 
     def append(self, **arrays):
         if self.fail_at is not None and len(self.parts) == self.fail_at:
             raise OSError(f"disk full at batch {self.fail_at}")
-        self.parts.append({k: np.array(v, copy=True) for k, v in arrays.items()})
-        self.threads.append(threading.current_thread())
-
-    def result(self):
-        return {k: np.concatenate([p[k] for p in self.parts], axis=0 if k == "nll" else 1) for k in self.parts[0]}
+        super().append(**arrays)
 
 
 def _hook_count(m):

@@ -255,6 +255,14 @@ def test_new_user_outside_the_repo_with_an_external_dask_cluster(tmp_path):
             except subprocess.TimeoutExpired:
                 p.kill()
 
+    # 4b. the same command again: nothing to run (no stage, no cluster), exit 0; the JSONL ids are in the cube
+    r = moe_atlas("run", "mine.toml", cwd=work, exe=exe, env=env)
+    assert r.returncode == 0 and "nothing to run" in r.stdout and " done in " not in r.stdout, r.stdout[-2000:]
+    import xarray as xr
+
+    ids = xr.open_zarr(work / "runs" / "mine" / "routing.zarr").sample_id.values
+    assert sorted(set(map(str, ids))) == sorted({s["id"] for s in samples})
+
     # 5. a bad file: one line naming file and key, exit status != 0
     (work / "bad.toml").write_text(text.replace("batch_size = 16", "batchsize = 16", 1))
     r = moe_atlas("run", "bad.toml", cwd=work, exe=exe, env=env)

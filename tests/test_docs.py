@@ -106,37 +106,10 @@ def test_docs_are_found_and_every_block_is_handled():
 # ------------------------------------------------------------------ python: against a real run
 
 
-DOCS_DEMO = """
-name = "demo"
-output_dir = "{out}"
-[model]
-source = "demo"
-[model.demo]
-steps = 300
-checkpoint_steps = [0, 300]
-hidden_size = 16
-intermediate_size = 32
-num_layers = 3
-num_heads = 2
-num_experts = 4
-top_k = 2
-vocab_size = 300
-seq_len = 32
-batch_size = 4
-lr = 0.01
-warmup_steps = 2
-eval_samples_per_domain = 2
-eval_max_chars = 200
-train_chars_per_domain = 5000
-[capture]
-batch_size = 4
-max_length = 64
-[analyses]
-run = ["usage"]
-[dask]
-n_workers = 1
-dashboard_port = 0
-"""
+# The tiny demo (experiments/tiny.py), smaller still and trained longer, without router logits.
+DOCS_DEMO = dict(steps=300, checkpoint_steps=[0, 300], hidden_size=16, intermediate_size=32, num_layers=3,
+                 vocab_size=300, seq_len=32, batch_size=4, eval_samples_per_domain=2, eval_max_chars=200,
+                 train_chars_per_domain=5000)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +121,10 @@ def docs_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("docs")
     exp = root / "demo.toml"
-    exp.write_text(DOCS_DEMO.format(out=root / "runs" / "demo"))
+    from experiments.tiny import tiny_experiment
+
+    exp.write_text(tiny_experiment(root / "runs" / "demo", name="demo", port=0, demo=DOCS_DEMO,
+                                   capture={"keep_router_logits": False}))
     try:
         ok, errors = build(exp)
     finally:

@@ -83,3 +83,25 @@ def test_drift_and_mantel(tmp_path):
                          coords={"checkpoint": ["a"], "layer": [0]})
     res = X.mantel_against(sim.expand_dims(checkpoint=["a"]), coact, n_perm=49)
     assert res.mantel_r.sel(embedding="router").values.ravel()[0] == pytest.approx(1.0)
+
+
+def test_mantel_p_equals_a_loop_of_spearmanr():
+    """The vectorised permutations give the p-value of one scipy spearmanr per permutation (same RNG draws)."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((9, 9))
+    a = a + a.T
+    b = np.round(a + 2.0 * rng.standard_normal((9, 9)), 1)  # ties: average ranks must match spearmanr's
+    b = b + b.T
+    rho, p = X.mantel(a, b, n_perm=99, seed=5)
+    iu = np.triu_indices(9, 1)
+    r_ref = spearmanr(a[iu], b[iu]).statistic
+    g = np.random.default_rng(5)
+    hits = 0
+    for _ in range(99):
+        q = g.permutation(9)
+        hits += spearmanr(a[iu], b[np.ix_(q, q)][iu]).statistic >= r_ref - 1e-12
+    assert rho == pytest.approx(r_ref)
+    assert p == pytest.approx((1 + hits) / 100)
+    assert 0 < p < 1

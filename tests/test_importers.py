@@ -126,23 +126,32 @@ def case_llamacpp_bin(tmp, rng):
                             domain=["code"] * (n + 1) + ["prose"] * (n + 1)))
 
 
-def case_csv_layer_expert(tmp, rng):
-    """A 3-token prompt batch (layer-major runs of 3*k rows), then 4 single-token decode steps."""
-    layers = [0, 1, 2]
-    truth = {s: [routing(rng, 7, 3) for _ in range(2)] for s in ("code", "math")}
+def csv_folders(tmp, truth, rows) -> list:
+    """One folder per checkpoint c, holding ``<s>.csv`` = ``rows(s, truth[s][c])`` for each source s."""
     sources = []
     for c in range(2):
         folder = tmp / f"ckpt{c}"
         folder.mkdir()
         for s, per in truth.items():
-            rows = ["layer,expert"] if s == "code" else []  # the math file is written without a header
-            batches = [range(0, 3)] + [range(t, t + 1) for t in range(3, 7)]
-            for batch in batches:
-                for li, layer in enumerate(layers):
-                    for t in batch:
-                        rows += [f"{layer},{e}" for e in per[c][t, li]]
-            (folder / f"{s}.csv").write_text("\n".join(rows) + "\n")
+            (folder / f"{s}.csv").write_text("\n".join(rows(s, per[c])) + "\n")
         sources.append(folder)
+    return sources
+
+
+def case_csv_layer_expert(tmp, rng):
+    """A 3-token prompt batch (layer-major runs of 3*k rows), then 4 single-token decode steps."""
+    layers = [0, 1, 2]
+    truth = {s: [routing(rng, 7, 3) for _ in range(2)] for s in ("code", "math")}
+
+    def rows(s, ids):
+        out = ["layer,expert"] if s == "code" else []  # the math file is written without a header
+        for batch in [range(0, 3)] + [range(t, t + 1) for t in range(3, 7)]:
+            for li, layer in enumerate(layers):
+                for t in batch:
+                    out += [f"{layer},{e}" for e in ids[t, li]]
+        return out
+
+    sources = csv_folders(tmp, truth, rows)
     ids = np.stack([np.concatenate([truth[s][c] for s in truth]).transpose(1, 0, 2) for c in range(2)])
     side = {"code": {"domain": "code"}, "math": {"domain": "math"}}
     return dict(sources=sources, options={"top_k": K}, side_table=side,
@@ -176,19 +185,17 @@ def case_csv_phase_token(tmp, rng):
     """Rows of a (token, layer) in shuffled rank order (unsorted top-k), ranks 1-based."""
     layers = [0, 1]
     truth = {s: [routing(rng, 5, 2) for _ in range(2)] for s in ("code", "math")}
-    sources = []
-    for c in range(2):
-        folder = tmp / f"ckpt{c}"
-        folder.mkdir()
-        for s, per in truth.items():
-            rows = ["phase,token,layer,rank,expert"]
-            for t in range(5):
-                cells = [(li, r) for li in range(2) for r in range(K)]
-                for i in rng.permutation(len(cells)):
-                    li, r = cells[i]
-                    rows.append(f"{'prompt' if t < 2 else 'decode'},{t},{layers[li]},{r + 1},{per[c][t, li, r]}")
-            (folder / f"{s}.csv").write_text("\n".join(rows) + "\n")
-        sources.append(folder)
+
+    def rows(s, ids):
+        out = ["phase,token,layer,rank,expert"]
+        for t in range(5):
+            cells = [(li, r) for li in range(2) for r in range(K)]
+            for i in rng.permutation(len(cells)):
+                li, r = cells[i]
+                out.append(f"{'prompt' if t < 2 else 'decode'},{t},{layers[li]},{r + 1},{ids[t, li, r]}")
+        return out
+
+    sources = csv_folders(tmp, truth, rows)
     ids = np.stack([np.concatenate([truth[s][c] for s in truth]).transpose(1, 0, 2) for c in range(2)])
     return dict(sources=sources, options={}, side_table={"code": {"domain": "code"}, "math": {"domain": "math"}},
                 expect=dict(ids=ids, layers=layers, domain=["code"] * 5 + ["math"] * 5))
@@ -877,3 +884,18 @@ def test_mismatched_checkpoints_and_existing_output(tmp_path):
 def test_aggregate_variables_are_declared_in_the_schema():
     assert {"agg_entropy_topk", "agg_entropy_all", "agg_margin", "agg_top1_counts", "agg_topk_counts",
             "agg_samples"} == set(AGGREGATE_VARIABLES)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_imported_cube_explains_itself(name, imported):
+    """CF long_name/units on every variable and coordinate (issue 13); each sample keeps its key as ``sample_id``."""
+    case, _, ds = imported[name]
+    assert [n for n in ds.variables if not {"long_name", "units"} <= set(ds[n].attrs)] == []
+    if ds.sizes["token"] == 0:
+        return
+    sample, ids = ds["sample"].values, ds["sample_id"].values.astype(str)
+    first = np.r_[True, sample[1:] != sample[:-1]]
+    assert (ids != "").all() and len(set(ids[first])) == first.sum()  # one own id per sample, none repeated
+    assert all((ids[sample == s] == ids[sample == s][0]).all() for s in np.unique(sample))
+    if case["side_table"]:  # the side table's keys are the ids it labelled
+        assert set(case["side_table"]) <= set(ids)

@@ -244,3 +244,16 @@ def test_rerun_of_the_same_command_recaptures_and_recomputes_only_the_damage(tmp
     after = cubes.open_routing(routing).load()
     xr.testing.assert_identical(after, before)  # the same data, never fill, and token ids not 0
     xr.testing.assert_identical(cubes.open_result(run / "analyses" / "usage.zarr"), usage)
+
+
+def test_routing_head_reads_what_open_routing_does_and_refuses_the_same_damage(run):
+    """The cheap read of completeness checks (attrs, checkpoint names; no xarray) agrees with open_routing."""
+    attrs, names = cubes.routing_head(run.routing)
+    full = cubes.open_routing(run.routing, complete_only=False)
+    assert names == list(map(str, full.checkpoint.values)) == NAMES
+    assert attrs["inputs_hash"] == full.attrs["inputs_hash"] and attrs["top_k"] == full.attrs["top_k"]
+    chunk(run.routing, "token_id", 0).unlink()  # a lost template chunk: both refuse, naming it
+    with pytest.raises(cubes.CubeError, match="token_id/c/0"):
+        cubes.routing_head(run.routing)
+    with pytest.raises(cubes.CubeError, match="no routing cube"):
+        cubes.routing_head(run.routing.parent / "nowhere.zarr")

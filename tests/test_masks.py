@@ -104,15 +104,22 @@ def test_load_mask_formats(tmp_path):
         M.load_mask(tmp_path / "v.npy")
 
 
-def test_calibration_norms(tmp_path):
-    """q_proj norms equal the layer-normed hidden states; experts' per-expert norms² sum to top_k × all tokens'."""
+@pytest.fixture(scope="module")
+def mixtral():
+    """One tiny random Mixtral for the calibration tests of this module."""
     import transformers
 
-    from capture.calibrate import input_norms
     from capture.families import tiny_model
 
     transformers.logging.set_verbosity_error()
-    model = tiny_model("mixtral", seed=1)
+    return tiny_model("mixtral", seed=1)
+
+
+def test_calibration_norms(mixtral):
+    """q_proj norms equal the layer-normed hidden states; experts' per-expert norms² sum to top_k × all tokens'."""
+    from capture.calibrate import input_norms
+
+    model = mixtral
     ids = [np.arange(3, 20), np.arange(5, 30)]
     got = input_norms(model, ids, ["self_attn.q_proj", "experts.gate_proj"], layers=[1])
     sq_attn, sq_moe = 0.0, 0.0
@@ -129,3 +136,114 @@ def test_calibration_norms(tmp_path):
     np.testing.assert_allclose((got[("experts.gate_proj", 1)] ** 2).sum(0), 2 * sq_moe.numpy(), rtol=1e-5)
     with pytest.raises(ValueError, match="no module matches"):
         input_norms(model, ids, ["self_attn.nope"])
+    from capture.calibrate import input_grams
+
+    grams = input_grams(model, ids, ["self_attn.q_proj", "experts.down_proj"], layers=[1])
+    g = grams[("self_attn.q_proj", 1)]
+    np.testing.assert_allclose(np.diag(g), got[("self_attn.q_proj", 1)] ** 2, rtol=1e-6)
+    np.testing.assert_allclose(g, g.T)
+    assert np.linalg.eigvalsh(g).min() > -1e-6 * np.abs(g).max()  # XᵀX is positive semi-definite
+    down = grams[("experts.down_proj", 1)]
+    assert down.shape == (8, model.config.intermediate_size, model.config.intermediate_size)
+    np.testing.assert_allclose(np.sqrt(np.diagonal(down, axis1=1, axis2=2)),
+                               input_norms(model, ids, ["experts.down_proj"], layers=[1])[("experts.down_proj", 1)],
+                               rtol=1e-6)
+
+
+def _sparsegpt_direct(W, H, sparsity, blocksize, percdamp=0.01):
+    """SparseGPT written with the OBS formulas and explicit inverses of the remaining columns' Hessian.
+
+    For column j, F = j … cols − 1 and G = (H_FF)⁻¹: saliency w_j² / G_00 (chosen per block on the weights at
+    the block's start), and for a pruned w_j the update δ_F = −(w_j / G_00) · G_0,: (the paper's eq. 3/4).
+    """
+    W, H = W.astype(np.float64).copy(), H.astype(np.float64).copy()
+    cols = W.shape[1]
+    H += percdamp * np.mean(np.diag(H)) * np.eye(cols)
+    pruned = np.zeros(W.shape, dtype=bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        g00 = np.array([np.linalg.inv(H[j:, j:])[0, 0] for j in range(i1, i2)])
+        score = W[:, i1:i2] ** 2 / g00
+        n = int(score.size * sparsity)
+        flat = np.zeros(score.size, dtype=bool)
+        flat[np.argsort(score.ravel(), kind="stable")[:n]] = True
+        pruned[:, i1:i2] = flat.reshape(score.shape)
+        for j in range(i1, i2):
+            G = np.linalg.inv(H[j:, j:])
+            for r in np.flatnonzero(pruned[:, j]):
+                W[r, j:] -= W[r, j] / G[0, 0] * G[0]
+    return ~pruned, W
+
+
+@pytest.mark.parametrize("blocksize", [4, 128])
+def test_sparsegpt_equals_direct_obs_formula(blocksize):
+    rng = np.random.default_rng(7)
+    W = rng.standard_normal((6, 10))
+    X = rng.standard_normal((40, 10)) @ rng.standard_normal((10, 10))  # correlated inputs: updates matter
+    H = X.T @ X
+    keep, Wq = M.sparsegpt_prune(W, H, 0.5, blocksize=blocksize)
+    keep_ref, W_ref = _sparsegpt_direct(W, H, 0.5, blocksize)
+    np.testing.assert_array_equal(keep, keep_ref)
+    np.testing.assert_allclose(Wq, W_ref, atol=1e-10)
+    assert (~keep).sum() == 30 if blocksize == 128 else (~keep).sum() == 3 * 2 * 4 + int(0.5 * 12)
+    np.testing.assert_array_equal(Wq[~keep], 0.0)
+    # the updates reconstruct the layer's output better than the same mask without them
+    assert np.linalg.norm(X @ (W - Wq).T) < np.linalg.norm(X @ (W - W * keep).T)
+    # uncorrelated, equally scaled inputs (H = c·I): no update reaches another column; per block, magnitude pruning
+    keep_i, Wq_i = M.sparsegpt_prune(W, 3.0 * np.eye(10), 0.5, blocksize=blocksize)
+    np.testing.assert_allclose(Wq_i, W * keep_i)
+    if blocksize == 128:
+        np.testing.assert_array_equal(keep_i, M.magnitude_mask(W, 0.5))
+    with pytest.raises(ValueError, match="Hessian"):
+        M.sparsegpt_prune(W, np.eye(9), 0.5)
+
+
+def test_stage_numerics_on_a_tiny_checkpoint_and_user_masks(mixtral, tmp_path):
+    """What the Masks stage computes: every method per component (experts pruned expert by expert), bit-packed
+    storage that round-trips, and user masks (.npy, .safetensors, .pt) clustered alongside; a planted user mask
+    is found (excellent), the table and JSON summary carry every matrix."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from capture.calibrate import input_grams
+
+    model = mixtral
+    model.save_pretrained(tmp_path / "ck")
+    ids = [np.arange(3, 40), np.arange(7, 30)]
+    comps = ["self_attn.q_proj", "experts.down_proj"]
+    weights = {(c, 1): M.component_matrix(tmp_path / "ck", c, 1) for c in comps}
+    grams = input_grams(model, ids, comps, layers=[1])
+    norms = {k: np.sqrt(np.diagonal(g, axis1=-2, axis2=-1)) for k, g in grams.items()}
+    mats = M.compute_masks(weights, M.METHODS, 0.5, norms=norms, grams=grams)
+    w, row_expert = weights[("experts.down_proj", 1)]
+    for e in range(8):  # each expert is its own matrix, calibrated on its own tokens
+        rows = row_expert == e
+        np.testing.assert_array_equal(mats[("magnitude", "experts.down_proj", 1)][0][rows],
+                                      M.magnitude_mask(w[rows], 0.5))
+        np.testing.assert_array_equal(mats[("wanda", "experts.down_proj", 1)][0][rows],
+                                      M.wanda_mask(w[rows], norms[("experts.down_proj", 1)][e], 0.5))
+        np.testing.assert_array_equal(mats[("sparsegpt", "experts.down_proj", 1)][0][rows],
+                                      M.sparsegpt_mask(w[rows], grams[("experts.down_proj", 1)][e], 0.5))
+    for (method, c, layer), (keep, _) in mats.items():
+        assert keep.mean() == pytest.approx(0.5, abs=1 / keep.shape[1])
+    rng = np.random.default_rng(0)
+    planted = np.repeat(rng.random((4, 96)) < 0.5, 24, axis=0) ^ (rng.random((96, 96)) < 0.03)
+    np.save(tmp_path / "u.npy", planted)
+    save_file({"a": planted.astype(np.uint8), "b": planted[:3].astype(np.uint8)}, str(tmp_path / "u.safetensors"))
+    torch.save(torch.from_numpy(planted), tmp_path / "u.pt")
+    for i, (name, key) in enumerate((("u.npy", None), ("u.safetensors", "a"), ("u.pt", None))):
+        mats[("user", f"user{i}", 0)] = (M.load_mask(tmp_path / name, key), None)
+    ds = M.masks_dataset(mats, {"sparsity": 0.5})
+    for (method, c, layer), (keep, _) in mats.items():
+        v = ds[M.mask_variable(method, c, layer)]
+        np.testing.assert_array_equal(M.unpack_rows(v.values, v.attrs["cols"]), keep)
+    keys = list(mats)
+    res = M.combine_clusters(keys, [M.cluster_rows(M.pack_rows(mats[k][0]), mats[k][0].shape[1], n=32, k_values=(4,),
+                                                   seeds=2) for k in keys], {"n": 32})
+    table = M.comparative_table(res)
+    assert len(table) == len(keys)
+    assert set(table[table.method == "user"].verdict) == {"excellent"}
+    summary = json.loads(json.dumps(M.json_summary(res)))
+    assert len(summary["matrices"]) == len(keys)
+    assert summary["matrices"][0]["aggregated"]["k_4"]["verdict"] in ("excellent", "good", "moderate", "poor")

@@ -15,6 +15,7 @@ import xarray as xr
 import analyses
 import tasks
 from analyses.registry import skip_reason
+from spec_helpers import import_experiment
 from storage import cube as cubes
 from storage.importers import TraceError, import_trace
 from storage.importers.olmoe_counts import load_counts_pickle
@@ -121,6 +122,7 @@ def test_counts_cube_and_analyses_match_brute_force(tmp_path, two_domains, as_di
                            layers=None if as_dict else LAYERS, num_experts=E)
     assert summary["layers"] == LAYERS and summary["top_k"] == K
     ds = cubes.open_routing(tmp_path / "routing.zarr")
+    assert [n for n in ds.variables if not {"long_name", "units"} <= set(ds[n].attrs)] == []  # CF attrs (issue 13)
     names, ref = _brute_force(two_domains)
     got = ds["slot_counts"].isel(checkpoint=0).sel(domain=names).transpose("layer", "domain", "expert").values
     np.testing.assert_array_equal(got, ref)
@@ -175,26 +177,8 @@ def test_bad_counts_name_the_file(tmp_path, two_domains):
 
 
 def _experiment(tmp_path, paths, *, port, run=("usage", "balance", "specialization", "change", "temporal")):
-    exp = tmp_path / "counts.toml"
-    exp.write_text(f"""
-name = "olmoe-counts"
-output_dir = "{tmp_path / 'run'}"
-[model]
-source = "import"
-[trace]
-format = "olmoe_counts"
-paths = {json.dumps([str(p) for p in paths])}
-[trace.options]
-top_k = {K}
-layers = {json.dumps(LAYERS)}
-[analyses]
-run = {json.dumps(list(run))}
-[dask]
-n_workers = 1
-dashboard_port = {port}
-""")
-    tasks._experiment.cache_clear()
-    return exp
+    trace = {"format": "olmoe_counts", "paths": [str(p) for p in paths], "options": {"top_k": K, "layers": LAYERS}}
+    return import_experiment(tmp_path, trace, run=run, port=port, name="olmoe-counts")
 
 
 @pytest.mark.slow

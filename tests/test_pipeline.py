@@ -15,47 +15,13 @@ import pytest
 import xarray as xr
 
 import tasks
+from pipeline_helpers import tiny_experiment
 from storage import cube as cubes
 
 pytestmark = pytest.mark.slow
 
-TINY_DEMO = """
-name = "tiny"
-output_dir = "{out}"
-[model]
-source = "demo"
-[model.demo]
-steps = 12
-checkpoint_steps = [0, 6, 12]
-hidden_size = 32
-intermediate_size = 64
-num_layers = 2
-num_heads = 2
-num_experts = 4
-top_k = 2
-vocab_size = 384
-seq_len = 64
-batch_size = 8
-lr = 0.01
-warmup_steps = 2
-eval_samples_per_domain = 3
-eval_max_chars = 300
-train_chars_per_domain = 20000
-[capture]
-keep_router_logits = true
-batch_size = 4
-max_length = 64
-logit_lens = true
-js_divergence = true
-[conditions]
-a = "tool_context"
-b = "plain"
-[analyses]
-run = ["usage", "confidence", "change", "divergence", "lens"]
-[dask]
-n_workers = 1
-dashboard_port = {port}
-"""
+#: Every analysis whose inputs the tiny demo captures (conditions, logit lens, divergence).
+ANALYSES = ["usage", "confidence", "change", "divergence", "lens"]
 
 
 class Ran:
@@ -97,7 +63,7 @@ def build(exp_path) -> tuple[bool, Ran]:
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     exp = root / "tiny.toml"
-    exp.write_text(TINY_DEMO.format(out=root / "run", port=18787))
+    exp.write_text(tiny_experiment(root / "run", port=18787, analyses=ANALYSES))
     ok, ran = build(exp)
     assert ok, ran.failures
     return root, exp, ran
@@ -134,7 +100,7 @@ def test_demo_outputs(demo_run):
     html = (run / "report" / "index.html").read_text()
     assert "<img" in html and "Chance level" in html
     summary = json.loads((run / "summary.json").read_text())
-    assert set(summary["analyses"]) == {"usage", "confidence", "change", "divergence", "lens"}
+    assert set(summary["analyses"]) == set(ANALYSES)
     assert any(n.startswith("Capture") for n in ran.names)
 
 
@@ -226,13 +192,18 @@ def _bad(tmp_path, body: str) -> tuple[bool, Ran, Path]:
     return ok, ran, tmp_path / "out"
 
 
+def _bad_checkpoint(tmp_path, checkpoint, data, **model) -> tuple[bool, Ran, Path]:
+    """:func:`_bad` with one checkpoint 'a' at ``checkpoint`` (and ``model`` keys) and one dataset ``data``."""
+    from experiments.toml_writer import dumps
+
+    return _bad(tmp_path, dumps({"model": {"source": "checkpoints", **model,
+                                           "checkpoints": [{"name": "a", "path": str(checkpoint), "step": 0}]},
+                                 "datasets": [{"name": "d", "path": str(data)}]}))
+
+
 def test_missing_checkpoint_dir(tmp_path, demo_run):
     data = demo_run[0] / "run" / "model" / "data" / "eval.jsonl"
-    ok, ran, out = _bad(
-        tmp_path,
-        f'[model]\nsource = "checkpoints"\n[[model.checkpoints]]\nname = "a"\npath = "{tmp_path / "nope"}"\nstep = 0\n'
-        f'[[datasets]]\nname = "d"\npath = "{data}"\n',
-    )
+    ok, ran, out = _bad_checkpoint(tmp_path, tmp_path / "nope", data)
     assert not ok
     assert any(str(tmp_path / "nope") in f for f in ran.failures), ran.failures
     assert not (out / "routing.zarr").exists()
@@ -245,11 +216,7 @@ def test_checkpoint_without_moe_layers(tmp_path, demo_run):
     LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  num_key_value_heads=2, vocab_size=384)).save_pretrained(dense)
     data = demo_run[0] / "run" / "model" / "data" / "eval.jsonl"
-    ok, ran, out = _bad(
-        tmp_path,
-        f'[model]\nsource = "checkpoints"\ntokenizer = "{demo_run[0] / "run" / "model" / "tokenizer"}"\n'
-        f'[[model.checkpoints]]\nname = "a"\npath = "{dense}"\nstep = 0\n[[datasets]]\nname = "d"\npath = "{data}"\n',
-    )
+    ok, ran, out = _bad_checkpoint(tmp_path, dense, data, tokenizer=str(demo_run[0] / "run" / "model" / "tokenizer"))
     assert not ok
     assert any("no MoE router" in f and str(dense) in f for f in ran.failures), ran.failures
     assert not (out / "routing.zarr").exists()
@@ -259,11 +226,7 @@ def test_empty_dataset(tmp_path, demo_run):
     ckpt = demo_run[0] / "run" / "model" / "checkpoints" / "step_0000"
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    ok, ran, out = _bad(
-        tmp_path,
-        f'[model]\nsource = "checkpoints"\n[[model.checkpoints]]\nname = "a"\npath = "{ckpt}"\nstep = 0\n'
-        f'[[datasets]]\nname = "d"\npath = "{empty}"\n',
-    )
+    ok, ran, out = _bad_checkpoint(tmp_path, ckpt, empty)
     assert not ok
     assert any(str(empty) in f and "no samples" in f for f in ran.failures), ran.failures
     assert not (out / "routing.zarr").exists()

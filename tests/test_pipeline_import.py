@@ -7,6 +7,7 @@ import pytest
 import xarray as xr
 
 import tasks
+from spec_helpers import import_experiment
 from storage.exporters import export_olmoe_jsonl
 from storage.schema import mock_cube
 
@@ -20,24 +21,9 @@ def test_fullreport_on_imported_olmoe_traces(tmp_path):
     # OLMoE lines carry no domain: the side table gives one per sample (line index).
     domains = [str(cube.domain.values[cube["sample"].values == s][0]) for s in range(12)]
     side.write_text("sample,domain\n" + "".join(f"c4/{i},{d}\n" for i, d in enumerate(domains)))
-    exp = tmp_path / "import.toml"
-    exp.write_text(f"""
-name = "imported"
-output_dir = "{tmp_path / 'run'}"
-[model]
-source = "import"
-[trace]
-format = "olmoe_jsonl"
-paths = {json.dumps([str(f) for f in files])}
-side_table = "{side}"
-num_experts = 8
-[analyses]
-run = ["usage", "confidence", "change", "coactivation"]
-[dask]
-n_workers = 1
-dashboard_port = 18807
-""")
-    tasks._experiment.cache_clear()
+    exp = import_experiment(tmp_path, {"format": "olmoe_jsonl", "paths": [str(f) for f in files], "side_table": str(side),
+                                       "num_experts": 8},
+                            run=["usage", "confidence", "change", "coactivation"], port=18807)
     assert luigi.build([tasks.FullReport(experiment=str(exp))], local_scheduler=True, log_level="WARNING")
     run = tmp_path / "run"
     ds = xr.open_zarr(run / "routing.zarr")

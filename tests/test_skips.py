@@ -9,6 +9,7 @@ import pytest
 import analyses
 import tasks
 from analyses.registry import skip_reason
+from spec_helpers import import_experiment
 from storage import cube as cubes
 from storage.importers import TraceError, import_trace
 from storage.schema import mock_cube
@@ -137,23 +138,9 @@ def test_phase_views_match_a_token_subset():
 def test_fullreport_on_one_checkpoint_one_domain_import(tmp_path):
     """Before: FullReport failed ('change' needs 2 checkpoints, 'specialization' 2 domains). After: reasons."""
     _megatron(tmp_path / "trace", token_ids=False, steps=4)
-    exp = tmp_path / "one.toml"
-    exp.write_text(f"""
-name = "one-checkpoint"
-output_dir = "{tmp_path / 'run'}"
-[model]
-source = "import"
-[trace]
-format = "megatron"
-paths = ["{tmp_path / 'trace'}"]
-num_experts = {E}
-[analyses]
-run = ["usage", "change", "specialization", "confidence", "temporal"]
-[dask]
-n_workers = 1
-dashboard_port = 18843
-""")
-    tasks._experiment.cache_clear()
+    exp = import_experiment(tmp_path, {"format": "megatron", "paths": [str(tmp_path / "trace")], "num_experts": E},
+                            run=["usage", "change", "specialization", "confidence", "temporal"], port=18843,
+                            name="one-checkpoint")
     assert luigi.build([tasks.FullReport(experiment=str(exp))], local_scheduler=True, log_level="WARNING")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     skipped = summary["skipped"]

@@ -3,6 +3,7 @@
 import pytest
 
 from experiments.spec import SpecError, load_experiment
+from spec_helpers import MINIMAL
 
 
 def _write(tmp_path, text, name="exp.toml"):
@@ -11,18 +12,7 @@ def _write(tmp_path, text, name="exp.toml"):
     return p
 
 
-GOOD = """
-name = "x"
-output_dir = "runs/x"
-[model]
-source = "checkpoints"
-[[model.checkpoints]]
-name = "a"
-path = "/ckpt/a"
-step = 0
-[[datasets]]
-name = "d"
-path = "d.jsonl"
+GOOD = MINIMAL + """
 [capture]
 keep_router_logits = true
 """

@@ -137,3 +137,14 @@ def test_missing_inputs(tok_dir, tmp_path):
     f = _write(tmp_path / "d.jsonl", ROWS)
     with pytest.raises(FileNotFoundError, match="no_tok"):
         tokenize_jsonl(f, tmp_path / "no_tok", dataset="x", max_length=8)
+
+
+def test_jsonl_ids_become_the_sample_id_coordinate(tok_dir, tmp_path):
+    rows = [dict(ROWS[0]), {"text": "no id here", "domain": "prose"}, {"id": 17, "text": "x = 1", "domain": "code"},
+            {"id": None, "text": "null id", "domain": "code"}]
+    ds = tokenize_jsonl(_write(tmp_path / "ids.jsonl", rows), tok_dir, dataset="demo", max_length=64)
+    per_sample = {int(s): set(map(str, ds.sample_id.values[ds.sample.values == s])) for s in np.unique(ds.sample)}
+    assert per_sample == {0: {"s0"}, 1: {""}, 2: {"17"}, 3: {""}}
+    with pytest.raises(ValueError, match=r"ids2.jsonl:1: field 'id' is list"):
+        tokenize_jsonl(_write(tmp_path / "ids2.jsonl", [{"id": [1], "text": "t", "domain": "d"}]), tok_dir,
+                       dataset="demo", max_length=64)

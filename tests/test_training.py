@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -42,8 +43,13 @@ def test_hf_trainer_state(tmp_path):
     assert ds.metric_unit.sel(metric="loss").item() == "nat/token"
     assert ds.metric_source_name.sel(metric="lr").item() == "learning_rate"
     assert ds.run_format.sel(run="r").item() == "hf_trainer"
+    assert ds.run_source.sel(run="r").item() == str(p)
     # the run defaults to the checkpoint folder's name
     assert read_log_records(p)[0].run == "ckpt"
+    # a log inside a run folder is named relative to it: the outputs do not say where the run lies
+    named = read_training_logs([{"path": str(p), "run": "r", "source": "ckpt/trainer_state.json"}])
+    assert named.run_source.sel(run="r").item() == "ckpt/trainer_state.json"
+    xr.testing.assert_identical(named.drop_vars("run_source"), ds.drop_vars("run_source"))
 
 
 def test_wandb_panel_export_splits_runs(tmp_path):
@@ -188,3 +194,37 @@ def test_jsonl_roundtrip_property(tmp_path_factory, series):
     ds = read_training_logs([{"path": str(p), "run": "x"}])
     assert ds.step.values.tolist() == sorted(series)
     assert ds["value"].sel(run="x", metric="loss").values.tolist() == [series[s] for s in sorted(series)]
+
+
+@pytest.mark.parametrize("name,layer,dataset", [
+    ("diversity_loss/layer_3", 3, ""),
+    ("mmstar/diversity_loss/layer_0", 0, "mmstar"),
+    ("train/diversity_loss_layer2", 2, ""),
+    ("diversity/mme/l4", 4, "mme"),
+    ("eval_nll/code", -1, "code"),
+    ("lm_loss", -1, ""),
+    ("eval/mme/acc", -1, "mme"),
+])
+def test_metric_parts(name, layer, dataset):
+    from storage.training import metric_parts
+
+    assert metric_parts(name) == (layer, dataset)
+
+
+def test_cube_labels_layer_dataset_units_and_source(tmp_path):
+    """Per-layer / per-dataset diversity series keep their labels; units and source are on the cube."""
+    p = tmp_path / "div.csv"
+    p.write_text("step,metric,value\n"
+                 "1,mme/diversity_loss/layer_0,0.5\n1,mme/diversity_loss/layer_1,0.25\n"
+                 "1,mmstar/diversity_loss/layer_0,0.125\n1,loss,2.0\n1,learning_rate,0.001\n")
+    ds = read_training_logs([{"path": str(p), "run": "r"}])
+    m = {str(k): (int(l), str(d), str(u)) for k, l, d, u in
+         zip(ds.metric.values, ds.metric_layer.values, ds.metric_dataset.values, ds.metric_unit.values)}
+    assert m == {"mme/diversity_loss/layer_0": (0, "mme", "1"), "mme/diversity_loss/layer_1": (1, "mme", "1"),
+                 "mmstar/diversity_loss/layer_0": (0, "mmstar", "1"), "loss": (-1, "", "nat/token"),
+                 "lr": (-1, "", "1")}
+    assert ds.run_source.values.tolist() == [str(p)] and ds.run_format.values.tolist() == ["csv"]
+    assert ds.metric_source_name.sel(metric="lr").item() == "learning_rate"
+    for c in ("step", "metric_unit", "metric_layer", "metric_dataset", "run_source", "run_format"):
+        assert ds[c].attrs.get("long_name"), c
+    assert ds.attrs["source"] == "storage.training" and ds["value"].attrs["units"] == "see metric_unit"

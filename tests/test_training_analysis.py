@@ -95,8 +95,13 @@ def test_compare_routing_brute_force():
         t = int(got.first_divergence_token[c])
         assert t == first[c][first[c] >= 0].min()
         assert int(got.first_divergence_layer[c]) == int(a.layer.values[np.flatnonzero(first[c] == t)[0]])
+        # where that token is, in the reader's terms
+        assert str(got.first_divergence_sample.values[c]) == str(a.sample.values[t])
+        assert int(got.first_divergence_position[c]) == int(a.position.values[t])
+        assert str(got.first_divergence_text.values[c]) == str(a.token_text.values[t])
     same = compare_routing(a, a)
     assert (same.agreement_top1 == 1).all() and (same.first_divergence_token == -1).all()
+    assert (same.first_divergence_position == -1).all() and (same.first_divergence_sample == "").all()
 
 
 def test_compare_routing_refuses_other_tokens():
@@ -199,3 +204,60 @@ def test_score_figures_from_known_inputs(monkeypatch, tmp_path):
     assert [t.get_text() for t in heat.texts] == ["2", "1"]  # at the last step b (0.9) beats a (0.6)
     bars = figs["score_summary"].axes[1].patches
     assert [b.get_height() for b in bars] == [2.0, 1.0]
+
+
+def test_diversity_figure_across_layers_and_datasets(monkeypatch, tmp_path):
+    """Known per-layer, per-dataset diversity series: a row per run, last values against layer per dataset."""
+    from analyses.figures import training as fig
+    from storage.training import LogRecord, training_cube
+
+    figs = _captured(monkeypatch)
+    recs = [LogRecord(run, step, f"{d}/diversity_loss/layer_{l}", 0.1 * (l + 1) * (2 if d == "b" else 1) + step + r,
+                      "x") for r, run in enumerate(("lb", "no_lb")) for step in (1, 2) for d in ("a", "b")
+            for l in range(3)]
+    recs.append(LogRecord("lb", 1, "loss", 2.0, "loss"))
+    files = fig.diversity(training_cube(recs), tmp_path)
+    assert [f.name for f in files] == ["diversity_losses.png"]
+    axes = figs["diversity_losses"].axes
+    assert len(axes) == 4  # 2 runs × (curves, across layers)
+    assert len(axes[0].get_lines()) == 6  # 2 datasets × 3 layers, loss left out
+    by_ds = {l.get_label(): (list(l.get_xdata()), list(l.get_ydata())) for l in axes[3].get_lines()}
+    # no_lb (r = 1) at its last step 2: 0.1 (l + 1) · (1 or 2) + 2 + 1
+    assert by_ds["a"][0] == [0, 1, 2] and by_ds["a"][1] == pytest.approx([3.1, 3.2, 3.3])
+    assert by_ds["b"][1] == pytest.approx([3.2, 3.4, 3.6])
+    assert fig.diversity(training_cube([LogRecord("r", 1, "loss", 1.0, "loss")]), tmp_path) == []
+
+
+def test_side_by_side_section(tmp_path):
+    """The report's block for an analysis of several runs: a column per run, each run's figures and numbers."""
+    from analyses.figures.training_runs import side_by_side
+    from storage import cube as cubes
+    from storage.layout import RunLayout
+
+    main, other = RunLayout(tmp_path / "main"), RunLayout(tmp_path / "other")
+    cubes.write_result(xr.Dataset(attrs={"runs": ["lb", "no_lb"], "run_roots": [str(main.root), str(other.root)]}),
+                       main.analyses_dir / "training.zarr", fingerprint="x")
+    cubes.write_result(xr.Dataset({"share": ("expert", [0.75, 0.25])}), other.analysis("usage"), fingerprint="y")
+
+    class FakeAnalysis:
+        @staticmethod
+        def figure(result, out, formats):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "usage_bars.png").write_bytes(b"png")
+            return [out / "usage_bars.png"]
+
+        @staticmethod
+        def summary(result):
+            return {"max_share": float(result.share.max()), "per": {"e0": float(result.share[0])}, "note": "text"}
+
+    main_png = main.figures_dir / "usage" / "usage_bars.png"
+    page, heads = side_by_side(main, "usage", FakeAnalysis, [main_png], ("png",), {"max_share": 0.5})
+    assert heads == {"no_lb": {"max_share": 0.75, "per": {"e0": 0.75}, "note": "text"}}
+    assert (main.figures_dir / "usage" / "runs" / "no_lb" / "usage_bars.png").is_file()
+    assert "repeat(2," in page and "<strong>lb</strong>" in page and "<strong>no_lb</strong>" in page
+    assert 'src="figures/usage/usage_bars.png"' in page and 'src="figures/usage/runs/no_lb/usage_bars.png"' in page
+    # headline numbers side by side: main's, then the other run's; absent ones as a dash
+    assert '<tr><th>max_share</th><td class="num">0.5</td><td class="num">0.75</td></tr>' in page
+    assert '<tr><th>per › e0</th><td class="num">—</td><td class="num">0.75</td></tr>' in page
+    # an analysis the other run did not compute: no block
+    assert side_by_side(main, "balance", FakeAnalysis, [main_png]) == ("", {})

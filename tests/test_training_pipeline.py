@@ -7,42 +7,15 @@ import json
 import numpy as np
 import pytest
 
+from experiments.tiny import tiny_experiment
 from pipeline_helpers import build
 
-TINY = """
-name = "{name}"
-output_dir = "{out}"
-{runs}
-[model]
-source = "demo"
-[model.demo]
-steps = 8
-checkpoint_steps = [0, 8]
-hidden_size = 32
-intermediate_size = 64
-num_layers = 2
-num_heads = 2
-num_experts = 4
-top_k = 2
-vocab_size = 384
-seq_len = 64
-batch_size = 8
-lr = 0.01
-warmup_steps = 2
-eval_samples_per_domain = 2
-eval_max_chars = 300
-train_chars_per_domain = 20000
-aux_loss_coef = {coef}
-[capture]
-keep_router_logits = true
-batch_size = 4
-max_length = 64
-[analyses]
-run = ["usage"]
-[dask]
-n_workers = 1
-dashboard_port = {port}
-"""
+
+
+def tiny(name: str, out, *, coef: float, port: int, **tables) -> str:
+    """The tiny demo (``experiments/tiny.py``), trained 8 steps with load-balancing loss coefficient ``coef``."""
+    return tiny_experiment(out, name=name, port=port, demo=dict(
+        steps=8, checkpoint_steps=[0, 8], eval_samples_per_domain=2, aux_loss_coef=coef), **tables)
 
 
 @pytest.mark.slow
@@ -53,13 +26,12 @@ def test_two_runs_side_by_side(tmp_path):
     from storage import cube as cubes
 
     other = tmp_path / "no_lb.toml"
-    other.write_text(TINY.format(name="no_lb", out=tmp_path / "no_lb", runs="", coef=0.0, port=18960))
+    other.write_text(tiny("no_lb", tmp_path / "no_lb", coef=0.0, port=18960))
     scores = tmp_path / "results.json"
     scores.write_text(json.dumps({"results": {"arc_easy": {"acc,none": 0.25}}}))
     main = tmp_path / "main.toml"
-    runs = (f'[[runs]]\nname = "no_lb"\nexperiment = "{other}"\n'
-            f'[[training.scores]]\npath = "{scores}"\ncheckpoint = "step_0008"\nstep = 8\n')
-    main.write_text(TINY.format(name="lb", out=tmp_path / "lb", runs=runs, coef=0.02, port=18961))
+    main.write_text(tiny("lb", tmp_path / "lb", coef=0.02, port=18961, runs=[{"name": "no_lb", "experiment": str(other)}],
+                         training={"scores": [{"path": str(scores), "checkpoint": "step_0008", "step": 8}]}))
     ok, errors = build(main)
     assert ok, errors
 
@@ -76,6 +48,8 @@ def test_two_runs_side_by_side(tmp_path):
     step0 = cmp.sel(run="no_lb", checkpoint="step_0000")
     assert (step0.agreement_top1 == 1).all() and int(step0.first_divergence_token) == -1
     assert cmp.attrs["against"] == "lb"
+    # where the runs first differ, in the reader's terms (step 0 identical: no token)
+    assert int(step0.first_divergence_position) == -1 and str(step0.first_divergence_sample.values) == ""
 
     gate = cubes.open_result(root / "gate.zarr")
     assert gate.effective_rank.dims == ("run", "step", "layer")
@@ -102,6 +76,12 @@ def test_two_runs_side_by_side(tmp_path):
         assert f"{stem}.png" in html, stem
     assert (tmp_path / "lb" / "report" / "figures" / "training_runs" / "score_summary.pdf").is_file()
     assert (tmp_path / "lb" / "tables" / "training_entropy.csv").is_file()
+    # a section both runs computed (usage) shows them side by side, each from its own cube
+    assert "Runs side by side: lb, no_lb" in html
+    assert list((tmp_path / "lb" / "report" / "figures" / "usage" / "runs" / "no_lb").glob("*.png"))
+    assert (tmp_path / "no_lb" / "analyses" / "usage.zarr").is_dir()
+    assert set(summary["analyses"]["usage"]["runs"]) == {"no_lb"}
+    assert "First divergence from lb" in html
 
     # done: a second build runs nothing
     tasks._experiment.cache_clear()

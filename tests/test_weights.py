@@ -97,5 +97,7 @@ def test_streaming_never_holds_the_checkpoint(tmp_path):
     finally:
         tracemalloc.stop()
     assert emb.sizes == {"layer": 3, "expert": E, "hidden": H, "ffn_dim": 32, "proj": 3}
-    assert total > 40 * peak, (total, peak)
+    # one shard is total / 3: a peak under total / 20 holds far less than any shard (the exact
+    # figure depends on allocator and library versions, 0.47-0.62 MB seen for 18.9 MB in all)
+    assert total > 20 * peak, (total, peak)
     assert peak < 12 * one, (peak, one)

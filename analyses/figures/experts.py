@@ -50,11 +50,13 @@ def diversity_across_checkpoints(sim: xr.Dataset, out_dir, formats=("png",)) -> 
             ax.plot(steps, sim["diversity"].sel(embedding=emb, layer=layer).values, marker="o", ms=3, label=f"layer {layer}")
         ref = sim["diversity_random"].sel(embedding=emb).isel(checkpoint=0).mean("layer").item()
         ax.axhline(ref, ls="--", color="0.4", lw=0.8, label="random matrices")
+        first = sim["diversity"].sel(embedding=emb).isel(checkpoint=0).mean("layer").item()
+        ax.axhline(first, ls=":", color="0.2", lw=0.8, label=f"earliest checkpoint ({sim.checkpoint.values[0]})")
         ax.set_title(emb, fontsize=8)
         ax.set_xlabel("training step")
         if j == 0:
             ax.set_ylabel("diversity = 1 − mean cos")
-    axes[0, 0].legend(fontsize=6)
+    axes[0, -1].legend(fontsize=5)
     return savefig(fig, out_dir, "diversity_across_checkpoints", formats)
 
 

@@ -9,7 +9,9 @@ sample, expert):
   each domain, each condition) along the checkpoints, and its top tokens.
 * **Tokens** — one sample's tokens coloured by their top-1 expert at the chosen
   layer; hover shows top-k ids and weights per layer, lens log-prob and NLL; the
-  other condition of its pair sits beside it, clicking a token marks the aligned one.
+  other condition of its pair sits beside it, laid out together so that aligned
+  tokens share a place (``MOE.layoutPair``); clicking a token marks the aligned
+  one and selects its top-1 expert.
 * **Timeline** — per-expert activation (received weight) along the sample's
   tokens, and the transition matrix P(top1_t+1 = j | top1_t = i) of the layer.
 
@@ -92,18 +94,59 @@ window.MOE = (function () {
     return null;
   }
 
-  function tokens(rec, c, li, m, src, fig) {
+  // Where each token sits (x centre, line, width) in the two panels, laid out together: a token and its aligned
+  // partner get the same place (the panel that is behind skips ahead), unaligned tokens flow in their own panel.
+  function layoutPair(recA, recB) {
+    var d = data(), W = d.wrap;
+    var P = [{rec: recA, i: 0, x: 0, line: 0, out: []}, {rec: recB, i: 0, x: 0, line: 0, out: []}];
+    function width(p, t) { return Math.min(Math.max(shown(p.rec.text[t]).length, 1), W); }
+    function put(p, w) {
+      if (p.x + w > W) { p.x = 0; p.line += 1; }
+      p.out.push([p.x + w / 2, p.line, w]);
+      p.x += w;
+      if (p.rec.text[p.out.length - 1].indexOf("\n") >= 0) { p.x = 0; p.line += 1; }
+      p.i += 1;
+    }
+    function partner(p, q) {  // index in q of the token aligned to p's next token, or -1
+      var a = p.rec.aligned[p.i];
+      return (a && q.rec && String(a[0]) === String(q.rec.sample)) ? a[1] : -1;
+    }
+    var A = P[0], B = P[1];
+    if (!recB) B.rec = null;
+    while (A.i < (recA ? recA.text.length : 0) || (B.rec && B.i < B.rec.text.length)) {
+      var aDone = !recA || A.i >= recA.text.length, bDone = !B.rec || B.i >= B.rec.text.length;
+      var ja = aDone ? -1 : partner(A, B), jb = bDone ? -1 : partner(B, A);
+      if (!aDone && !bDone && ja === B.i && jb === A.i) {  // an aligned pair: same place in both panels
+        var later = (A.line > B.line || (A.line === B.line && A.x >= B.x)) ? A : B;
+        A.line = B.line = later.line; A.x = B.x = later.x;
+        var w = Math.max(width(A, A.i), width(B, B.i));
+        var lineBefore = A.line;
+        put(A, w); put(B, w);
+        if (A.line !== lineBefore || B.line !== lineBefore) {  // a newline in either: both start the next line
+          A.line = B.line = Math.max(A.line, B.line); A.x = B.x = 0;
+        }
+      } else if (!aDone && (ja < B.i || bDone)) {
+        put(A, width(A, A.i));
+      } else if (!bDone) {
+        put(B, width(B, B.i));
+      } else {
+        put(A, width(A, A.i));
+      }
+    }
+    return [A.out, B.out, Math.max(A.line, B.line)];
+  }
+
+  var shownSample = {};
+  function tokens(rec, place, lines, c, li, src, fig) {
     var d = data();
     var cols = {x: [], y: [], w: [], text: [], color: [], top1: [], topk: [], lens: [], nll: [], pos: [], aligned: []};
     if (rec === null) {
-      src.data = cols; fig.title.text = "(no sample)"; return;
+      src.data = cols; fig.title.text = "(no sample)"; shownSample[src.id] = null; return;
     }
-    var x = 0, line = 0;
     for (var t = 0; t < rec.text.length; t++) {
-      var s = shown(rec.text[t]), w = Math.min(Math.max(s.length, 1), d.wrap);
-      if (x + w > d.wrap) { x = 0; line += 1; }
       var id = rec.ids[c][li][t][0];
-      cols.x.push(x + w / 2); cols.y.push(-line); cols.w.push(w - 0.1); cols.text.push(s);
+      cols.x.push(place[t][0]); cols.y.push(-place[t][1]); cols.w.push(place[t][2] - 0.1);
+      cols.text.push(shown(rec.text[t]));
       cols.color.push(id >= 0 && id < d.palette.length ? d.palette[id] : "#dddddd");
       cols.top1.push(id);
       var parts = [];
@@ -120,15 +163,20 @@ window.MOE = (function () {
       cols.pos.push(rec.position[t]);
       var a = rec.aligned[t];
       cols.aligned.push(a ? "sample " + a[0] + ", token " + a[1] : "\u2014");
-      x += w;
-      if (rec.text[t].indexOf("\n") >= 0) { x = 0; line += 1; }
     }
     src.data = cols;
-    src.selected.indices = [];
-    fig.y_range.start = -line - 0.6; fig.y_range.end = 0.6;
-    fig.height = Math.max(140, 20 * (line + 1) + 60);
+    if (shownSample[src.id] !== rec.sample) src.selected.indices = [];  // a new sample: no marked token
+    shownSample[src.id] = rec.sample;
+    fig.y_range.start = -lines - 0.6; fig.y_range.end = 0.6;
+    fig.height = Math.max(140, 20 * (lines + 1) + 60);
     fig.title.text = "sample " + rec.sample + " \u00b7 " + rec.domain + " \u00b7 " + (rec.condition || "unpaired") +
       " \u2014 colour: top-1 expert at layer " + d.layers[li] + ", " + d.checkpoints[c];
+  }
+
+  function drawPair(m, recA, recB, c, li) {
+    var lay = layoutPair(recA, recB);
+    tokens(recA, lay[0], lay[2], c, li, m.tokA_src, m.tokA_fig);
+    tokens(recB, lay[1], lay[2], c, li, m.tokB_src, m.tokB_fig);
   }
 
   function timeline(rec, c, li, m) {
@@ -175,8 +223,8 @@ window.MOE = (function () {
       }
       m.map_src.data = mp;
       m.map_src.selected.indices = [li * E + e];
-      m.map_fig.title.text = "Expert usage (share of routing slots): " + d.groups[gi] + ", view " + d.views[vi] +
-        ", " + d.checkpoints[c];
+      m.map_fig.title.text = "Usage share \u00b7 " + d.groups[gi] + " \u00b7 tokens: " + d.views[vi] + " \u00b7 " +
+        d.checkpoints[c];
       // across checkpoints
       for (var g = 0; g < m.line_srcs.length; g++) {
         var ys = [];
@@ -194,12 +242,11 @@ window.MOE = (function () {
       // tokens, timeline, transitions
       var s = m.sample.value, entry = indexOf(s);
       getSample(s, function (rec) {
-        tokens(rec, c, li, m, m.tokA_src, m.tokA_fig);
         timeline(rec, c, li, m);
-        if (entry && entry.partner >= 0) {
-          getSample(entry.partner, function (recB) { tokens(recB, c, li, m, m.tokB_src, m.tokB_fig); });
+        if (rec !== null && entry && entry.partner >= 0) {
+          getSample(entry.partner, function (recB) { drawPair(m, rec, recB, c, li); });
         } else {
-          tokens(null, c, li, m, m.tokB_src, m.tokB_fig);
+          drawPair(m, rec, null, c, li);
           m.tokB_fig.title.text = "(sample " + s + " has no pair partner)";
         }
       });
@@ -225,14 +272,22 @@ window.MOE = (function () {
     if (!idx.length) return;
     m.expert.value = String(m.tl_src.data.expert[idx[idx.length - 1]]);
   }
-  function tapToken(src, other) {
-    var idx = src.selected.indices;
-    if (!idx.length) return;
-    var a = src.data.aligned[idx[idx.length - 1]];
-    var hit = /token (\d+)/.exec(a);
-    other.selected.indices = hit ? [parseInt(hit[1])] : [];
+  var tapping = false, echo = null;
+  function tapToken(m, src, other) {  // mark the aligned token of the other condition, select the top-1 expert
+    var idx = src.selected.indices, t = idx.length ? idx[idx.length - 1] : -1;
+    if (echo !== null && echo[0] === src.id && echo[1] === t) { echo = null; return; }  // our own mark, not a tap
+    if (tapping || busy || t < 0) return;
+    tapping = true;
+    try {
+      var hit = /token (\d+)/.exec(src.data.aligned[t]);
+      echo = hit ? [other.id, parseInt(hit[1])] : null;
+      other.selected.indices = hit ? [parseInt(hit[1])] : [];
+      var e = src.data.top1[t];
+      if (e >= 0 && String(e) !== m.expert.value) m.expert.value = String(e);
+    } finally { tapping = false; }
   }
-  return {data: data, refresh: refresh, tapMap: tapMap, tapTimeline: tapTimeline, tapToken: tapToken, esc: esc};
+  return {data: data, refresh: refresh, tapMap: tapMap, tapTimeline: tapTimeline, tapToken: tapToken, esc: esc,
+          layoutPair: layoutPair};
 })();
 """
 
@@ -258,75 +313,83 @@ def _heatmap(title: str, x_range, y_range, width: int, height: int, tools: str =
     return fig
 
 
-def build_page(data: dict, *, title: str = "moe-atlas explorer", fetch_url: str = "") -> str:
-    """The explorer page (HTML text) for ``data`` from :func:`analyses.explorer_data.explorer_data`.
+def _first_sample(index: list[dict]) -> dict | None:
+    """The sample shown first: the first one with a pair partner, else the first one."""
+    return next((e for e in index if e["partner"] >= 0 and e["condition"]), index[0] if index else None)
 
-    ``fetch_url`` (e.g. ``"sample/{sample}.json"``): samples missing from ``data["samples"]`` are fetched
-    from there (``moe-atlas serve``); empty for a standalone page.
-    """
-    data = dict(data)
-    E, layers, groups = int(data["num_experts"]), list(data["layers"]), list(data["groups"])
-    C = len(data["checkpoints"])
-    data.update(palette=palette(E), wrap=WRAP, fetch_url=fetch_url)
-    index = data["samples_index"]
-    first = next((e for e in index if e["partner"] >= 0 and e["condition"]), index[0] if index else None)
 
-    # widgets
-    ckpt = Slider(title="checkpoint", start=0, end=max(C - 1, 1), value=C - 1, step=1, name="ckpt_slider",
-                  disabled=C < 2, width=260)
-    ckpt_div = Div(text="", name="ckpt_label", width=240)
-    layer = Select(title="layer", value=str(layers[len(layers) // 2]), options=[str(x) for x in layers],
-                   name="layer_select", width=110)
-    group = Select(title="domain / condition", value=groups[0], options=groups, name="group_select", width=200)
-    view = Select(title="tokens", value=data["views"][0], options=list(data["views"]), name="view_select", width=140)
-    sample = Select(title="sample", value=str(first["sample"]) if first else "",
-                    options=[(str(e["sample"]), f"{e['sample']} · {e['domain']} · {e['condition'] or 'unpaired'} · "
-                              f"{e['tokens']} tok") for e in index], name="sample_select", width=320)
-    expert = Select(title="expert", value="0", options=[str(e) for e in range(E)], name="expert_select", width=100)
+def _widgets(data: dict) -> dict:
+    """The shared widgets (checkpoint slider, layer, group, token view, sample, expert) by role."""
+    C, layers, index = len(data["checkpoints"]), list(data["layers"]), data["samples_index"]
+    first = _first_sample(index)
+    return dict(
+        ckpt=Slider(title="checkpoint", start=0, end=max(C - 1, 1), value=C - 1, step=1, name="ckpt_slider",
+                    disabled=C < 2, width=260),
+        ckpt_div=Div(text="", name="ckpt_label", width=240),
+        layer=Select(title="layer", value=str(layers[len(layers) // 2]), options=[str(x) for x in layers],
+                     name="layer_select", width=110),
+        group=Select(title="domain / condition", value=data["groups"][0], options=list(data["groups"]),
+                     name="group_select", width=200),
+        view=Select(title="tokens", value=data["views"][0], options=list(data["views"]), name="view_select",
+                    width=140),
+        sample=Select(title="sample", value=str(first["sample"]) if first else "", name="sample_select", width=320,
+                      options=[(str(e["sample"]), f"{e['sample']} · {e['domain']} · {e['condition'] or 'unpaired'}"
+                                f" · {e['tokens']} tok") for e in index]),
+        expert=Select(title="expert", value="0", options=[str(e) for e in range(int(data["num_experts"]))],
+                      name="expert_select", width=100),
+    )
 
-    # routing map
+
+def _map_view(data: dict) -> dict:
+    """Routing map: layer × expert usage heatmap (hover: value, CI, chance; tap: select layer and expert)."""
+    E, layers = int(data["num_experts"]), list(data["layers"])
     vmax = max([v for v in np.ravel(np.asarray(data["map"]["value"], dtype=float)) if np.isfinite(v)] or [1.0])
-    map_src = ColumnDataSource({"expert": [], "layer": [], "value": [], "ci": [], "chance": []}, name="map_source")
-    map_fig = _heatmap("Expert usage", (-0.5, E - 0.5), (len(layers) - 0.5, -0.5), 520, 80 + 42 * len(layers))
-    map_cm = LinearColorMapper(palette=Viridis256, low=0, high=vmax, nan_color="#eeeeee")
-    map_fig.rect("expert", "layer", 0.95, 0.95, source=map_src, fill_color={"field": "value", "transform": map_cm},
-                 line_color=None, selection_line_color="red", selection_line_width=3,
-                 nonselection_fill_alpha=1.0)
-    map_fig.add_layout(ColorBar(color_mapper=map_cm, width=10, title="share"), "right")
-    map_fig.yaxis.ticker = FixedTicker(ticks=list(range(len(layers))))
-    map_fig.yaxis.major_label_overrides = {i: f"L{x}" for i, x in enumerate(layers)}
-    map_fig.xaxis.ticker = FixedTicker(ticks=list(range(E)))
-    map_fig.xaxis.axis_label, map_fig.yaxis.axis_label = "expert", "MoE layer"
-    map_fig.add_tools(HoverTool(tooltips=[("layer", "@layer"), ("expert", "@expert"), ("usage", "@value{0.000}"),
-                                          ("95% CI", "@ci"), ("chance", "@chance{0.000}")]))
+    src = ColumnDataSource({"expert": [], "layer": [], "value": [], "ci": [], "chance": []}, name="map_source")
+    fig = _heatmap("Expert usage", (-0.5, E - 0.5), (len(layers) - 0.5, -0.5), 520, 80 + 42 * len(layers))
+    cm = LinearColorMapper(palette=Viridis256, low=0, high=vmax, nan_color="#eeeeee")
+    fig.rect("expert", "layer", 0.95, 0.95, source=src, fill_color={"field": "value", "transform": cm},
+             line_color=None, selection_line_color="red", selection_line_width=3, nonselection_fill_alpha=1.0)
+    fig.add_layout(ColorBar(color_mapper=cm, width=10, title="share of routing slots"), "right")
+    fig.yaxis.ticker = FixedTicker(ticks=list(range(len(layers))))
+    fig.yaxis.major_label_overrides = {i: f"L{x}" for i, x in enumerate(layers)}
+    fig.xaxis.ticker = FixedTicker(ticks=list(range(E)))
+    fig.xaxis.axis_label, fig.yaxis.axis_label = "expert", "MoE layer"
+    fig.add_tools(HoverTool(tooltips=[("layer", "@layer"), ("expert", "@expert"), ("usage", "@value{0.000}"),
+                                      ("95% CI", "@ci"), ("chance", "@chance{0.000}")]))
+    return dict(map_src=src, map_fig=fig)
 
-    # across checkpoints
-    ac_fig = figure(title="Across checkpoints", width=520, height=260, tools="", toolbar_location=None,
-                    x_axis_label="training step", y_axis_label="usage share")
+
+def _across_view(data: dict) -> dict:
+    """The selected expert's usage per group along the checkpoints, and a box for its top tokens."""
+    groups = list(data["groups"])
+    fig = figure(title="Across checkpoints", width=600, height=260, tools="", toolbar_location=None,
+                 x_axis_label="training step", y_axis_label="usage share")
     colours = palette(len(groups)) if len(groups) > 2 else ["#000000", "#0072B2"][: len(groups)]
     line_srcs = []
     for g, colour in zip(groups, colours):
         src = ColumnDataSource({"x": [], "y": [], "group": []})
-        ac_fig.line("x", "y", source=src, color=colour, legend_label=g, line_width=2,
-                    line_dash="solid" if not g.startswith("condition") else "dashed")
-        ac_fig.scatter("x", "y", source=src, color=colour, size=5)
+        fig.line("x", "y", source=src, color=colour, legend_label=g, line_width=2,
+                 line_dash="solid" if not g.startswith("condition") else "dashed")
+        fig.scatter("x", "y", source=src, color=colour, size=5)
         line_srcs.append(src)
-    ac_fig.add_layout(Span(location=data["chance"], dimension="width", line_dash="dotted", line_color="#555555"))
+    fig.add_layout(Span(location=data["chance"], dimension="width", line_dash="dotted", line_color="#555555"))
     now = Span(location=data["steps"][-1], dimension="height", line_color="#bbbbbb")
-    ac_fig.add_layout(now)
-    ac_fig.legend.label_text_font_size = "8pt"
-    ac_fig.legend.location = "top_left"
-    ac_fig.legend.click_policy = "hide"
-    ac_fig.add_tools(HoverTool(tooltips=[("group", "@group"), ("step", "@x"), ("usage", "@y{0.000}")]))
-    top_div = Div(text="", width=520)
+    fig.add_layout(now)
+    fig.legend.label_text_font_size = "8pt"
+    fig.legend.click_policy = "hide"
+    fig.add_layout(fig.legend[0], "right")  # beside the plot: inside it hides the lines
+    fig.add_tools(HoverTool(tooltips=[("group", "@group"), ("step", "@x"), ("usage", "@y{0.000}")]))
+    return dict(ac_fig=fig, line_srcs=line_srcs, now=now, top_div=Div(text="", width=600, name="top_tokens"))
 
-    # tokens, side by side
-    tok = []
+
+def _token_views(data: dict) -> dict:
+    """Two token panels (a sample and its pair partner, laid out together so aligned tokens share a place)."""
+    out = {}
     for side in ("A", "B"):
         src = ColumnDataSource({k: [] for k in ("x", "y", "w", "text", "color", "top1", "topk", "lens", "nll", "pos",
                                                  "aligned")}, name=f"tokens_{side}")
         fig = figure(title="", width=560, height=200, x_range=(0, WRAP), y_range=(-5, 0.6), tools="tap",
-                     toolbar_location=None)
+                     toolbar_location=None, name=f"tokens_fig_{side}")
         fig.axis.visible = False
         fig.grid.visible = False
         fig.rect("x", "y", "w", 0.85, source=src, fill_color="color", fill_alpha=0.55, line_color=None,
@@ -336,11 +399,15 @@ def build_page(data: dict, *, title: str = "moe-atlas explorer", fetch_url: str 
         fig.add_tools(HoverTool(tooltips=[("token", "@text"), ("position", "@pos"), ("top-1", "@top1"),
                                           ("top-k (weight) by layer", "@topk"), ("lens log-prob", "@lens"),
                                           ("NLL (nats)", "@nll"), ("aligned", "@aligned")]))
-        tok.append((src, fig))
-    legend = Div(text="Top-1 expert colours: " + " ".join(
+        out[f"tok{side}_src"], out[f"tok{side}_fig"] = src, fig
+    out["legend"] = Div(text="Top-1 expert colours: " + " ".join(
         f'<span style="background:{c};opacity:.6;padding:0 .4em">{e}</span>' for e, c in enumerate(data["palette"])))
+    return out
 
-    # timeline and transitions
+
+def _timeline_views(data: dict) -> dict:
+    """Per-expert activation along the sample (seed 002) and the layer's transition matrix (seed 004)."""
+    E = int(data["num_experts"])
     tl_src = ColumnDataSource({"t": [], "expert": [], "value": [], "text": []}, name="timeline_source")
     tl_fig = _heatmap("Per-expert activation", (-0.5, 10), (E - 0.5, -0.5), 700, 80 + 22 * E)
     tl_cm = LinearColorMapper(palette=list(reversed(Blues256)), low=0, high=1)
@@ -360,42 +427,57 @@ def build_page(data: dict, *, title: str = "moe-atlas explorer", fetch_url: str 
     tr_fig.yaxis.ticker = FixedTicker(ticks=list(range(E)))
     tr_fig.add_tools(HoverTool(tooltips=[("i → j", "@i → @j"), ("P", "@value{0.000}"),
                                          ("chance", f"{1 / max(E, 1):.3f}")]))
+    return dict(tl_src=tl_src, tl_fig=tl_fig, tr_src=tr_src, tr_fig=tr_fig)
 
-    m = dict(ckpt=ckpt, ckpt_div=ckpt_div, layer=layer, group=group, view=view, sample=sample, expert=expert,
-             map_src=map_src, map_fig=map_fig, ac_fig=ac_fig, line_srcs=line_srcs, now=now, top_div=top_div,
-             tokA_src=tok[0][0], tokA_fig=tok[0][1], tokB_src=tok[1][0], tokB_fig=tok[1][1],
-             tl_src=tl_src, tl_fig=tl_fig, tr_src=tr_src, tr_fig=tr_fig)
+
+def _wire(m: dict) -> None:
+    """Link the views: every widget redraws everything; taps select an expert or mark the aligned token."""
     refresh = CustomJS(args=dict(m=m), code="MOE.refresh(m);")
-    ckpt.js_on_change("value", refresh)
-    for w in (layer, group, view, sample, expert):
-        w.js_on_change("value", refresh)
-    map_src.selected.js_on_change("indices", CustomJS(args=dict(m=m), code="MOE.tapMap(m);"))
-    tl_src.selected.js_on_change("indices", CustomJS(args=dict(m=m), code="MOE.tapTimeline(m);"))
-    tok[0][0].selected.js_on_change("indices", CustomJS(args=dict(a=tok[0][0], b=tok[1][0]), code="MOE.tapToken(a, b);"))
-    tok[1][0].selected.js_on_change("indices", CustomJS(args=dict(a=tok[1][0], b=tok[0][0]), code="MOE.tapToken(a, b);"))
+    m["ckpt"].js_on_change("value", refresh)
+    for w in ("layer", "group", "view", "sample", "expert"):
+        m[w].js_on_change("value", refresh)
+    m["map_src"].selected.js_on_change("indices", CustomJS(args=dict(m=m), code="MOE.tapMap(m);"))
+    m["tl_src"].selected.js_on_change("indices", CustomJS(args=dict(m=m), code="MOE.tapTimeline(m);"))
+    for a, b in (("tokA_src", "tokB_src"), ("tokB_src", "tokA_src")):
+        m[a].selected.js_on_change("indices", CustomJS(args=dict(m=m, a=m[a], b=m[b]), code="MOE.tapToken(m, a, b);"))
 
+
+def scope_note(data: dict, fetch_url: str = "") -> str:
+    """The page's statement of which samples it holds (all, a stated sample, or served on request)."""
     if fetch_url:
-        scope = (f"Served: all {data['samples_total']} samples ({data['tokens_total']} tokens) are available; each "
-                 "is fetched when chosen.")
-    elif data["sampled"]:
-        scope = (f"<b>Sampled:</b> this page embeds {len(index)} of {data['samples_total']} samples "
-                 f"({data['tokens_embedded']} of {data['tokens_total']} tokens), whole samples taken round robin over "
-                 "domains with pair partners kept together. Maps, transitions and top tokens use every token. "
-                 "<code>moe-atlas serve RUN</code> serves every sample.")
-    else:
-        scope = f"All {data['samples_total']} samples ({data['tokens_total']} tokens) are embedded."
-    header = Div(text=f"<h2>{html.escape(title)}</h2><p class='moe-note'>{scope} Routing map: "
-                      f"{html.escape(data['map_source'])}; transitions: {html.escape(data['transition_source'])}. "
-                      f"Chance usage 1/E = {data['chance']:.3f}. Click a map cell or a timeline row to select an "
-                      "expert; click a token to mark the aligned token of the other condition.</p>", width=1100)
+        return (f"Served: all {data['samples_total']} samples ({data['tokens_total']} tokens) are available; each "
+                "is fetched when chosen.")
+    if data["sampled"]:
+        return (f"<b>Sampled:</b> this page embeds {len(data['samples_index'])} of {data['samples_total']} samples "
+                f"({data['tokens_embedded']} of {data['tokens_total']} tokens), whole samples taken round robin over "
+                "domains (paired samples counted as one more domain), pair partners kept together. Maps, "
+                "transitions and top tokens use every token. <code>moe-atlas serve RUN</code> serves every sample.")
+    return f"All {data['samples_total']} samples ({data['tokens_total']} tokens) are embedded."
+
+
+def build_page(data: dict, *, title: str = "moe-atlas explorer", fetch_url: str = "") -> str:
+    """The explorer page (HTML text) for ``data`` from :func:`analyses.explorer_data.explorer_data`.
+
+    ``fetch_url`` (e.g. ``"sample/{sample}.json"``): samples missing from ``data["samples"]`` are fetched
+    from there (``moe-atlas serve``); empty for a standalone page.
+    """
+    data = dict(data)
+    data.update(palette=palette(int(data["num_experts"])), wrap=WRAP, fetch_url=fetch_url)
+    m = {**_widgets(data), **_map_view(data), **_across_view(data), **_token_views(data), **_timeline_views(data)}
+    _wire(m)
+    header = Div(text=f"<h2>{html.escape(title)}</h2><p class='moe-note' id='moe-scope'>{scope_note(data, fetch_url)} "
+                      f"Routing map: {html.escape(data['map_source'])}; transitions: "
+                      f"{html.escape(data['transition_source'])}. Chance usage 1/E = {data['chance']:.3f}. "
+                      "Click a map cell or a timeline row to select an expert; click a token to select its top-1 "
+                      "expert and mark the aligned token of the other condition.</p>", width=1100, name="header")
     layout = column(
         header,
-        row(ckpt, ckpt_div, layer, group, view, expert),
-        row(map_fig, column(ac_fig, top_div)),
-        Div(text="<h3>Tokens</h3>"), sample, legend,
-        row(tok[0][1], tok[1][1]),
+        row(m["ckpt"], m["ckpt_div"], m["layer"], m["group"], m["view"], m["expert"]),
+        row(m["map_fig"], column(m["ac_fig"], m["top_div"])),
+        Div(text="<h3>Tokens</h3>"), m["sample"], m["legend"],
+        row(m["tokA_fig"], m["tokB_fig"]),
         Div(text="<h3>Timeline</h3>"),
-        row(tl_fig, tr_fig),
+        row(m["tl_fig"], m["tr_fig"]),
     )
     doc = Document()
     doc.add_root(layout)

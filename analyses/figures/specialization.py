@@ -21,13 +21,15 @@ from ..specialization import NAME
 def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
     """Summary curves vs layer (earliest vs final highlighted) and lift heatmaps (earliest vs final)."""
     result = result.compute()
+    return [*_summary_figure(result, out_dir, formats), *_lift_figure(result, out_dir, formats)]
+
+
+def _summary_figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str]) -> list[Path]:
+    """MI, significant cells, vocabulary specialization and score vs layer, one line per checkpoint."""
     E, k = int(result.attrs["num_experts"]), int(result.attrs["top_k"])
-    layers = result["layer"].values
-    steps = result["step"].values
-    ckpts = result["checkpoint"].values
+    layers, ckpts, steps = (result[name].values for name in ("layer", "checkpoint", "step"))
     C = len(ckpts)
     styles = checkpoint_styles(steps)
-    paths = []
     panels = (
         ("mi", "MI(domain; top-1) (bits)", "mi_floor_p95"),
         ("significant_fraction", "significant cells (share)", None),
@@ -71,9 +73,14 @@ def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",))
         for ax in hide:
             ax.set_visible(False)
         fig.suptitle("Specialization per layer (bands: 95 % CI over samples)")
-        paths += plotting.savefig(fig, out_dir, f"{NAME}_summary", formats)
+        return plotting.savefig(fig, out_dir, f"{NAME}_summary", formats)
 
-    # lift heatmaps: earliest and final, one column per domain, significant cells dotted
+
+def _lift_figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str]) -> list[Path]:
+    """Lift heatmaps: earliest and final checkpoint, one column per domain, significant cells dotted."""
+    E = int(result.attrs["num_experts"])
+    layers, ckpts, steps = (result[name].values for name in ("layer", "checkpoint", "step"))
+    C = len(ckpts)
     show = [0, C - 1] if C > 1 else [0]
     domains = result["domain"].values
     D = len(domains)
@@ -117,5 +124,4 @@ def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",))
         cbar.set_label(f"log2 lift (domain / pooled usage), clipped at ±{vmax:.2g}")
         fig.suptitle("Domain preference of each expert, earliest vs final checkpoint\n(white = no preference, "
                      "the chance level; dots = significant after BH; grey = undefined)")
-        paths += plotting.savefig(fig, out_dir, f"{NAME}_lift", formats)
-    return paths
+        return plotting.savefig(fig, out_dir, f"{NAME}_lift", formats)

@@ -27,13 +27,15 @@ def _band(ax, x, result, name, sel, style):
 def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
     """Repeat rates vs layer, transition heatmaps (earliest and final), autocorrelation vs lag."""
     result = result.compute()
-    E, k = int(result.attrs["num_experts"]), int(result.attrs["top_k"])
-    layers = result["layer"].values
-    ckpts = result["checkpoint"].values
-    steps = result["step"].values
-    styles = checkpoint_styles(steps)
-    paths = []
+    return [*_repeat_figure(result, out_dir, formats), *_transition_figure(result, out_dir, formats),
+            *_autocorrelation_figure(result, out_dir, formats)]
 
+
+def _repeat_figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str]) -> list[Path]:
+    """Top-1 and set repeat rates vs layer, one line per checkpoint."""
+    E, k = int(result.attrs["num_experts"]), int(result.attrs["top_k"])
+    layers, ckpts, steps = (result[name].values for name in ("layer", "checkpoint", "step"))
+    styles = checkpoint_styles(steps)
     with plotting.style():
         fig, axes = plotting.new_figure(1, 2, panel_size=(3.4, 2.7), sharex=True)
         for ax, (var, ylabel, chance, clabel) in zip(axes.flat, (
@@ -57,9 +59,13 @@ def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",))
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), frameon=False)
         fig.suptitle("Routing repeats between adjacent tokens of one sample\n(bands: 95 % bootstrap CI over "
                      "samples; grey dashed = earliest checkpoint, black = final)")
-        paths += plotting.savefig(fig, out_dir, f"{NAME}_repeat", formats)
+        return plotting.savefig(fig, out_dir, f"{NAME}_repeat", formats)
 
-    # transition heatmaps: earliest and final checkpoint, one panel per layer
+
+def _transition_figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str]) -> list[Path]:
+    """Top-1 transition heatmaps: earliest and final checkpoint, one panel per layer."""
+    E = int(result.attrs["num_experts"])
+    layers, ckpts, steps = (result[name].values for name in ("layer", "checkpoint", "step"))
     show = [0, len(ckpts) - 1] if len(ckpts) > 1 else [0]
     L = len(layers)
     rows_per, ncols = plotting.panel_grid(L)  # three heatmaps a row keep their tick labels readable
@@ -91,9 +97,15 @@ def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",))
         cbar.ax.axhline(1.0 / E, color="k", linewidth=0.8)
         fig.suptitle(f"Top-1 transitions, earliest (top) and final checkpoint\n(white = chance 1/E = {1 / E:.3g}; "
                      "grey = expert never top-1)")
-        paths += plotting.savefig(fig, out_dir, f"{NAME}_transition", formats)
+        return plotting.savefig(fig, out_dir, f"{NAME}_transition", formats)
 
-    # autocorrelation vs lag, one panel per layer, one line per checkpoint
+
+def _autocorrelation_figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str]) -> list[Path]:
+    """Mean autocorrelation vs lag, one panel per layer, one line per checkpoint."""
+    layers, ckpts, steps = (result[name].values for name in ("layer", "checkpoint", "step"))
+    styles = checkpoint_styles(steps)
+    L = len(layers)
+    rows_per, ncols = plotting.panel_grid(L)
     lags = result["lag"].values
     with plotting.style():
         fig, axes = plotting.new_figure(rows_per, ncols, panel_size=(2.5, 2.1), sharex=True, sharey=True)
@@ -114,5 +126,4 @@ def figure(result: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png",))
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), frameon=False)
         fig.suptitle("Autocorrelation of expert activation along the sequence, mean over experts\n"
                      "(bands: 95 % CI over samples; grey dashed = earliest checkpoint, black = final)")
-        paths += plotting.savefig(fig, out_dir, f"{NAME}_autocorrelation", formats)
-    return paths
+        return plotting.savefig(fig, out_dir, f"{NAME}_autocorrelation", formats)

@@ -104,24 +104,63 @@ def curves(cube, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]
 
 
 def diversity(cube, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """``diversity_losses``: every logged metric whose name holds "diversity" (per layer / dataset), a panel per run."""
-    metrics = [str(m) for m in cube.metric.values if "diversity" in str(m).lower()]
-    if not metrics:
+    """``diversity_losses``: the logged diversity losses across layers and datasets, a row per run.
+
+    Left: every series against step (colour = layer, line style = dataset). Right: each series' last
+    logged value against its layer, a line per dataset (the seed's "diversity losses across
+    layers/datasets"); a bar per series where the log names no layer. Layer and dataset come from the
+    cube's ``metric_layer``/``metric_dataset`` coordinates (``storage.training.metric_parts``).
+    """
+    from storage.training import metric_parts
+
+    sel = [i for i, m in enumerate(cube.metric.values) if "diversity" in str(m).lower()]
+    if not sel:
         return []
-    runs = list(cube.run.values)
+    sub = cube.isel(metric=sel)
+    names = [str(m) for m in sub.metric.values]
+    if "metric_layer" in sub.coords:
+        layer_of = dict(zip(names, (int(x) for x in sub.metric_layer.values)))
+        dset_of = dict(zip(names, (str(x) for x in sub.metric_dataset.values)))
+    else:  # a cube written before the coordinates existed
+        layer_of = {m: metric_parts(m)[0] for m in names}
+        dset_of = {m: metric_parts(m)[1] for m in names}
+    runs = [r for r in sub.run.values if np.isfinite(sub["value"].sel(run=r).values).any()]
+    layers = sorted(set(layer_of.values()))
+    datasets = list(dict.fromkeys(dset_of.values()))
+    lcol, _ = plotting.series_colours(layers)
+    colour = dict(zip(layers, lcol))
+    dstyle = {d: plotting.LINESTYLES[i % len(plotting.LINESTYLES)] for i, d in enumerate(datasets)}
+    steps = cube.step.values
     with plotting.style():
-        fig, axes = plotting.new_figure(*plotting.panel_grid(len(runs), 2), panel_size=(3.4, 2.4), sharey=True)
-        colours, _ = plotting.series_colours(metrics)
-        for ax, run in zip(axes.flat, runs):
-            for m, c in zip(metrics, colours):
-                s = cube["value"].sel(run=run, metric=m).values
-                ok = ~np.isnan(s)
-                if ok.any():
-                    ax.plot(cube.step.values[ok], s[ok], color=c, lw=1, label=m)
-            ax.set_title(str(run))
+        fig, axes = plotting.new_figure(len(runs), 2, panel_size=(3.4, 2.4))
+        for row, run in enumerate(runs):
+            ax, ax2 = axes[row, 0], axes[row, 1]
+            last = {}
+            for m in names:
+                v = sub["value"].sel(run=run, metric=m).values
+                ok = np.isfinite(v)
+                if not ok.any():
+                    continue
+                ax.plot(steps[ok], v[ok], color=colour[layer_of[m]], ls=dstyle[dset_of[m]], lw=1, label=m)
+                last[m] = float(v[ok][-1])
+            ax.set_title(f"{run}: diversity losses", fontsize=7)
             plotting.label_axes(ax, "training step", "diversity loss (as logged)")
-        axes.flat[0].legend(frameon=False, fontsize=5)
-        plotting.hide_unused(axes, len(runs))
+            ax.legend(frameon=False, fontsize=5)
+            per_layer = [m for m in last if layer_of[m] >= 0]
+            if per_layer:
+                for d in datasets:
+                    ms = sorted((m for m in per_layer if dset_of[m] == d), key=lambda m: layer_of[m])
+                    if ms:
+                        ax2.plot([layer_of[m] for m in ms], [last[m] for m in ms], marker="o", ls=dstyle[d],
+                                 color="0.2", label=d or "(no dataset)")
+                ax2.set_xticks(sorted({layer_of[m] for m in per_layer}))
+                plotting.label_axes(ax2, "layer", "last logged value")
+                ax2.legend(frameon=False, fontsize=6)
+            else:
+                ax2.bar(range(len(last)), list(last.values()), color=[colour[layer_of[m]] for m in last])
+                ax2.set_xticks(range(len(last)), list(last), rotation=30, ha="right", fontsize=6)
+                plotting.label_axes(ax2, "series", "last logged value")
+            ax2.set_title(f"{run}: across layers and datasets", fontsize=7)
         return plotting.savefig(fig, out_dir, "diversity_losses", formats)
 
 
@@ -241,7 +280,7 @@ def sunburst(comp, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Pat
                     ax.bar(2 * np.pi * (start + width / 2), 1.0, width=2 * np.pi * width, bottom=0.6 + level,
                            color=c, edgecolor="white", linewidth=0.5)
                     if width > 0.06 and level < 2 or width > 0.1:
-                        ax.text(2 * np.pi * (start + width / 2), 1.1 + level, label[:14], ha="center", va="center",
+                        ax.text(2 * np.pi * (start + width / 2), 1.1 + level, _short(label), ha="center", va="center",
                                 fontsize=5)
             ax.set_axis_off()
             ax.set_title(f"by {size} ({int(comp[size].sum()):,})", fontsize=8)
@@ -254,3 +293,8 @@ def _segment_domains(domain_ring, ring) -> list[str]:
         mid = start + width / 2
         out.append(next(l for l, s, w in domain_ring if s - 1e-12 <= mid <= s + w + 1e-12))
     return out
+
+
+def _short(label: str, n: int = 16) -> str:
+    """A ring label cut to ``n`` characters with an ellipsis (the full names are in the composition table)."""
+    return label if len(label) <= n else label[: n - 1] + "…"

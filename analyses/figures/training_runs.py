@@ -83,12 +83,13 @@ def section(training_dir: Path, figures_dir: Path, tables_dir: Path, report_dir:
     cmp = parts.get("compare")
     if cmp is not None and not cmp.attrs.get("skipped"):
         imgs(_compare_figure(cmp, out, formats), f"Routing of each run compared with {cmp.attrs.get('against')} on "
-             "the same tokens: top-1 agreement per layer and checkpoint (chance 1/E dashed).")
+             "the same tokens: top-1 agreement and top-k set overlap per layer and checkpoint (chance 1/E and k/E "
+             "dashed); the first layer and token where the routing differs are in the table below and "
+             "training_compare.csv.")
+        blocks.append(_divergence_table(cmp))
         cmp.to_dataframe().reset_index().to_csv(tables_dir / "training_compare.csv", index=False)
         summary["routing_comparison"] = {
-            str(r): {str(c): {"first_divergence_layer": int(cmp.first_divergence_layer.sel(run=r, checkpoint=c)),
-                              "first_divergence_token": int(cmp.first_divergence_token.sel(run=r, checkpoint=c)),
-                              "mean_top1_agreement": round(float(cmp.agreement_top1.sel(run=r, checkpoint=c).mean()), 4)}
+            str(r): {str(c): _divergence(cmp.sel(run=r, checkpoint=c))
                      for c in cmp.checkpoint.values if np.isfinite(cmp.agreement_top1.sel(run=r, checkpoint=c)).any()}
             for r in cmp.run.values}
     sc = parts.get("scores")
@@ -113,24 +114,60 @@ def section(training_dir: Path, figures_dir: Path, tables_dir: Path, report_dir:
     return page, summary
 
 
+def _divergence(one: xr.Dataset) -> dict:
+    """Headline of one (run, checkpoint) comparison: first diverging layer and token, where it is, mean agreement."""
+    out = {"first_divergence_layer": int(one.first_divergence_layer), "first_divergence_token": int(one.first_divergence_token)}
+    for v, key in (("first_divergence_sample", "sample"), ("first_divergence_position", "position"),
+                   ("first_divergence_text", "token_text")):
+        if v in one:
+            out[key] = int(one[v]) if key == "position" else str(one[v].values)
+    out["mean_top1_agreement"] = round(float(one.agreement_top1.mean()), 4)
+    out["mean_overlap"] = round(float(one.overlap.mean()), 4)
+    return out
+
+
+def _divergence_table(cmp: xr.Dataset) -> str:
+    rows = []
+    for r in cmp.run.values:
+        for c in cmp.checkpoint.values:
+            one = cmp.sel(run=r, checkpoint=c)
+            if not np.isfinite(one.agreement_top1.values).any():
+                continue
+            d = _divergence(one)
+            where = ("routing identical on every token" if d["first_divergence_token"] < 0 else
+                     f"layer {d['first_divergence_layer']}, token {d['first_divergence_token']}"
+                     + (f" (sample {d['sample']}, position {d['position']}, {d.get('token_text', '')!r})"
+                        if "sample" in d else ""))
+            rows.append(f"<tr><td>{html.escape(str(r))}</td><td>{html.escape(str(c))}</td>"
+                        f'<td class="num">{d["mean_top1_agreement"]:.3f}</td><td class="num">{d["mean_overlap"]:.3f}</td>'
+                        f"<td>{html.escape(where)}</td></tr>")
+    return (f'<table class="headline"><caption>First divergence from {html.escape(str(cmp.attrs.get("against")))}'
+            "</caption><tr><th>run</th><th>checkpoint</th><th>top-1 agreement</th><th>top-k overlap</th>"
+            "<th>first layer and token where routing differs</th></tr>" + "".join(rows) + "</table>")
+
+
 def _compare_figure(cmp: xr.Dataset, out: Path, formats) -> list[Path]:
     from . import plotting
 
     runs = list(cmp.run.values)
     ck = [c for c in cmp.checkpoint.values if np.isfinite(cmp.agreement_top1.sel(checkpoint=c).values).any()]
     E = float(cmp.attrs.get("num_experts") or 0)
+    k = float(cmp.attrs.get("top_k") or 0)
     with plotting.style():
-        fig, axes = plotting.new_figure(1, len(runs), panel_size=(3.4, 2.4), sharey=True)
-        for ax, r in zip(axes.flat, runs):
-            for c, st in zip(ck, plotting.checkpoint_styles(list(range(len(ck))))):
-                s = cmp.agreement_top1.sel(run=r, checkpoint=c)
-                ax.plot(cmp.layer.values, s.values, label=str(c), **st)
-            if E:
-                plotting.chance_line(ax, 1 / E)
-            ax.set_ylim(0, 1.02)
-            ax.set_title(f"{r} vs {cmp.attrs.get('against')}")
-            plotting.label_axes(ax, "layer", "top-1 agreement")
-            ax.legend(frameon=False, fontsize=6)
+        fig, axes = plotting.new_figure(len(runs), 2, panel_size=(3.4, 2.4), sharey=True)
+        for row, r in enumerate(runs):
+            for ax, var, label, chance in ((axes[row, 0], "agreement_top1", "top-1 agreement", 1 / E if E else None),
+                                           (axes[row, 1], "overlap", "top-k set overlap", k / E if E and k else None)):
+                for c, st in zip(ck, plotting.checkpoint_styles(list(range(len(ck))))):
+                    s = cmp[var].sel(run=r, checkpoint=c)
+                    ax.plot(cmp.layer.values, s.values, label=str(c), **st)
+                if chance:
+                    plotting.chance_line(ax, chance)
+                ax.set_ylim(0, 1.02)
+                ax.set_xticks([int(x) for x in cmp.layer.values])
+                ax.set_title(f"{r} vs {cmp.attrs.get('against')}: {label}", fontsize=7)
+                plotting.label_axes(ax, "layer", label)
+            axes[row, 0].legend(frameon=False, fontsize=6)
         return plotting.savefig(fig, out, "routing_agreement", formats)
 
 
@@ -150,3 +187,88 @@ def report_hook(layout, formats, summary: dict) -> str:
         for f in report_tables.glob("training_*.csv"):
             shutil.copy2(f, Path(layout.tables_dir) / f.name)
     return page
+
+
+# ------------------------------------------------------------------ every comparing section, runs side by side
+
+
+def _flat_scalars(headline, prefix: str = "") -> dict:
+    """A headline's scalar numbers as {"outer › inner": value} (lists and text left out)."""
+    out = {}
+    if isinstance(headline, dict):
+        for k, v in headline.items():
+            out.update(_flat_scalars(v, f"{prefix} › {k}" if prefix else str(k)))
+    elif isinstance(headline, (bool, np.bool_)):
+        pass
+    elif isinstance(headline, (int, float, np.integer, np.floating)):
+        out[prefix] = float(headline)
+    return out
+
+
+def _num(v) -> str:
+    return "—" if v is None or not np.isfinite(v) else f"{v:.4g}"
+
+
+def other_runs(layout) -> list[tuple[str, Path]]:
+    """(name, run folder) of each further run the training stage compared (its mark's attrs), main run excluded."""
+    mark = Path(layout.analyses_dir) / "training.zarr"
+    if not (mark / "zarr.json").exists():
+        return []
+    attrs = cubes.open_result(mark).attrs
+    names, roots = list(attrs.get("runs") or []), list(attrs.get("run_roots") or [])
+    # run folders are stored relative to this run's (tasks/training.py)
+    return [(str(n), Path(layout.root) / r) for n, r in zip(names[1:], roots[1:])]
+
+
+def side_by_side(layout, name: str, analysis, main_files: Sequence[Path], formats: Sequence[str] = ("png",),
+                 main_headline: dict | None = None) -> tuple[str, dict]:
+    """HTML showing analysis ``name`` of every run side by side, and each further run's headline numbers.
+
+    The further runs are the experiment's ``[[runs]]`` (found through the training stage's mark); a run
+    whose own experiment computed ``name`` (``tasks/training.py`` runs the analyses both list) gets the
+    same figures, drawn from its own cube into ``report/figures/<name>/runs/<run>/``: one column per
+    run, one row per figure. Below them, the scalar headline numbers with a column per run.
+    Returns ("", {}) when no further run has this analysis.
+    """
+    from storage.layout import RunLayout
+
+    runs = []
+    for run, root in other_runs(layout):
+        path = RunLayout(root).analysis(name)
+        if cubes.result_fingerprint(path, verify=False) is None:
+            continue
+        result = cubes.open_result(path)
+        if result.attrs.get("skipped"):
+            continue
+        files = analysis.figure(result, Path(layout.figures_dir) / name / "runs" / run, formats)
+        runs.append((run, [Path(f) for f in files if Path(f).suffix == ".png"], analysis.summary(result)))
+    if not runs:
+        return "", {}
+    main_name = Path(layout.root).name
+    mark = Path(layout.analyses_dir) / "training.zarr"
+    if (mark / "zarr.json").exists():
+        main_name = str((cubes.open_result(mark).attrs.get("runs") or [main_name])[0])
+    columns = [(main_name, [Path(f) for f in main_files if Path(f).suffix == ".png"], main_headline or {})] + runs
+    stems = list(dict.fromkeys(f.stem for _, files, _ in columns for f in files))
+    report_dir = Path(layout.report_dir)
+    n = len(columns)
+    cells = "".join(f'<div><strong>{html.escape(r)}</strong></div>' for r, _, _ in columns)
+    for stem in stems:
+        for _, files, _ in columns:
+            f = next((x for x in files if x.stem == stem), None)
+            cells += (f'<div><img src="{html.escape(os.path.relpath(f, report_dir))}" alt="{html.escape(stem)}" '
+                      f'loading="lazy"></div>' if f else "<div>—</div>")
+    flat = [_flat_scalars(h) for _, _, h in columns]
+    keys = list(dict.fromkeys(k for f in flat for k in f))[:40]
+    table = ""
+    if keys:
+        head = "".join(f"<th>{html.escape(r)}</th>" for r, _, _ in columns)
+        body = "".join(f"<tr><th>{html.escape(k)}</th>" + "".join(f'<td class="num">{_num(f.get(k))}</td>' for f in flat)
+                       + "</tr>" for k in keys)
+        table = f'<table class="headline"><tr><th></th>{head}</tr>{body}</table>'
+    page = (f'<details class="runs" open><summary>Runs side by side: {html.escape(", ".join(r for r, _, _ in columns))}'
+            f'</summary><p class="caption">The same analysis on each run&rsquo;s own routing cube (its own checkpoints '
+            f'and data), a column per run.</p>'
+            f'<div style="display:grid;grid-template-columns:repeat({n},minmax(0,1fr));gap:.5em">{cells}</div>'
+            f"{table}</details>")
+    return page, {r: h for r, _, h in runs}

@@ -24,6 +24,7 @@ text is a substring of any training document is dropped at build time.
 from __future__ import annotations
 
 import json
+import operator
 import random
 import re
 import sysconfig
@@ -178,21 +179,44 @@ def build_corpus(
 # helpers
 
 
+def _fitting(items: list[str], start: int, max_chars: int, *, sep: int) -> list[str]:
+    """The consecutive ``items`` from ``start`` that fit in ``max_chars``, ``sep`` characters between two."""
+    out: list[str] = []
+    size = 0
+    for item in items[start:]:
+        add = len(item) + (sep if out else 0)
+        if size + add > max_chars:
+            break
+        out.append(item)
+        size += add
+    return out
+
+
 def _window_lines(text: str, start_line: int, max_chars: int) -> str:
     """Consecutive whole lines from ``start_line`` totalling at most ``max_chars``."""
     lines = text.split("\n")
-    out: list[str] = []
-    size = 0
-    for line in lines[start_line:]:
-        add = len(line) + (1 if out else 0)
-        if size + add > max_chars:
-            break
-        out.append(line)
-        size += add
+    out = _fitting(lines, start_line, max_chars, sep=1)
     if not out and start_line < len(lines):
         # A single over-long line: cut it rather than return nothing.
         out = [lines[start_line][:max_chars]]
     return "\n".join(out).strip("\n")
+
+
+def _take(sources: list[str], budget: int, make: Callable[[str, int], str]) -> tuple[list[str], list[str]]:
+    """``make(source, room)`` for ``sources`` in order until ``budget`` characters are taken (``room``: what
+    is left of it); the documents and their sources, an empty document skipped."""
+    docs: list[str] = []
+    taken: list[str] = []
+    size = 0
+    for source in sources:
+        if size >= budget:
+            break
+        doc = make(source, budget - size)
+        if doc:
+            docs.append(doc)
+            taken.append(source)
+            size += len(doc)
+    return docs, taken
 
 
 def _fill(rng: random.Random, make, budget: int) -> list[str]:
@@ -241,22 +265,15 @@ def _code_domain(rng: random.Random, seed: int, budget: int, n_eval: int, max_ch
     n_eval_files = min(len(rels) // 2, max(len(rels) // 10, 2 * n_eval + 8))
     eval_files, train_files = rels[:n_eval_files], rels[n_eval_files:]
 
-    docs: list[str] = []
-    tsrc: list[str] = []
-    size = 0
-    for rel in train_files:
-        if size >= budget:
-            break
+    def train_doc(rel: str, room: int) -> str:
         text = _read_source(root / rel)
         if not text or len(text) < 200:
-            continue
+            return ""
         n_lines = text.count("\n") + 1
         start = rng.randrange(max(1, n_lines - 40)) if len(text) > _CODE_WINDOW_CHARS else 0
-        doc = _window_lines(text, start, min(_CODE_WINDOW_CHARS, budget - size + 200))
-        if doc:
-            docs.append(doc)
-            tsrc.append(rel)
-            size += len(doc)
+        return _window_lines(text, start, min(_CODE_WINDOW_CHARS, room + 200))
+
+    docs, tsrc = _take(train_files, budget, train_doc)
 
     candidates: list[tuple[str, str]] = []
     for rel in eval_files:
@@ -296,14 +313,7 @@ def _clean_topic(text: str) -> list[str]:
 
 
 def _prose_window(paras: list[str], start: int, max_chars: int) -> str:
-    out: list[str] = []
-    size = 0
-    for p in paras[start:]:
-        add = len(p) + (2 if out else 0)
-        if size + add > max_chars:
-            break
-        out.append(p)
-        size += add
+    out = _fitting(paras, start, max_chars, sep=2)
     if not out and start < len(paras):
         # One long paragraph: cut at the last sentence end that fits.
         p = paras[start][:max_chars]
@@ -339,17 +349,8 @@ def _prose_domain(rng: random.Random, seed: int, budget: int, n_eval: int, max_c
                 rounds[r].append((f"topic:{name}", window))
     candidates = rounds[0] + rounds[1]
 
-    docs: list[str] = []
-    tsrc: list[str] = []
-    size = 0
-    for name in train_topics:
-        if size >= budget:
-            break
-        doc = "\n\n".join(cleaned[name])[: budget - size + 200]
-        docs.append(doc)
-        tsrc.append(f"topic:{name}")
-        size += len(doc)
-    return docs, tsrc, candidates
+    docs, tsrc = _take(train_topics, budget, lambda name, room: "\n\n".join(cleaned[name])[: room + 200])
+    return docs, [f"topic:{name}" for name in tsrc], candidates
 
 
 # ---------------------------------------------------------------------------------------
@@ -365,17 +366,20 @@ _ITEMS = [
 ]
 
 
+# Problem kinds 0-2: "a op b = result", a and b drawn from these ranges.
+_BINARY = {
+    0: ((10, 1000), (10, 1000), "+", operator.add),
+    1: ((100, 2000), (10, 100), "-", operator.sub),
+    2: ((2, 100), (2, 50), "*", operator.mul),
+}
+
+
 def _math_problem(rng: random.Random) -> str:
     kind = rng.randrange(8)
-    if kind == 0:
-        a, b = rng.randrange(10, 1000), rng.randrange(10, 1000)
-        return f"{a} + {b} = {a + b}"
-    if kind == 1:
-        a, b = rng.randrange(100, 2000), rng.randrange(10, 100)
-        return f"{a} - {b} = {a - b}"
-    if kind == 2:
-        a, b = rng.randrange(2, 100), rng.randrange(2, 50)
-        return f"{a} * {b} = {a * b}"
+    if kind in _BINARY:
+        a_range, b_range, sign, op = _BINARY[kind]
+        a, b = rng.randrange(*a_range), rng.randrange(*b_range)
+        return f"{a} {sign} {b} = {op(a, b)}"
     if kind == 3:
         b, q = rng.randrange(2, 30), rng.randrange(2, 60)
         return f"{b * q} / {b} = {q}"
@@ -405,16 +409,22 @@ def _math_doc(rng: random.Random) -> str:
     return "\n".join(_math_problem(rng) for _ in range(rng.randrange(6, 20)))
 
 
-def _math_domain(rng: random.Random, seed: int, budget: int, n_eval: int, max_chars: int):
-    docs = _fill(rng, _math_doc, budget)
-    # Held-out problems come from an independent stream so that they are not a
-    # continuation of the training sequence of random draws.
-    erng = random.Random(f"moe-atlas-demo/{seed}/math/eval")
+def _generated_domain(name: str, make_doc: Callable[[random.Random], str], docs_per_sample: int,
+                      rng: random.Random, seed: int, budget: int, n_eval: int, max_chars: int):
+    """A domain whose documents ``make_doc`` generates: training documents from ``rng``, held-out
+    candidates (``docs_per_sample`` documents, cut to ``max_chars``) from an independent stream, so
+    that they are not a continuation of the training sequence of random draws."""
+    docs = _fill(rng, make_doc, budget)
+    erng = random.Random(f"moe-atlas-demo/{seed}/{name}/eval")
     candidates = [
-        ("stream:math/eval", _window_lines("\n".join(_math_doc(erng) for _ in range(3)), 0, max_chars))
+        (f"stream:{name}/eval", _window_lines("\n".join(make_doc(erng) for _ in range(docs_per_sample)), 0, max_chars))
         for _ in range(2 * n_eval + 8)
     ]
-    return docs, ["stream:math/train"], candidates
+    return docs, [f"stream:{name}/train"], candidates
+
+
+def _math_domain(rng: random.Random, seed: int, budget: int, n_eval: int, max_chars: int):
+    return _generated_domain("math", _math_doc, 3, rng, seed, budget, n_eval, max_chars)
 
 
 # ---------------------------------------------------------------------------------------
@@ -498,10 +508,4 @@ def _data_doc(rng: random.Random) -> str:
 
 
 def _data_domain(rng: random.Random, seed: int, budget: int, n_eval: int, max_chars: int):
-    docs = _fill(rng, _data_doc, budget)
-    erng = random.Random(f"moe-atlas-demo/{seed}/data/eval")
-    candidates = [
-        ("stream:data/eval", _window_lines("\n".join(_data_doc(erng) for _ in range(2)), 0, max_chars))
-        for _ in range(2 * n_eval + 8)
-    ]
-    return docs, ["stream:data/train"], candidates
+    return _generated_domain("data", _data_doc, 2, rng, seed, budget, n_eval, max_chars)

@@ -160,27 +160,30 @@ class DemoConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "DemoConfig":
-        """A config that prepares in a few seconds, for tests."""
-        base = dict(
-            steps=12,
-            checkpoint_steps=[0, 6, 12],
-            hidden_size=32,
-            intermediate_size=64,
-            num_layers=2,
-            num_heads=2,
-            num_experts=4,
-            top_k=2,
-            vocab_size=384,
-            seq_len=64,
-            batch_size=8,
-            lr=1e-2,
-            warmup_steps=2,
-            eval_samples_per_domain=3,
-            eval_max_chars=300,
-            train_chars_per_domain=20_000,
-        )
-        base.update(overrides)
-        return cls(**base)
+        """A config that prepares in a few seconds, for tests (:data:`TINY`, then ``overrides``)."""
+        return cls(**{**TINY, **overrides})
+
+
+#: The fields of :meth:`DemoConfig.tiny` that differ from the defaults: the tiny demo of tests and smoke
+#: benchmarks (``experiments/tiny.py`` writes it as an experiment's ``[model.demo]`` table).
+TINY = dict(
+    steps=12,
+    checkpoint_steps=[0, 6, 12],
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=2,
+    num_experts=4,
+    top_k=2,
+    vocab_size=384,
+    seq_len=64,
+    batch_size=8,
+    lr=1e-2,
+    warmup_steps=2,
+    eval_samples_per_domain=3,
+    eval_max_chars=300,
+    train_chars_per_domain=20_000,
+)
 
 
 def checkpoint_name(step: int) -> str:

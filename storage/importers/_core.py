@@ -36,7 +36,7 @@ import numpy as np
 import xarray as xr
 
 from .. import atomic
-from ..schema import VARIABLES, empty_routing, token_table, tokens_hash
+from ..schema import VARIABLES, apply_cf_attrs, empty_routing, token_table, tokens_hash
 
 
 class TraceError(ValueError):
@@ -359,7 +359,7 @@ SIDE_COLUMNS = ("dataset", "domain", "condition", "pair")
 
 
 def build_token_table(metas: Sequence[SampleMeta], side: dict | None = None) -> xr.Dataset:
-    """Token table (dim ``token``) for ``metas``, samples numbered 0.. in order."""
+    """Token table (dim ``token``) for ``metas``, samples numbered 0.. in order; ``sample_id`` = each sample's key."""
     side = side or {}
     n = np.array([m.n for m in metas], dtype=np.int64)
     T = int(n.sum())
@@ -380,8 +380,10 @@ def build_token_table(metas: Sequence[SampleMeta], side: dict | None = None) -> 
     for col in SIDE_COLUMNS:
         per_sample = np.array([str(side.get(m.key, {}).get(col, getattr(m, col))) for m in metas], dtype=object)
         labels[col] = per_sample[sample] if T else np.zeros(0, object)
+    keys = np.array([str(m.key) for m in metas], dtype=object)
     return token_table(
-        sample=sample, position=position, token_id=token_id, token_text=text,
+        sample=sample, sample_id=keys[sample] if T else np.zeros(0, object),
+        position=position, token_id=token_id, token_text=text,
         dataset=labels["dataset"], domain=labels["domain"], condition=labels["condition"], pair=labels["pair"],
         phase=phase,
     )
@@ -670,6 +672,7 @@ def write_cube(
             shape = tuple(template.sizes[d] for d in spec.dims)
             template[name] = xr.Variable(spec.dims, da.full(shape, spec.fill, dtype=spec.dtype),
                                          attrs={"description": spec.description})
+        apply_cf_attrs(template)  # long_name/units of the aggregates too
 
     with atomic.staged(out_path, "import") as tmp:
         prepare_routing(tmp, template)

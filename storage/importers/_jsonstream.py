@@ -114,15 +114,8 @@ class JsonStream:
                 raise TraceError(f"{self.path}: {what}: expected a string key at character {self.offset()}")
             self.expect(":", f"{what} after key {key!r}")
             yield key
-            c = self.peek()
-            if c == ",":
-                self.pos += 1
-                continue
-            if c == "}":
-                self.pos += 1
+            if not self._another("}", what, f"after key {key!r}"):
                 return
-            found = repr(c) if c else "end of file (truncated?)"
-            raise TraceError(f"{self.path}: {what}: expected ',' or '}}' at character {self.offset()} after key {key!r}, found {found}")
 
     def array(self, what: str = "array") -> Iterator[tuple[int, object]]:
         """(index, element) for the array that starts here, decoded one element at a time."""
@@ -133,16 +126,20 @@ class JsonStream:
         i = 0
         while True:
             yield i, self.value(f"{what} element {i}")
-            c = self.peek()
-            if c == ",":
-                self.pos += 1
-                i += 1
-                continue
-            if c == "]":
-                self.pos += 1
+            if not self._another("]", what, f"after element {i}"):
                 return
-            found = repr(c) if c else "end of file (truncated?)"
-            raise TraceError(f"{self.path}: {what}: expected ',' or ']' after element {i} at character {self.offset()}, found {found}")
+            i += 1
+
+    def _another(self, close: str, what: str, after: str) -> bool:
+        """After a member of an object or array: True at ',' (another member follows), False at ``close``
+        (the end); both consumed. Anything else is refused with its position."""
+        c = self.peek()
+        if c in (",", close):
+            self.pos += 1
+            return c == ","
+        found = repr(c) if c else "end of file (truncated?)"
+        raise TraceError(f"{self.path}: {what}: expected ',' or '{close}' at character {self.offset()} {after}, "
+                         f"found {found}")
 
     def end(self) -> None:
         """Check that nothing but whitespace follows the document."""

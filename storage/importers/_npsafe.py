@@ -17,12 +17,12 @@ refuse, naming the file and the member:
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ..env import env_number
 from ._core import TraceError
 
 MAX_RATIO = 100
@@ -32,16 +32,7 @@ _DEFAULT_MAX = 4 << 30
 
 def max_bytes() -> int:
     """The limit on the bytes an ``.npy``/``.npz`` may declare (env ``MOE_ATLAS_MAX_NPZ_BYTES``)."""
-    raw = os.environ.get("MOE_ATLAS_MAX_NPZ_BYTES", "")
-    if not raw:
-        return _DEFAULT_MAX
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"MOE_ATLAS_MAX_NPZ_BYTES={raw!r}: expected a number of bytes") from None
-    if value < 1:
-        raise ValueError(f"MOE_ATLAS_MAX_NPZ_BYTES={raw!r}: expected a number of bytes >= 1")
-    return value
+    return env_number("MOE_ATLAS_MAX_NPZ_BYTES", _DEFAULT_MAX, unit="bytes", minimum=1, parse=int)
 
 
 def _size(n: int) -> str:

@@ -40,6 +40,16 @@ def phase_name(value, where: str, field_name: str = "phase") -> str:
         raise fail(where, field_name, f"{value!r} is not a phase (expected prefill/prompt or decode/generate)") from None
 
 
+def ends_with_line_break(path: Path) -> bool:
+    """Whether the file's last byte ends a line (an empty file counts as ending one): else it was cut off."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        if not size:
+            return True
+        f.seek(size - 1)
+        return f.read(1) in (b"\n", b"\r")
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, decoded value) of each non-blank line of a JSON-lines file.
 
@@ -47,13 +57,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
     decode is refused by number; when it is the file's last line and the file
     does not end with a newline, the message says the file was cut off there.
     """
-    with open(path, "rb") as f:
-        f.seek(0, 2)
-        size = f.tell()
-        ends_with_newline = True
-        if size:
-            f.seek(size - 1)
-            ends_with_newline = f.read(1) in (b"\n", b"\r")
+    ends_with_newline = ends_with_line_break(path)
     with open(path, "r", encoding="utf-8-sig", newline=None) as f:
         pending: tuple[int, str, json.JSONDecodeError] | None = None
         for i, line in enumerate(f, start=1):
@@ -110,26 +114,24 @@ def _cell_items(value: str, where: str, field_name: str) -> list[str]:
     return [t.strip().strip("'\"") for t in _SPLIT.split(text) if t.strip()]
 
 
+def _list_items(value, where: str, field_name: str, what: str) -> list:
+    """The items of a list value: a JSON/Parquet list or a text cell "[1, 5]" / "1 5" / "1;5" / "1,5"."""
+    if isinstance(value, str):
+        return _cell_items(value, where, field_name)
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return list(value)
+    raise fail(where, field_name, f"expected a list of {what}, got {value!r}")
+
+
 def int_list(value, where: str, field_name: str) -> list[int]:
     """A list of integers: a JSON/Parquet list (ints, integral floats, digit strings) or a text cell
     "[1, 5]" / "1 5" / "1;5" / "1,5"."""
-    if isinstance(value, str):
-        items = _cell_items(value, where, field_name)
-    elif isinstance(value, (list, tuple, np.ndarray)):
-        items = list(value)
-    else:
-        raise fail(where, field_name, f"expected a list of expert ids, got {value!r}")
-    return [to_int(x, where, field_name) for x in items]
+    return [to_int(x, where, field_name) for x in _list_items(value, where, field_name, "expert ids")]
 
 
 def float_list(value, where: str, field_name: str) -> list[float]:
     """A list of finite floats, as :func:`int_list` accepts lists."""
-    if isinstance(value, str):
-        items = _cell_items(value, where, field_name)
-    elif isinstance(value, (list, tuple, np.ndarray)):
-        items = list(value)
-    else:
-        raise fail(where, field_name, f"expected a list of numbers, got {value!r}")
+    items = _list_items(value, where, field_name, "numbers")
     out = []
     for x in items:
         if isinstance(x, bool) or x is None:

@@ -184,78 +184,81 @@ def read(source: Path, *, datasets: list[str] | None = None, mode: str = "auto",
                  num_experts=int(agg.sizes.get("expert", 0)) or None, slot_order="", **common)
 
 
-def _token_events(files: list[Path], attrs: dict):
-    skipped = 0
+_SKIPPED = "libmoe_documents_without_vision_metrics"
+
+
+def _with_vision_metrics(files: list[Path], attrs: dict):
+    """(file, where, document, its layer logs) of each document that has vision metrics; the others are
+    counted in ``attrs["libmoe_documents_without_vision_metrics"]``."""
+    attrs[_SKIPPED] = 0
     for f in files:
         for where, entry in _iter_docs(f):
             logs = _layer_logs(entry, where)
-            if not logs:
-                skipped += 1
-                continue
-            layers = _numeric_layers(logs, where)
-            blocks, n = [], None
-            for layer in sorted(layers):
-                m = layers[layer]
-                lw = f"{where}: logs_metrics_vision.{layer}"
-                if "selected_experts" not in m:
-                    raise fail(lw, "selected_experts", f"missing here but present in other layers/documents (fields {sorted(m)})")
-                ids = _squeeze_tokens(m["selected_experts"], lw)
-                if n is None:
-                    n = ids.shape[0]
-                elif ids.shape[0] != n:
-                    raise fail(lw, "selected_experts", f"{ids.shape[0]} tokens, layer {min(layers)} has {n}")
-                blocks.append(Block(layer=layer, where=lw, ids=ids, fields={"ids": "selected_experts"}))
-            if not blocks:
-                skipped += 1
-                continue
-            doc = entry.get("doc_id", where.rsplit("[", 1)[-1].rstrip("]"))
-            dom = entry.get("domain", f.stem)
-            dom = "|".join(map(str, dom)) if isinstance(dom, list) else str(dom)
-            yield Samples([SampleMeta(key=f"{f.stem}/{doc}", n=int(n), dataset=f.stem, domain=dom)], where=where)
-            yield from blocks
-    attrs["libmoe_documents_without_vision_metrics"] = int(skipped)
+            if logs:
+                yield f, where, entry, logs
+            else:
+                attrs[_SKIPPED] += 1
+
+
+def _token_events(files: list[Path], attrs: dict):
+    for f, where, entry, logs in _with_vision_metrics(files, attrs):
+        layers = _numeric_layers(logs, where)
+        blocks, n = [], None
+        for layer in sorted(layers):
+            m = layers[layer]
+            lw = f"{where}: logs_metrics_vision.{layer}"
+            if "selected_experts" not in m:
+                raise fail(lw, "selected_experts", f"missing here but present in other layers/documents (fields {sorted(m)})")
+            ids = _squeeze_tokens(m["selected_experts"], lw)
+            if n is None:
+                n = ids.shape[0]
+            elif ids.shape[0] != n:
+                raise fail(lw, "selected_experts", f"{ids.shape[0]} tokens, layer {min(layers)} has {n}")
+            blocks.append(Block(layer=layer, where=lw, ids=ids, fields={"ids": "selected_experts"}))
+        if not blocks:
+            attrs[_SKIPPED] += 1
+            continue
+        doc = entry.get("doc_id", where.rsplit("[", 1)[-1].rstrip("]"))
+        dom = entry.get("domain", f.stem)
+        dom = "|".join(map(str, dom)) if isinstance(dom, list) else str(dom)
+        yield Samples([SampleMeta(key=f"{f.stem}/{doc}", n=int(n), dataset=f.stem, domain=dom)], where=where)
+        yield from blocks
 
 
 def _aggregates(files: list[Path], attrs: dict) -> xr.Dataset:
     acc: dict[int, dict] = {}
     keys: list[str] = []
     E = None
-    skipped = 0
-    for f in files:
-        for where, entry in _iter_docs(f):
-            logs = _layer_logs(entry, where)
-            if not logs:
-                skipped += 1
-                continue
-            keys.append(f"{f.stem}/{entry.get('doc_id', len(keys))}")
-            for layer, m in _numeric_layers(logs, where).items():
-                lw = f"{where}: logs_metrics_vision.{layer}"
-                a = acc.setdefault(layer, {"top1": None, "topk": None, "ent_topk": [], "ent_all": [], "margin": [0.0, 0],
-                                           "samples": 0})
-                a["samples"] += 1
-                for field_name, slot in (("dist_experts_top1", "top1"), ("dist_experts_top2", "topk")):
-                    if field_name in m:
-                        c = int_array(m[field_name], lw, field_name, 1)
-                        if E is None:
-                            E = c.size
-                        elif c.size != E:
-                            raise fail(lw, field_name, f"{c.size} experts, earlier records have {E}")
-                        if c.size and c.min() < 0:
-                            raise fail(lw, field_name, "negative count")
-                        a[slot] = c.astype(np.int64) if a[slot] is None else a[slot] + c
-                for field_name, slot in (("entropy_weight_topk", "ent_topk"), ("entropy_weight_all", "ent_all")):
-                    if field_name in m:
-                        v = m[field_name]
-                        if isinstance(v, bool) or not isinstance(v, (int, float)):
-                            raise fail(lw, field_name, f"expected a number, got {v!r:.40}")
-                        a[slot].append(float(v))
-                if "router_magine" in m:
-                    try:
-                        v = np.asarray(m["router_magine"], dtype=np.float64).ravel()
-                    except (TypeError, ValueError):
-                        raise fail(lw, "router_magine", "expected numbers (per-token top-1 minus top-2 weight)") from None
-                    a["margin"][0] += float(v.sum())
-                    a["margin"][1] += int(v.size)
+    for f, where, entry, logs in _with_vision_metrics(files, attrs):
+        keys.append(f"{f.stem}/{entry.get('doc_id', len(keys))}")
+        for layer, m in _numeric_layers(logs, where).items():
+            lw = f"{where}: logs_metrics_vision.{layer}"
+            a = acc.setdefault(layer, {"top1": None, "topk": None, "ent_topk": [], "ent_all": [], "margin": [0.0, 0],
+                                       "samples": 0})
+            a["samples"] += 1
+            for field_name, slot in (("dist_experts_top1", "top1"), ("dist_experts_top2", "topk")):
+                if field_name in m:
+                    c = int_array(m[field_name], lw, field_name, 1)
+                    if E is None:
+                        E = c.size
+                    elif c.size != E:
+                        raise fail(lw, field_name, f"{c.size} experts, earlier records have {E}")
+                    if c.size and c.min() < 0:
+                        raise fail(lw, field_name, "negative count")
+                    a[slot] = c.astype(np.int64) if a[slot] is None else a[slot] + c
+            for field_name, slot in (("entropy_weight_topk", "ent_topk"), ("entropy_weight_all", "ent_all")):
+                if field_name in m:
+                    v = m[field_name]
+                    if isinstance(v, bool) or not isinstance(v, (int, float)):
+                        raise fail(lw, field_name, f"expected a number, got {v!r:.40}")
+                    a[slot].append(float(v))
+            if "router_magine" in m:
+                try:
+                    v = np.asarray(m["router_magine"], dtype=np.float64).ravel()
+                except (TypeError, ValueError):
+                    raise fail(lw, "router_magine", "expected numbers (per-token top-1 minus top-2 weight)") from None
+                a["margin"][0] += float(v.sum())
+                a["margin"][1] += int(v.size)
     if not acc:
         raise TraceError(f"{files[0]}: no per-layer vision metrics in any document")
     layers = sorted(acc)
@@ -281,7 +284,6 @@ def _aggregates(files: list[Path], attrs: dict) -> xr.Dataset:
     ds = xr.Dataset(data, coords={"layer": np.asarray(layers, np.int32)})
     if E:
         ds = ds.assign_coords(expert=np.arange(E, dtype=np.int32))
-    attrs["libmoe_documents_without_vision_metrics"] = int(skipped)
     attrs["aggregates_pooled"] = (f"{len(keys)} documents of {[f.stem for f in files]}: entropies averaged over documents, "
                                   "margins over logged tokens, counts summed")
     return ds

@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 
 from ._core import Block, SampleMeta, Samples, Trace, TraceError, fail
-from ._text import float_list, int_list, iter_jsonl, phase_name, to_int
+from ._text import ends_with_line_break, float_list, int_list, iter_jsonl, phase_name, to_int
 
 VERSION = 1
 SEMANTICS = "as the table's writer recorded it: top-k expert ids per (token, layer), weights where given"
@@ -424,13 +424,7 @@ def _read_jsonl(path: Path, rows: Rows, columns, top_k):
 
 
 def _read_csv(path: Path, rows: Rows, columns, top_k, delimiter: str):
-    with open(path, "rb") as f:
-        f.seek(0, 2)
-        size = f.tell()
-        ends_nl = True
-        if size:
-            f.seek(size - 1)
-            ends_nl = f.read(1) in (b"\n", b"\r")
+    ends_nl = ends_with_line_break(path)
     with open(path, "r", encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter, skipinitialspace=True)
         header = None
