@@ -208,7 +208,7 @@ def sweep_names(kinds: Sequence[str], *, drop_top1: bool, causal: bool, rankings
     """The sweeps an ``[interventions]`` table declares: ``{name: {"kind", "sweep", "ranking", "seed"}}``.
 
     Names are ``<kind>.drop_top1``, ``<kind>.single`` (every expert alone), ``<kind>.rank.<ranking>`` and
-    ``<kind>.random.<seed>``; each is one stage of the pipeline, keyed by its own parameters.
+    ``<kind>.random`` (seeds 0 .. random_seeds-1); each is one stage of the pipeline, keyed by its own parameters.
     """
     out = {}
     for kind in kinds:
@@ -219,8 +219,9 @@ def sweep_names(kinds: Sequence[str], *, drop_top1: bool, causal: bool, rankings
         if rankings:
             for r in rankings:
                 out[f"{kind}.rank.{safe_name(r)}"] = {"kind": kind, "sweep": "mask", "ranking": r, "seed": -1}
-            for s in range(int(random_seeds)):
-                out[f"{kind}.random.{s}"] = {"kind": kind, "sweep": "mask", "ranking": "random", "seed": s}
+            if random_seeds:
+                out[f"{kind}.random"] = {"kind": kind, "sweep": "random", "ranking": "random", "seed": -1,
+                                         "seeds": int(random_seeds)}
     return out
 
 
@@ -315,9 +316,9 @@ def mask_sets(sweep: Mapping, *, layers: Sequence[int], num_experts: int, n_valu
     [{"run": label, "intervention", "kind", "ranking", "scope", "unit", "n_masked", "seed", "masked": "L0E3 L1E5",
     "mask": {"kind", "static", "drop_top"}}]
     """
-    kind, seed = sweep["kind"], int(sweep.get("seed", -1))
+    kind = sweep["kind"]
 
-    def item(intervention, ranking, scope, n, static=None, drop=(), unit=""):
+    def item(intervention, ranking, scope, n, static=None, drop=(), unit="", seed=int(sweep.get("seed", -1))):
         masked = " ".join(f"L{l}E{e}" for l in sorted(static or {}) for e in sorted(static[l])) if static else \
             " ".join(f"L{l}top1" for l in drop)
         run = f"{intervention}|{kind}|{ranking}|{scope}|n={n}|seed={seed}" + (f"|{unit}" if unit else "")
@@ -332,10 +333,14 @@ def mask_sets(sweep: Mapping, *, layers: Sequence[int], num_experts: int, n_valu
         return [item("single", "single", f"L{l}", 1, static={l: [e]}, unit=f"L{l}E{e}")
                 for l in layers for e in range(int(num_experts))]
     out = []
-    score = np.where(np.isfinite(score), score, -np.inf)
-    for scope in scopes:
-        for m in rank_masks(score, layers, n_values, scope=scope):
-            out.append(item("mask", sweep["ranking"], m["scope"], m["n_masked"], static=m["static"]))
+    if sweep["sweep"] == "random":
+        scores = [(s, random_ranking(num_experts, layers, s)) for s in range(int(sweep["seeds"]))]
+    else:
+        scores = [(int(sweep.get("seed", -1)), np.where(np.isfinite(score), score, -np.inf))]
+    for seed, sc in scores:
+        for scope in scopes:
+            for m in rank_masks(sc, layers, n_values, scope=scope):
+                out.append(item("mask", sweep["ranking"], m["scope"], m["n_masked"], static=m["static"], seed=seed))
     return out
 
 

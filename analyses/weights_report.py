@@ -156,8 +156,8 @@ def _masks_part(res, root: Path, report_dir: Path, fig_dir: Path, tables: Path, 
     sep, dist = _shown(fm.summaries(res, fig_dir / "masks", formats))
     parts = [_img(sep, report_dir, "Pruned-mask rows clustered by Hamming distance, mean ± std over seeds vs k. Left: "
                   "separation ratio (mean between-centre / mean within-cluster Euclidean distance; seed 003's bands "
-                  "dashed: > 2 excellent, > 1 good, > 0.5 moderate). Rows without structure give ≈ √(2k/n), not 1, so "
-                  "right: the Hamming ratio (between- / within-cluster Hamming distance), ≈ 1 without structure."),
+                  "dashed: > 2 excellent, > 1 good, > 0.5 moderate). Rows without structure give ≈ √(2k/n) (dotted), not "
+                  "1, so right: the Hamming ratio (between- / within-cluster Hamming distance), ≈ 1 without structure."),
              _img(dist, report_dir, "Distance trends vs k: mean within-cluster distance (falls as k grows, also for "
                   "random rows) and mean between-centre distance; structure shows as a within-distance well below "
                   "the between-distance.")]

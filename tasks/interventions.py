@@ -5,7 +5,7 @@ For every checkpoint named in ``[interventions] checkpoints``::
     Capture(c) ─ InterventionBaseline(c) ─┬─ InterventionSweep(c, "<kind>.drop_top1")
     Analyse(usage | specialization | ...) ┼─ InterventionSweep(c, "<kind>.single")          (each expert alone)
                                           ├─ InterventionSweep(c, "<kind>.rank.<ranking>")  (top-n of a ranking)
-                                          └─ InterventionSweep(c, "<kind>.random.<seed>")   (the chance band)
+                                          └─ InterventionSweep(c, "<kind>.random")          (the chance band, every seed)
     all of them ─ Interventions ─ FullReport
 
 ``InterventionBaseline`` scores the unmasked model on the captured tokens (and the output-aware importance
@@ -99,9 +99,9 @@ class InterventionBaseline(_Checkpointed):
         from analyses.interventions import VERSION
 
         iv, cap, c = self.exp.interventions, self.exp.capture, self._spec()
-        ds = cubes.open_routing(self.layout.routing, complete_only=False)
+        attrs, _ = cubes.routing_head(self.layout.routing)  # metadata only: complete() must stay cheap (issue 13)
         return cubes.fingerprint("intervention-baseline", VERSION, c.name, c.path, c.step, iv.max_samples,
-                                 iv.batch_size, cap.device, cap.dtype, self._importance(), ds.attrs.get("inputs_hash"))
+                                 iv.batch_size, cap.device, cap.dtype, self._importance(), attrs.get("inputs_hash"))
 
     def output(self):
         return luigi.LocalTarget(str(self.layout.intervention(f"{self.checkpoint}/baseline")))
@@ -177,7 +177,7 @@ class InterventionSweep(_Checkpointed):
         iv = self.exp.interventions
         s = self._sweep()
         params = dict(s)
-        if s["sweep"] == "mask":
+        if s["sweep"] in ("mask", "random"):
             params.update(n_values=list(iv.n_values), scopes=list(iv.scopes))
             if s["ranking"].startswith("divergence"):
                 params["view"] = iv.divergence_view

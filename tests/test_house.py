@@ -21,9 +21,7 @@ MAX_LINES = 80
 # (file, function) -> lines on 2026-12-05 (issue 12). Split them into helpers and lower (or delete) the
 # entry; a listed function may grow by SLACK lines (others edit these files too), a new one not at all.
 SLACK = 5
-TOO_LONG_TODAY = {
-    ("analyses/figures/training_runs.py", "section"): 92,
-}
+TOO_LONG_TODAY: dict[tuple[str, str], int] = {}
 
 
 def functions(path: Path):

@@ -87,6 +87,9 @@ def summaries(res: xr.Dataset, out_dir, formats=("png",)) -> list[Path]:
     for y, word in ((2, "excellent"), (1, "good"), (0.5, "moderate")):
         axes[0, 0].axhline(y, color="0.6", lw=0.6, ls="--")
         axes[0, 0].text(ks[0], y, word, fontsize=5, va="bottom")
+    n = int(res.attrs.get("n", 0))
+    if n:  # rows without structure: centres differ only by sampling noise
+        axes[0, 0].plot(ks, np.sqrt(2 * ks / n), color="0.3", lw=0.8, ls=":", label="no structure ≈ √(2k/n)")
     axes[0, 1].axhline(1, color="0.6", lw=0.6, ls="--")
     axes[0, 0].legend(fontsize=5)
     files += savefig(fig, out_dir, "summary_separation_ratios", formats)

@@ -80,6 +80,21 @@ def section(training_dir: Path, figures_dir: Path, tables_dir: Path, report_dir:
              "norms, pairwise cosine of router rows, effective rank, and the std of router logits on the eval tokens.")
         gate[["mean_row_norm", "cosine_mean", "cosine_max", "effective_rank", "logit_scale"]].to_dataframe() \
             .reset_index().to_csv(tables_dir / "training_gate.csv", index=False)
+    _comparison_blocks(parts, out, formats, tables_dir, imgs, blocks, summary)
+    if skipped:
+        summary["skipped"] = skipped
+        blocks.append("<ul>" + "".join(f"<li>{html.escape(k)}: skipped — {html.escape(v)}</li>"
+                                       for k, v in skipped.items()) + "</ul>")
+    page = ('<section id="training-runs"><h2>Training runs</h2>'
+            f'<p class="caption">Cubes in <code>analyses/training/</code>; tables training_*.csv.</p>'
+            + "".join(blocks) + "</section>")
+    return page, summary
+
+
+def _comparison_blocks(parts: dict, out: Path, formats, tables_dir: Path, imgs, blocks: list, summary: dict) -> None:
+    """The section's run comparison, scores and data composition: figures via ``imgs``, tables, summary."""
+    from . import training as fig
+
     cmp = parts.get("compare")
     if cmp is not None and not cmp.attrs.get("skipped"):
         imgs(_compare_figure(cmp, out, formats), f"Routing of each run compared with {cmp.attrs.get('against')} on "
@@ -104,14 +119,6 @@ def section(training_dir: Path, figures_dir: Path, tables_dir: Path, report_dir:
         imgs(fig.sunburst(comp, out, formats), "The experiment's data: domain (inner) → dataset → source (outer), "
              "sized in tokens and in samples.")
         comp.to_dataframe().reset_index().to_csv(tables_dir / "training_composition.csv", index=False)
-    if skipped:
-        summary["skipped"] = skipped
-        blocks.append("<ul>" + "".join(f"<li>{html.escape(k)}: skipped — {html.escape(v)}</li>"
-                                       for k, v in skipped.items()) + "</ul>")
-    page = ('<section id="training-runs"><h2>Training runs</h2>'
-            f'<p class="caption">Cubes in <code>analyses/training/</code>; tables training_*.csv.</p>'
-            + "".join(blocks) + "</section>")
-    return page, summary
 
 
 def _divergence(one: xr.Dataset) -> dict:
