@@ -508,15 +508,21 @@ def _obs_vs_causal_cube(baseline, single, *, n_boot, seed, ci, lift, conditions,
     return res
 
 
-def select_tokens(sample: np.ndarray, dataset: np.ndarray, max_samples: int) -> np.ndarray:
-    """(token,) bool: the tokens of the first ``max_samples`` samples of each dataset (0 = every token)."""
-    sample, dataset = np.asarray(sample), np.asarray(dataset).astype(str)
+def select_tokens(sample: np.ndarray, groups: Sequence[np.ndarray], max_samples: int) -> np.ndarray:
+    """(token,) bool: the tokens of the first ``max_samples`` samples of each group (0 = every token).
+
+    ``groups``: (token,) label arrays (dataset, domain, condition); a group is one combination of labels, so a
+    subset keeps every domain and both conditions of paired data.
+    """
+    sample = np.asarray(sample)
     if not max_samples:
         return np.ones(sample.shape, dtype=bool)
+    key = np.asarray(["\x1f".join(t) for t in zip(*[np.asarray(g).astype(str) for g in groups])]) if len(groups) \
+        else np.zeros(sample.shape, dtype=str)
     keep = np.zeros(sample.shape, dtype=bool)
-    for d in np.unique(dataset):
-        ids = list(dict.fromkeys(sample[dataset == d].tolist()))[: int(max_samples)]
-        keep |= (dataset == d) & np.isin(sample, ids)
+    for k in np.unique(key):
+        ids = list(dict.fromkeys(sample[key == k].tolist()))[: int(max_samples)]
+        keep |= (key == k) & np.isin(sample, ids)
     return keep
 
 

@@ -285,7 +285,7 @@ class InterventionsSpec:
     random_seeds: int = 5
     """Random rankings (the chance band), seeds 0 .. random_seeds-1; at least 5 when rankings are swept."""
     max_samples: int = 0
-    """Score only the first N samples of each dataset (0 = all)."""
+    """Score only the first N samples of each (dataset, domain, condition) (0 = all)."""
     batch_size: int = 16
     n_boot: int = 200
     """Bootstrap replicates (over samples) of every interval."""

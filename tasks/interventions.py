@@ -118,7 +118,8 @@ class InterventionBaseline(_Checkpointed):
         routing = cubes.open_routing(self.layout.routing)
         cols = {k: np.asarray(routing[k].values) for k in ("sample", "position", "token_id", "dataset", "domain",
                                                            "condition")}
-        keep = np.flatnonzero(select_tokens(cols["sample"], cols["dataset"], iv.max_samples))
+        keep = np.flatnonzero(select_tokens(cols["sample"], [cols["dataset"], cols["domain"], cols["condition"]],
+                                            iv.max_samples))
         tokens = {k: v[keep] for k, v in cols.items()}
         sel = routing.sel(checkpoint=c.name).isel(token=keep)
         samples = np.unique(tokens["sample"])

@@ -201,12 +201,13 @@ def test_combine_stacks_checkpoints_with_their_steps():
     assert cube["delta_nll"].dims[0] == "checkpoint" and "rho" in cube and cube.attrs["chance"].startswith("0")
 
 
-def test_select_tokens_keeps_the_first_samples_of_each_dataset():
-    sample = np.repeat(np.arange(6), 2)
-    dataset = np.repeat(["a", "a", "a", "b", "b", "b"], 2)
-    keep = iv.select_tokens(sample, dataset, 2)
-    assert sorted(set(sample[keep])) == [0, 1, 3, 4]
-    assert iv.select_tokens(sample, dataset, 0).all()
+def test_select_tokens_keeps_the_first_samples_of_each_group():
+    sample = np.repeat(np.arange(8), 2)
+    dataset = np.repeat(["a", "a", "a", "b", "b", "b", "b", "b"], 2)
+    domain = np.repeat(["x", "y", "x", "z", "z", "z", "w", "w"], 2)
+    keep = iv.select_tokens(sample, [dataset, domain], 1)
+    assert sorted(set(sample[keep])) == [0, 1, 3, 6]
+    assert iv.select_tokens(sample, [dataset, domain], 0).all()
 
 
 # ------------------------------------------------------------------ the stages, end to end on the tiny demo

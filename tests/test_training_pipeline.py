@@ -14,7 +14,8 @@ from pipeline_helpers import build
 
 def tiny(name: str, out, *, coef: float, port: int, **tables) -> str:
     """The tiny demo (``experiments/tiny.py``), trained 8 steps with load-balancing loss coefficient ``coef``."""
-    return tiny_experiment(out, name=name, port=port, demo=dict(
+    # balance: the cheapest analysis to draw (one figure), enough to show a section side by side
+    return tiny_experiment(out, name=name, port=port, analyses=("balance",), demo=dict(
         steps=8, checkpoint_steps=[0, 8], eval_samples_per_domain=2, aux_loss_coef=coef), **tables)
 
 
@@ -76,11 +77,11 @@ def test_two_runs_side_by_side(tmp_path):
         assert f"{stem}.png" in html, stem
     assert (tmp_path / "lb" / "report" / "figures" / "training_runs" / "score_summary.pdf").is_file()
     assert (tmp_path / "lb" / "tables" / "training_entropy.csv").is_file()
-    # a section both runs computed (usage) shows them side by side, each from its own cube
+    # a section both runs computed (balance) shows them side by side, each from its own cube
     assert "Runs side by side: lb, no_lb" in html
-    assert list((tmp_path / "lb" / "report" / "figures" / "usage" / "runs" / "no_lb").glob("*.png"))
-    assert (tmp_path / "no_lb" / "analyses" / "usage.zarr").is_dir()
-    assert set(summary["analyses"]["usage"]["runs"]) == {"no_lb"}
+    assert list((tmp_path / "lb" / "report" / "figures" / "balance" / "runs" / "no_lb").glob("*.png"))
+    assert (tmp_path / "no_lb" / "analyses" / "balance.zarr").is_dir()
+    assert set(summary["analyses"]["balance"]["runs"]) == {"no_lb"}
     assert "First divergence from lb" in html
 
     # done: a second build runs nothing

@@ -159,7 +159,7 @@ def obs_vs_causal_panels(cube: xr.Dataset, out_dir: Path, formats: Sequence[str]
     units = [f"L{l}E{e}" for l in layers for e in range(E)]
     colour = np.repeat(np.arange(len(layers)), E)
     with plotting.style():
-        fig, axes = plotting.new_figure(len(ck), len(measures), panel_size=(2.2, 2.0))
+        fig, axes = plotting.new_figure(len(ck), len(measures), panel_size=(2.2, 2.3))
         for i, c in enumerate(ck):
             d = cube.sel(checkpoint=c)
             eff = d["effect"].sel(domain=group).values.reshape(-1)
@@ -174,7 +174,8 @@ def obs_vs_causal_panels(cube: xr.Dataset, out_dir: Path, formats: Sequence[str]
                 ax.axhline(0, **plotting.CHANCE_STYLE)
                 r = d["rho"].sel(measure=m, domain=group)
                 lo, hi = d["rho_lo"].sel(measure=m, domain=group), d["rho_hi"].sel(measure=m, domain=group)
-                ax.set_title(f"{m}: ρ={float(r):.2f} [{float(lo):.2f}, {float(hi):.2f}]", fontsize=6)
+                ax.set_title(f"{m}\nρ = {float(r):.2f} [{float(lo):.2f}, {float(hi):.2f}]", fontsize=6)
+                ax.tick_params(labelsize=5)
                 ax.set_xlabel(m if i == len(ck) - 1 else "")
                 ax.set_ylabel(f"ΔNLL alone (nat)\n{plotting.checkpoint_label(i, len(ck), steps[i])}" if j == 0 else "")
         return plotting.savefig(fig, out_dir, stem, formats)
