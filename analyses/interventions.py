@@ -149,6 +149,23 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rankdata(x[ok]), rankdata(y[ok]))[0, 1])
 
 
+def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """:func:`_spearman` of each row pair of (boot, unit) arrays, vectorised over the rows without NaN."""
+    out = np.full(x.shape[0], np.nan)
+    clean = np.isfinite(x).all(1) & np.isfinite(y).all(1)
+    if clean.any():
+        rx, ry = rankdata(x[clean], axis=1), rankdata(y[clean], axis=1)
+        rx -= rx.mean(1, keepdims=True)
+        ry -= ry.mean(1, keepdims=True)
+        den = np.sqrt((rx ** 2).sum(1) * (ry ** 2).sum(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = (rx * ry).sum(1) / den
+        out[clean] = np.where((den > 0) & (x.shape[1] >= 3), r, np.nan)
+    for b in np.flatnonzero(~clean):
+        out[b] = _spearman(x[b], y[b])
+    return out
+
+
 def obs_vs_causal(effect: xr.DataArray, n: xr.DataArray, measures: Mapping[str, xr.DataArray], *,
                   n_boot: int = 200, seed: int = 0, ci: float = 0.95, top: int = 3) -> xr.Dataset:
     """Spearman ρ between observational measures and causal effect, with a bootstrap CI over samples.
@@ -174,7 +191,7 @@ def obs_vs_causal(effect: xr.DataArray, n: xr.DataArray, measures: Mapping[str, 
     for i, m in enumerate(names):
         val = resample(measures[m], w) / resample(n, w)
         e, v = eff.transpose("boot", "unit").values, val.transpose("boot", "unit").values
-        rho[i] = [_spearman(v[b], e[b]) for b in range(w.shape[0])]
+        rho[i] = _spearman_rows(v, e)
         gap = np.abs(rankdata(v[0]) - rankdata(e[0]))
         dis.append(np.asarray(effect["unit"].values)[np.argsort(-gap, kind="stable")[:top]])
     reps = xr.DataArray(rho[:, 1:], dims=("measure", "boot"), coords={"measure": names})
@@ -416,7 +433,8 @@ def checkpoint_cube(baseline: xr.Dataset, sweeps: Sequence[xr.Dataset], *, n_boo
     ``single`` sweep, (layer, expert, domain) ``effect`` (+ CI), (measure, layer, expert) ``measure_value``,
     (measure, domain) ``rho`` (+ CI) and (measure, domain, rank) ``disagree``.
     """
-    runs = xr.concat(list(sweeps), dim="run") if sweeps else None
+    runs = xr.concat([sw[["nll", "correct", "n"]].drop_vars(["layer", "expert"], errors="ignore") for sw in sweeps],
+                     dim="run", data_vars="all", coords="different", compat="equals", join="exact")
     dom = baseline["domain"].astype(str)
     base = baseline[["nll", "correct", "n"]]
     out = delta_cube(base, runs[["nll", "correct"]], dom.rename("domain"), n_boot=n_boot, seed=seed, ci=ci)

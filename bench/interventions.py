@@ -91,7 +91,7 @@ def _layer_shares(model, tokens, batch_size):
     return np.median(np.asarray(shares), axis=0).round(3).tolist()
 
 
-def _reuse(model, tokens, batch_size, repeats=3):
+def _reuse(model, tokens, batch_size, repeats=7):
     """Does reusing the hidden states before the first masked layer pay? Measured, not estimated.
 
     For a router mask of one expert in layer L: the full masked forward vs a forward whose decoder

@@ -145,7 +145,10 @@ def run(args) -> int:
 
 def _complete(task) -> bool:
     """Whether ``task`` has nothing to do; a check that fails counts as work to do (Luigi reports why)."""
+    import tasks
+
     try:
-        return bool(task.complete())
+        with tasks.checking_once():  # each stage's check once, however many stages require it
+            return bool(task.complete())
     except Exception:  # noqa: BLE001 - Luigi's own scheduling reports the error
         return False

@@ -14,6 +14,7 @@ paths come from ``storage.RunLayout``; Dask clients from ``deploy``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -123,6 +124,32 @@ def _under_run_lock(run):
                 run(self)
 
     return locked
+
+
+# Within ``checking_once()``: task_id -> complete(). A parent's complete() asks its requirements again
+# (13 analyses x 4 captures = 52 Capture checks on the demo); one read-only check of the whole graph
+# (``moe-atlas run`` deciding whether there is anything to do) needs each answer once.
+_CHECKED: dict[str, bool] | None = None
+
+
+@contextlib.contextmanager
+def checking_once():
+    """Memoise each task's ``complete()`` inside the block: for one read-only check of the graph, not a run."""
+    global _CHECKED
+    outer, _CHECKED = _CHECKED, {}
+    try:
+        yield
+    finally:
+        _CHECKED = outer
+
+
+def _done(task) -> bool:
+    """``task.complete()``, once per task inside ``checking_once()``."""
+    if _CHECKED is None:
+        return task.complete()
+    if task.task_id not in _CHECKED:
+        _CHECKED[task.task_id] = bool(task.complete())
+    return _CHECKED[task.task_id]
 
 
 class _Stage(luigi.Task):
@@ -268,7 +295,7 @@ class RoutingTemplate(_Stage):
         Cheap: compares fingerprints kept in the marker (no token table is read or aligned again) and
         reads the cube's metadata only (``cubes.routing_head``; a no-op re-run stays fast).
         """
-        if not all(r.complete() for r in self.requires()[1:]):
+        if not all(_done(r) for r in self.requires()[1:]):
             return None
         mark = _read_json(self.output().path) or {}
         if mark.get("fingerprint") != self.fingerprint():
@@ -457,7 +484,7 @@ class Analyse(_Stage):
         return luigi.LocalTarget(str(self.layout.analysis(self.analysis)))
 
     def complete(self):
-        if not all(r.complete() for r in self.requires()):
+        if not all(_done(r) for r in self.requires()):
             return False
         return cubes.result_fingerprint(self.output().path) == self.fingerprint()
 
@@ -512,7 +539,7 @@ class FullReport(_Stage):
         return luigi.LocalTarget(str(self.layout.report_index))
 
     def complete(self):
-        if not all(r.complete() for r in self.requires()):
+        if not all(_done(r) for r in self.requires()):
             return False
         return Path(self.output().path).exists() and _json_fingerprint(self.layout.summary) == self.fingerprint()
 

@@ -284,3 +284,22 @@ def test_failed_task_exits_1_with_one_line_and_no_traceback(tmp_path):
     assert len(failed) == 1 and f"checkpoint 'a'" in failed[0], r.stderr[-2000:]
     assert "Dask dashboard: http://127.0.0.1:" in r.stdout
     assert "still alive after" not in r.stdout + r.stderr  # clean cluster shutdown
+
+
+def test_one_check_of_the_graph_asks_each_task_once():
+    """``moe-atlas run`` decides "nothing to do" with one complete() per task (the demo asked Capture 52 times)."""
+    import tasks
+
+    class Stub:
+        def __init__(self, task_id, answer):
+            self.task_id, self.answer, self.calls = task_id, answer, 0
+
+        def complete(self):
+            self.calls += 1
+            return self.answer
+
+    a, b = Stub("A", True), Stub("B", False)
+    with tasks.checking_once():
+        assert [tasks._done(t) for t in (a, b, a, b, a)] == [True, False, True, False, True]
+    assert (a.calls, b.calls) == (1, 1)
+    assert tasks._done(a) and tasks._done(a) and a.calls == 3  # outside the block (a run): asked every time

@@ -263,3 +263,17 @@ def test_interventions_stage_end_to_end_and_a_new_ranking_reruns_only_its_sweeps
     changed = {p for p, t in stamps.items() if p.exists() and p.stat().st_mtime_ns != t}
     assert {p.parent.name for p in changed} == {"interventions.zarr"}
     assert "importance" in set(map(str, cubes.open_result(layout.intervention("interventions"))["ranking"].values))
+
+
+def test_vectorised_spearman_rows_equal_the_row_by_row_loop():
+    from analyses.interventions import _spearman, _spearman_rows
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((40, 16)), rng.integers(0, 4, (40, 16)).astype(float)  # ties in y
+    x[3] = 1.0  # constant row
+    y[5, 2] = np.nan
+    x[7, :5] = x[7, 5]
+    got = _spearman_rows(x, y)
+    want = np.asarray([_spearman(x[i], y[i]) for i in range(40)])
+    np.testing.assert_allclose(got, want)
+    assert np.isnan(got[3]) and np.isfinite(got[5])

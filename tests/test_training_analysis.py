@@ -235,9 +235,12 @@ def test_side_by_side_section(tmp_path):
     from storage.layout import RunLayout
 
     main, other = RunLayout(tmp_path / "main"), RunLayout(tmp_path / "other")
-    cubes.write_result(xr.Dataset(attrs={"runs": ["lb", "no_lb"], "run_roots": [str(main.root), str(other.root)]}),
+    cubes.write_result(xr.Dataset(attrs={"runs": ["lb", "no_lb"], "run_roots": [str(main.root), str(other.root)],
+                                         "side_by_side": {"usage": ["no_lb"]}}),
                        main.analyses_dir / "training.zarr", fingerprint="x")
     cubes.write_result(xr.Dataset({"share": ("expert", [0.75, 0.25])}), other.analysis("usage"), fingerprint="y")
+    # a result the stage did not list (left by an earlier configuration of that run) is not shown
+    cubes.write_result(xr.Dataset({"share": ("expert", [0.5, 0.5])}), other.analysis("balance"), fingerprint="z")
 
     class FakeAnalysis:
         @staticmethod

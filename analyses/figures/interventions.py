@@ -212,9 +212,8 @@ def rho_summary(cube: xr.Dataset, out_dir: Path, formats: Sequence[str] = ("png"
 # ------------------------------------------------------------------ report section
 
 
-def _tables(cube: xr.Dataset) -> dict[str, "object"]:
-    import pandas as pd
-
+def _tables(cube: xr.Dataset) -> dict:
+    """Tidy tables of the cube: deltas per run and domain, per condition, ρ per measure, effects per unit."""
     labels = ["intervention", "kind", "ranking", "scope", "unit", "n_masked", "seed"]
     out = {}
     vars_ = [v for v in ("delta_nll", "delta_nll_lo", "delta_nll_hi", "delta_accuracy", "delta_accuracy_lo",

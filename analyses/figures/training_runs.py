@@ -240,9 +240,14 @@ def side_by_side(layout, name: str, analysis, main_files: Sequence[Path], format
     from storage.layout import RunLayout
 
     runs = []
+    mark = Path(layout.analyses_dir) / "training.zarr"
+    # only the runs the training stage computed this analysis for: a result another configuration left
+    # in that run's folder (its experiment no longer lists the analysis) is not current, so not shown
+    listed = set((cubes.open_result(mark).attrs.get("side_by_side") or {}).get(name, [])) \
+        if (mark / "zarr.json").exists() else set()
     for run, root in other_runs(layout):
         path = RunLayout(root).analysis(name)
-        if cubes.result_fingerprint(path, verify=False) is None:
+        if run not in listed or cubes.result_fingerprint(path, verify=False) is None:
             continue
         result = cubes.open_result(path)
         if result.attrs.get("skipped"):
