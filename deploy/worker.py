@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -68,6 +69,7 @@ class PrepareWorker(WorkerPlugin):
 
     def setup(self, worker):
         _quiet_heartbeat_at_close(worker)
+        _unshadow_packages(worker)
         if self.gpu_ids:
             index = _worker_index(worker.name)
             if index is not None and index < len(self.gpu_ids):
@@ -114,3 +116,27 @@ def _quiet_heartbeat_at_close(worker) -> None:
     if not hasattr(worker, "status"):
         return
     logging.getLogger("distributed.worker").addFilter(_HeartbeatAtClose(worker))
+
+
+#: This project's top-level packages (setup.cfg ``packages``).
+OWN_PACKAGES = ("analyses", "capture", "deploy", "experiments", "moe_atlas", "storage", "tasks")
+
+
+def _unshadow_packages(worker) -> None:
+    """Keep the worker's scratch folder from shadowing this project's packages.
+
+    Dask puts the worker's ``local_directory`` first on ``sys.path`` (for
+    ``upload_file``) and spills into ``<local_directory>/storage``. With an
+    editable install, whose finder comes after the path finder, ``import storage``
+    then found that spill folder as a namespace package and ``from storage import
+    RunLayout`` failed on the worker. moe-atlas uploads no files, so the folder
+    leaves ``sys.path``, and a namespace module already made from it is dropped.
+    """
+    local = str(getattr(worker, "local_directory", "") or "")
+    while local and local in sys.path:
+        sys.path.remove(local)
+    for name in OWN_PACKAGES:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__file__", None) is None:
+            for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+                del sys.modules[key]
