@@ -243,8 +243,13 @@ def test_interventions_stage_end_to_end_and_a_new_ranking_reruns_only_its_sweeps
     assert set(map(str, cube["ranking"].values)) >= {"usage", "random", "own top-1"}
     assert np.isfinite(cube["delta_nll"].sel(domain="all").values).all()
     assert {"condition_gap", "rho", "effect"} <= set(cube.data_vars)
+    import json
+
+    from capture.interventions import MASK_ATTRS
+
+    assert json.loads(cube.attrs["masks"]) == {"router": MASK_ATTRS["router"]}
     passes = cube.attrs["forward_passes_total"]
-    assert passes > 0
+    assert passes == sum(sum(v.values()) for v in json.loads(cube.attrs["forward_passes"]).values()) > 0
     # the single-expert sweep's effects are what the sweep store's per-sample sums give
     last = cube["checkpoint"].values[-1]
     single = cubes.open_result(layout.intervention(f"{last}/router.single"))
