@@ -282,3 +282,26 @@ def test_vectorised_spearman_rows_equal_the_row_by_row_loop():
     want = np.asarray([_spearman(x[i], y[i]) for i in range(40)])
     np.testing.assert_allclose(got, want)
     assert np.isnan(got[3]) and np.isfinite(got[5])
+
+
+def test_condition_gap_interval_equals_a_replicate_loop():
+    """The gap's CI: per replicate, ΔNLL per token of A minus of B, from the by-condition draws."""
+    from analyses.bootstrap import bootstrap_weights
+
+    base, sweeps, _, _ = _fake_checkpoint()
+    cube = iv.checkpoint_cube(base, sweeps, n_boot=40, seed=3, conditions=("A", "B"))
+    cond = np.asarray(base["condition"].values).astype(str)
+    sel = np.flatnonzero(np.isin(cond, ["A", "B"]))
+    w = bootstrap_weights(sel.size, 40, 3, strata=cond[sel])
+    run = sweeps[0].isel(run=0)
+    d = (run["nll"].values - base["nll"].values)[sel]
+    n = base["n"].values[sel]
+    reps = []
+    for b in range(40):
+        per = {c: (w[b] * d)[cond[sel] == c].sum() / (w[b] * n)[cond[sel] == c].sum() for c in "AB"}
+        reps.append(per["A"] - per["B"])
+    lo, hi = np.quantile(reps, [0.025, 0.975])
+    gap = cube["condition_gap"].isel(run=0)
+    assert np.isclose(float(cube["condition_gap_lo"].isel(run=0)), lo)
+    assert np.isclose(float(cube["condition_gap_hi"].isel(run=0)), hi)
+    assert lo <= float(gap) <= hi and cube["condition_gap"].attrs["long_name"] == "ΔNLL under condition A minus under B"

@@ -225,6 +225,9 @@ def _tables(cube: xr.Dataset) -> dict:
         cv = [v for v in cube.data_vars if v.endswith("_by_condition")]
         df = cube[cv].to_dataframe().reset_index()
         out["interventions_by_condition"] = df.rename(columns={v: v[: -len("_by_condition")] for v in cv})
+    if "condition_gap" in cube:
+        gv = [v for v in ("condition_gap", "condition_gap_lo", "condition_gap_hi") if v in cube]
+        out["interventions_condition_gap"] = cube[gv + ["masked"]].to_dataframe().reset_index()
     if "rho" in cube:
         df = cube[["rho", "rho_lo", "rho_hi"]].to_dataframe().reset_index()
         dis = cube["disagree"].to_dataframe().reset_index()
