@@ -9,6 +9,7 @@ mask starting there could save by reusing cached hidden states).
     python -m bench.interventions --run /tmp/F/runs/demo          # a finished demo run's checkpoints + tokens
     python -m bench.interventions --tiny                          # tiny random Mixtral (smoke test)
     python -m bench.interventions --run /tmp/F2/runs/demo --reuse-only   # hidden-state reuse only
+    python -m bench.interventions --run runs/demo --sweep-reuse --max-samples 36   # the wired sweeps, reuse on/off
 """
 
 from __future__ import annotations
@@ -140,11 +141,49 @@ def _reuse(model, tokens, batch_size, repeats=7):
     return out
 
 
+def _sweep_reuse(model, tokens, batch_size, repeats=3):
+    """The wired path (``capture.interventions.sweep_scores``, grouped as ``tasks.interventions.job_groups``):
+    the single-expert sweep and drop-top-1, with and without hidden-state reuse, timed in one run (median of
+    ``repeats``, alternating), scores compared bit for bit."""
+    from capture.interventions import MaskSet, sweep_scores
+    from capture.routers import find_routers
+    from tasks.interventions import job_groups
+
+    layers = [s.layer for s in find_routers(model)]
+    E = find_routers(model)[0].num_experts
+    out = {}
+    for name, sets in {"single": [MaskSet("router", static={l: [e]}) for l in layers for e in range(E)],
+                       "drop_top1": [MaskSet("router", drop_top={l: 1}) for l in layers]}.items():
+        plain = [{"mask": {"static": m.static, "drop_top": list(m.drop_top)}} for m in sets]
+        groups = job_groups(plain)
+        times = {True: [], False: []}
+        res = {}
+        for _ in range(repeats):
+            for reuse in (False, True):
+                t0 = time.perf_counter()
+                res[reuse] = [sweep_scores(model, tokens, [sets[i] for i in g], batch_size=batch_size, reuse=reuse)
+                              for g in groups]
+                times[reuse].append(time.perf_counter() - t0)
+        same = all(np.array_equal(a["nll"], b["nll"], equal_nan=True) and
+                   np.array_equal(a["correct"], b["correct"], equal_nan=True)
+                   for (ga, _), (gb, _) in zip(res[True], res[False]) for a, b in zip(ga, gb))
+        n_layers = res[True][0][1]["decoder_layers"]
+        tr, tf = float(np.median(times[True])), float(np.median(times[False]))
+        out[name] = {"mask_sets": len(sets), "jobs": len(groups), "whole_s": round(tf, 3), "reuse_s": round(tr, 3),
+                     "time_saving": round(1 - tr / tf, 3), "bit_identical": bool(same),
+                     "forward_passes": sum(st["forward_passes"] for _, st in res[True]),
+                     "forward_equivalents_run": round(sum(st["layer_passes"] for _, st in res[True]) / n_layers, 2),
+                     "jobs_reusing": sum(st["reuse"] for _, st in res[True])}
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default="runs/demo")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--reuse-only", action="store_true", help="only measure hidden-state reuse (no sweeps)")
+    p.add_argument("--sweep-reuse", action="store_true",
+                   help="only time the wired single-expert and drop-top-1 sweeps with and without reuse")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-samples", type=int, default=0)
     p.add_argument("--n-boot", type=int, default=100)
@@ -156,6 +195,13 @@ def main(argv=None):
 
     load0 = os.getloadavg()
     models, tokens = _model_and_tokens(args)
+    if args.sweep_reuse:
+        json.dump({"bench": "interventions_sweep_reuse", "batch_size": args.batch_size, "samples":
+                   int(np.unique(tokens["sample"].values).size),
+                   "checkpoints": {n: _sweep_reuse(m, tokens, args.batch_size) for n, m in models.items()},
+                   "loadavg": os.getloadavg()}, sys.stdout, indent=1)
+        print()
+        return
     if args.reuse_only:
         json.dump({"bench": "interventions_reuse", "batch_size": args.batch_size,
                    "checkpoints": {n: _reuse(m, tokens, args.batch_size) for n, m in models.items()},

@@ -58,7 +58,8 @@ from .routers import RouterSite, decode_router_output, find_routers, sort_slots
 from .run import sample_spans
 
 __all__ = ["MaskSet", "MaskError", "apply_masks", "token_scores", "expert_importance", "MASK_ATTRS",
-           "maskable", "forward_passes", "score_job", "mask_from_spec", "ROUTER_PASS_NOTE"]
+           "maskable", "forward_passes", "score_job", "sweep_job", "sweep_scores", "decoder_stack", "mask_from_spec",
+           "ROUTER_PASS_NOTE"]
 
 MASK_ATTRS = {
     "router": ("router mask: the masked experts' selection score is -inf before top-k, so tokens re-route to the best "
@@ -359,6 +360,182 @@ def _batches(tokens, batch_size: int):
         yield g, lens, ids
 
 
+def _scores_of(logits: torch.Tensor, ids: np.ndarray, g, nll: np.ndarray, correct: np.ndarray) -> None:
+    """Write one batch's per-token next-token NLL and accuracy into the (token,) arrays."""
+    logits = logits.float()
+    lp = torch.log_softmax(logits[:, :-1], dim=-1)
+    tgt = torch.as_tensor(ids[:, 1:], device=logits.device)
+    tok_nll = -lp.gather(2, tgt[..., None])[..., 0].double().cpu().numpy()
+    ok = (logits[:, :-1].argmax(-1) == tgt).double().cpu().numpy()
+    for b, (a, z) in enumerate(g):
+        m = z - a - 1
+        if m > 0:
+            nll[a:a + m] = tok_nll[b, :m]
+            correct[a:a + m] = ok[b, :m]
+
+
+def _logits(out, runner, where: str) -> torch.Tensor:
+    logits = getattr(out, "logits", None)
+    if logits is None or logits.ndim != 3:
+        raise MaskError(f"{where}: {type(runner).__name__} gives no next-token logits; interventions score a causal "
+                        f"language model")
+    return logits
+
+
+def decoder_stack(runner, sites: list[RouterSite]) -> torch.nn.ModuleList | None:
+    """The ``ModuleList`` of decoder layers that owns every router (``stack[site.layer]``), or None.
+
+    None when the routers do not all sit at ``<list>.<site.layer>.…`` of one list: hidden-state reuse is then
+    not attempted (the masked forwards run whole).
+    """
+    stack = None
+    for site in sites:
+        parts = site.name.split(".")
+        found = None
+        for i in range(1, len(parts)):
+            if parts[i] == str(site.layer):
+                parent = runner.get_submodule(".".join(parts[:i])) if i else runner
+                if isinstance(parent, torch.nn.ModuleList):
+                    found = parent
+                    break
+        if found is None or (stack is not None and found is not stack):
+            return None
+        stack = found
+    return stack
+
+
+class _Stop(Exception):
+    """Ends the unmasked prefix pass once the last needed layer output is cached."""
+
+
+def _clone(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, tuple):
+        return tuple(_clone(v) for v in x)
+    return x
+
+
+def _prefix(runner, stack, starts: list[int], run) -> dict[int, object]:
+    """Outputs of decoder layers ``L − 1`` for every ``L`` in ``starts`` (all > 0), from one unmasked pass
+    that stops after layer ``max(starts) − 1`` (``run()`` calls the runner)."""
+    cache, last, handles = {}, max(starts) - 1, []
+
+    def hook(i):
+        def h(module, args, output):
+            cache[i + 1] = _clone(output)
+            if i == last:
+                raise _Stop
+        return h
+
+    try:
+        for L in starts:
+            handles.append(stack[L - 1].register_forward_hook(hook(L - 1)))
+        try:
+            run()
+        except _Stop:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(starts) - set(cache))
+    if missing:
+        raise RuntimeError(f"hidden-state reuse: decoder layers {[L - 1 for L in missing]} did not run")
+    return cache
+
+
+@contextlib.contextmanager
+def _skip_layers(stack, start: int, output):
+    """Decoder layers ``< start`` return (a copy of) ``output``, the cached output of layer ``start − 1``,
+    without computing: the layers from ``start`` on run on exactly the hidden states an unmasked pass gave."""
+    patched = []
+    try:
+        for i in range(start):
+            mod = stack[i]
+            patched.append((mod, mod.__dict__.get("forward")))
+            mod.forward = lambda *a, **k: _clone(output)
+        yield
+    finally:
+        for mod, had in patched:
+            if had is None:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = had
+
+
+def sweep_scores(model, tokens, mask_sets: list[MaskSet | None], *, batch_size: int = 16, sites=None,
+                 where: str = "model", reuse: bool = True) -> tuple[list[dict[str, np.ndarray]], dict]:
+    """Per-token NLL and accuracy under each of several mask sets, reusing the unmasked prefix.
+
+    A mask set whose first masked layer is ``L > 0`` changes nothing before decoder layer ``L``: per
+    batch, one unmasked pass (stopped after the last layer any set needs) caches the output of layer
+    ``L − 1``, and that set's forward skips layers ``< L``, returning the cached states (embeddings and
+    attention masks are still built; a layer returns a copy, so in-place edits cannot leak). Reuse is used
+    when at least two sets start after layer 0; on the first batch each start layer is checked against a
+    whole masked forward and must give bit-identical logits, else reuse is off for the call (``stats``
+    says why).
+
+    Returns
+    -------
+    (scores, stats): ``scores[i]`` as :func:`token_scores` for ``mask_sets[i]``; ``stats`` = {"reuse": bool,
+    "why": str, "decoder_layers": n, "layer_passes": decoder-layer evaluations (prefix passes, checks and
+    masked passes), "forward_passes": batches × sets (the cost without reuse)}.
+    """
+    runner = language_model(model)
+    device = next(iter(model.parameters())).device
+    n = tokens.sizes["token"]
+    if sites is None:
+        sites = find_routers(runner, where=where)
+    stack = decoder_stack(runner, sites)
+    starts = [(m.first_layer or 0) if m is not None else 0 for m in mask_sets]
+    later = sorted({L for L in starts if L > 0})
+    stats = {"reuse": False, "why": "", "forward_passes": 0, "layer_passes": 0,
+             "decoder_layers": len(stack) if stack is not None else 0}
+    if not reuse:
+        stats["why"] = "off"
+    elif stack is None:
+        stats["why"] = f"{where}: the routers do not sit in one decoder-layer list"
+    elif sum(L > 0 for L in starts) < 2:
+        stats["why"] = "fewer than two mask sets start after layer 0"
+    else:
+        stats["reuse"] = True
+    out = [{"nll": np.full(n, np.nan), "correct": np.full(n, np.nan)} for _ in mask_sets]
+    n_layers = stats["decoder_layers"]
+    model.eval()
+    with torch.inference_mode():
+        for bi, (g, lens, ids) in enumerate(_batches(tokens, batch_size)):
+            attn = torch.as_tensor((np.arange(ids.shape[1])[None, :] < lens[:, None]).astype(np.int64), device=device)
+            x = torch.as_tensor(ids, device=device)
+
+            def run():
+                return _logits(runner(input_ids=x, attention_mask=attn, use_cache=False), runner, where)
+
+            cache = _prefix(runner, stack, later, run) if stats["reuse"] else {}
+            stats["layer_passes"] += max(later) if cache else 0
+            checked: set[int] = set()
+            for i, (m, L) in enumerate(zip(mask_sets, starts)):
+                stats["forward_passes"] += 1
+                with apply_masks(model, m, sites=sites, where=where):
+                    if L in cache:
+                        with _skip_layers(stack, L, cache[L]):
+                            logits = run()
+                        stats["layer_passes"] += n_layers - L
+                        if bi == 0 and L not in checked:
+                            whole = run()
+                            stats["layer_passes"] += n_layers
+                            checked.add(L)
+                            if not torch.equal(whole, logits):
+                                stats.update(reuse=False, why=f"{where}: reusing the states before layer {L} "
+                                                              f"changed the logits; whole forwards used")
+                                cache = {}
+                                logits = whole
+                    else:
+                        logits = run()
+                        stats["layer_passes"] += n_layers
+                _scores_of(logits, ids, g, out[i]["nll"], out[i]["correct"])
+    return out, stats
+
+
 def token_scores(model, tokens, *, masks: MaskSet | None = None, batch_size: int = 16, sites=None,
                  where: str = "model") -> dict[str, np.ndarray]:
     """Per-token next-token NLL and accuracy of ``model`` on a token table, under ``masks``.
@@ -382,16 +559,7 @@ def token_scores(model, tokens, *, masks: MaskSet | None = None, batch_size: int
         for g, lens, ids in _batches(tokens, batch_size):
             attn = torch.as_tensor((np.arange(ids.shape[1])[None, :] < lens[:, None]).astype(np.int64), device=device)
             out = runner(input_ids=torch.as_tensor(ids, device=device), attention_mask=attn, use_cache=False)
-            logits = out.logits.float()
-            lp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tgt = torch.as_tensor(ids[:, 1:], device=device)
-            tok_nll = -lp.gather(2, tgt[..., None])[..., 0].double().cpu().numpy()
-            ok = (logits[:, :-1].argmax(-1) == tgt).double().cpu().numpy()
-            for b, (a, z) in enumerate(g):
-                m = z - a - 1
-                if m > 0:
-                    nll[a:a + m] = tok_nll[b, :m]
-                    correct[a:a + m] = ok[b, :m]
+            _scores_of(_logits(out, runner, where), ids, g, nll, correct)
     return {"nll": nll, "correct": correct}
 
 
@@ -544,3 +712,23 @@ def score_job(model_dir: str, tokens: Mapping[str, np.ndarray], masks: Mapping |
         out["importance"], out["layers"] = imp["importance"], imp["layers"]
         out["forward_passes"] += forward_passes(n_samples, batch_size)
     return out
+
+
+def sweep_job(model_dir: str, tokens: Mapping[str, np.ndarray], masks: list[Mapping], *, batch_size: int = 16,
+              device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
+              reuse: bool = True) -> dict:
+    """One Dask job: per-token scores of a checkpoint under several mask sets (:func:`sweep_scores`).
+
+    Returns
+    -------
+    {"scores": [{"nll", "correct"} per mask set], "forward_passes": batches × sets,
+    "layer_passes": decoder-layer evaluations actually run, "decoder_layers": n, "reuse": bool, "why": str}.
+    """
+    from storage.schema import token_table
+
+    model = _model(model_dir, device, dtype, trust_remote_code)
+    table = token_table(sample=np.asarray(tokens["sample"]), position=np.asarray(tokens["position"]),
+                        token_id=np.asarray(tokens["token_id"]))
+    scores, stats = sweep_scores(model, table, [mask_from_spec(m) for m in masks], batch_size=batch_size,
+                                 where=str(model_dir), reuse=reuse)
+    return {"scores": scores, **stats}

@@ -287,6 +287,9 @@ class InterventionsSpec:
     max_samples: int = 0
     """Score only the first N samples of each (dataset, domain, condition) (0 = all)."""
     batch_size: int = 16
+    reuse_hidden_states: bool = True
+    """Mask sets that start at the same MoE layer L > 0 share one unmasked pass up to L per batch and skip
+    the layers before L (checked bit-identical on the first batch; results never depend on this switch)."""
     n_boot: int = 200
     """Bootstrap replicates (over samples) of every interval."""
     seed: int = 0

@@ -12,7 +12,9 @@ For every checkpoint named in ``[interventions] checkpoints``::
 when a ranking needs it) and counts the captured routing per sample: ``interventions/<c>/baseline.zarr``.
 Each ``InterventionSweep`` is one target, ``interventions/<c>/<sweep>.zarr``, keyed by that sweep's own
 parameters: adding a ranking runs only its sweeps (and the cheap gather). A sweep submits one Dask job per
-mask set (``capture.interventions.score_job``; ``resources={"GPU": 1}`` when capture.device is CUDA).
+group of mask sets that start at the same MoE layer ``L > 0`` (their batches reuse the unmasked hidden states
+before ``L``) and one per set that masks layer 0 (``capture.interventions.sweep_job``; ``resources={"GPU": 1}``
+when capture.device is CUDA).
 ``Interventions`` gathers every sweep into the labelled cube ``interventions/interventions.zarr``
 (``analyses.interventions.checkpoint_cube``). Numbers live in capture/ and analyses/; this module wires.
 """
@@ -64,6 +66,19 @@ def _ranking_analysis(ranking: str) -> str:
 
     base, _, arg = ranking.partition(":")
     return INTERVENTION_RANKINGS.get(f"{base}:<domain>" if base in ("usage", "lift") and arg else ranking, "")
+
+
+def job_groups(sets: list[dict]) -> list[list[int]]:
+    """Indices of ``sets`` per Dask job: the sets whose first masked layer is the same ``L > 0`` share a job
+    (its batches reuse the unmasked states before ``L``: ``capture.interventions.sweep_scores``); a set
+    masking layer 0 (nothing to reuse) is a job of its own, so those fan out one per worker."""
+    by_start: dict[int, list[int]] = {}
+    for i, m in enumerate(sets):
+        mask = m["mask"]
+        start = min([int(l) for l in mask.get("static") or {}] + [int(l) for l in mask.get("drop_top") or ()],
+                    default=0)
+        by_start.setdefault(start, []).append(i)
+    return [[i] for i in by_start.pop(0, [])] + [by_start[L] for L in sorted(by_start)]
 
 
 def _gpu(exp) -> bool:
@@ -216,7 +231,7 @@ class InterventionSweep(_Checkpointed):
 
         import deploy
         from analyses.interventions import mask_sets, sweep_dataset
-        from capture.interventions import MASK_ATTRS, ROUTER_PASS_NOTE, score_job
+        from capture.interventions import MASK_ATTRS, ROUTER_PASS_NOTE, sweep_job
 
         exp, c, s = self.exp, self._spec(), self._sweep()
         iv = exp.interventions
@@ -228,21 +243,30 @@ class InterventionSweep(_Checkpointed):
         tokens = {"sample": base["token_sample"].values, "position": base["token_position"].values,
                   "token_id": base["token_id"].values}
         client = _client(exp)
+        jobs = job_groups(sets)
         with deploy.cluster_errors(f"intervention sweep {self.sweep!r} of checkpoint {c.name!r}"):
             shared = client.scatter([tokens], broadcast=True)[0]
-            futures = [client.submit(score_job, c.path, shared, m["mask"], batch_size=iv.batch_size,
-                                     device=exp.capture.device, dtype=exp.capture.dtype,
-                                     trust_remote_code=exp.model.trust_remote_code, pure=False,
-                                     key=f"intervention-{exp.name}-{c.name}-{self.sweep}-{i}-{time.time_ns()}",
+            futures = [client.submit(sweep_job, c.path, shared, [sets[i]["mask"] for i in job],
+                                     batch_size=iv.batch_size, device=exp.capture.device, dtype=exp.capture.dtype,
+                                     trust_remote_code=exp.model.trust_remote_code, reuse=iv.reuse_hidden_states,
+                                     pure=False, key=f"intervention-{exp.name}-{c.name}-{self.sweep}-{j}-{time.time_ns()}",
                                      resources={"GPU": 1} if _gpu(exp) else None)
-                       for i, m in enumerate(sets)]
-            scores = client.gather(futures)
+                       for j, job in enumerate(jobs)]
+            done = client.gather(futures)
+        scores = [None] * len(sets)
+        for job, res in zip(jobs, done):
+            for i, sc in zip(job, res["scores"]):
+                scores[i] = sc
         ds = sweep_dataset(scores, sets, np.asarray(tokens["sample"]))
         if score is not None:
             ds["ranking_score"] = (("layer", "expert"), np.asarray(score, dtype=np.float64))
             ds = ds.assign_coords(layer=layers, expert=np.arange(E))
+        n_layers = max([r["decoder_layers"] for r in done] + [1])
         ds.attrs.update({"checkpoint": c.name, "sweep": self.sweep, "mask": MASK_ATTRS[s["kind"]],
-                         "forward_passes": int(sum(r["forward_passes"] for r in scores)),
+                         "forward_passes": int(sum(r["forward_passes"] for r in done)),
+                         "forward_equivalents": round(sum(r["layer_passes"] for r in done) / n_layers, 2),
+                         "hidden_state_reuse": json.dumps([{"sets": len(j), "reuse": r["reuse"], "why": r["why"]}
+                                                           for j, r in zip(jobs, done)]),
                          "mask_sets": len(sets), "note": ROUTER_PASS_NOTE if s["sweep"] == "drop_top1" else ""})
         cubes.write_result(ds, self.output().path, fingerprint=self.fingerprint())
 
@@ -285,7 +309,7 @@ class Interventions(_Stage):
         exp = self.exp
         iv = exp.interventions
         lift = cubes.open_result(self.layout.analysis("specialization"))["lift"] if self._lift() else None
-        parts, cost, masks = {}, {}, {}
+        parts, cost, equiv, masks = {}, {}, {}, {}
         for c in intervened_checkpoints(exp):
             base = cubes.open_result(self.layout.intervention(f"{c.name}/baseline"))
             runs = {s: cubes.open_result(self.layout.intervention(f"{c.name}/{s}")) for s in sweeps(exp)}
@@ -294,10 +318,15 @@ class Interventions(_Stage):
             masks.update({r.attrs["sweep"].split(".")[0]: r.attrs["mask"] for r in runs.values()})
             cost[c.name] = {"baseline": int(base.attrs["forward_passes"]),
                             **{s: int(r.attrs["forward_passes"]) for s, r in runs.items()}}
+            equiv[c.name] = {"baseline": float(base.attrs["forward_passes"]),
+                             **{s: float(r.attrs.get("forward_equivalents", r.attrs["forward_passes"]))
+                                for s, r in runs.items()}}
         conditions = (exp.conditions.a, exp.conditions.b) if exp.conditions.a else None
         ds = combine(parts, n_boot=iv.n_boot, seed=iv.seed, lift=lift, conditions=conditions)
         ds.attrs.update({"analysis": "interventions", "forward_passes": json.dumps(cost),
                          "forward_passes_total": int(sum(sum(v.values()) for v in cost.values())),
+                         "forward_equivalents": json.dumps(equiv),
+                         "forward_equivalents_total": round(sum(sum(v.values()) for v in equiv.values()), 2),
                          "cost": COST_NOTE, "spec": json.dumps(dataclasses.asdict(iv)),
                          "masks": json.dumps(masks)})
         cubes.write_result(ds, self.output().path, fingerprint=self.fingerprint())

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from capture.families import tiny_config, tiny_model
+from capture.families import moe_families, tiny_config, tiny_model
 from capture.hooks import record_routing
 from capture.interventions import MaskError, MaskSet, apply_masks, token_scores
+from capture.load import language_model
 from capture.routers import find_routers
 from capture_helpers import seeded_tokens
 
@@ -278,3 +279,105 @@ def test_intervention_figures_are_written(tmp_path):
         seed=("run", [-1, -1, 0, 0]))
     paths = degradation(cube, tmp_path) + scatter(np.arange(6.0), np.arange(6.0)[::-1], list("abcdef"), tmp_path, rho=-1.0)
     assert [p.suffix for p in paths] == [".png", ".png"] and all(p.stat().st_size > 1000 for p in paths)
+
+
+# ------------------------------------------------------------------ hidden-state reuse (capture.interventions.sweep_scores)
+
+def _reuse_sets(model, kind="router"):
+    """Two single-expert masks and a drop-top-1 on each MoE layer after the first decoder layer, plus one
+    set from layer 0 (not reusable) when layer 0 is MoE."""
+    layers = [s.layer for s in find_routers(model)]
+    sets = []
+    for l in layers:
+        if l > 0:
+            sets += [MaskSet(kind, static={l: [0]}), MaskSet(kind, static={l: [1]}), MaskSet(kind, drop_top={l: 1})]
+    if layers[0] == 0:
+        sets.append(MaskSet(kind, static={0: [2]}))
+    return sets + [None]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ["router", "output"])
+def test_reusing_the_states_before_the_first_masked_layer_is_bit_identical(family, kind):
+    from capture.interventions import decoder_stack, sweep_scores
+
+    model = tiny_model(family)
+    tokens = seeded_tokens([6, 9, 4, 7], seed=5)
+    sets = _reuse_sets(model, kind)
+    got, stats = sweep_scores(model, tokens, sets, batch_size=3)
+    assert stats["reuse"], stats["why"]
+    want = [token_scores(model, tokens, masks=m, batch_size=3) for m in sets]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g["nll"], w["nll"])
+        np.testing.assert_array_equal(g["correct"], w["correct"])
+    n_batches, L = 2, stats["decoder_layers"]
+    starts = [(m.first_layer or 0) if m else 0 for m in sets]
+    # per batch: a prefix pass to the last start, each set from its start; batch 0 also checks each start whole
+    expected = n_batches * (max(starts) + sum(L - s for s in starts)) + len({s for s in starts if s > 0}) * L
+    assert stats["layer_passes"] == expected < n_batches * len(sets) * L
+    stack = decoder_stack(model, find_routers(model))
+    assert not any("forward" in m.__dict__ for m in stack) and not any(m._forward_hooks for m in model.modules())
+
+
+def test_reuse_is_refused_when_a_layer_is_not_a_function_of_its_input():
+    """A layer whose output drifts from call to call (a stand-in for hidden state kept across calls): the
+    first-batch check sees different logits, and every set is then scored by whole forwards."""
+    from capture.interventions import decoder_stack, sweep_scores
+
+    model = tiny_model("mixtral")
+    stack = decoder_stack(model, find_routers(model))
+    calls = []
+
+    def drift(module, args, output):
+        calls.append(1)
+        return output + 1e-3 * len(calls)
+
+    h = stack[0].register_forward_hook(drift)
+    try:
+        got, stats = sweep_scores(model, seeded_tokens([6, 9], seed=1), _reuse_sets(model), batch_size=2)
+    finally:
+        h.remove()
+    assert not stats["reuse"] and "changed the logits" in stats["why"]
+    assert not any("forward" in m.__dict__ for m in stack)
+
+
+def test_reuse_is_off_for_a_single_later_set_and_patches_are_removed_on_errors():
+    from capture.interventions import decoder_stack, sweep_scores
+
+    model = tiny_model("qwen3_moe")
+    tokens = seeded_tokens([5, 5], seed=2)
+    _, stats = sweep_scores(model, tokens, [MaskSet("router", static={1: [0]}), None], batch_size=2)
+    assert not stats["reuse"] and "fewer than two" in stats["why"]
+    stack = decoder_stack(model, find_routers(model))
+    with pytest.raises(MaskError, match="outside"):
+        sweep_scores(model, tokens, [MaskSet("router", static={1: [0]}), MaskSet("router", static={1: [99]})],
+                     batch_size=2)
+    assert not any("forward" in m.__dict__ for m in stack) and not any(m._forward_hooks for m in model.modules())
+
+
+from test_families import REFUSED  # noqa: E402  (the families capture refuses by name)
+
+
+@pytest.mark.parametrize("family", sorted(set(moe_families()) - set(REFUSED)))
+def test_reuse_is_bit_identical_on_every_installed_family(family):
+    """Every family capture supports: two masks on each MoE layer after the first, with reuse, give the scores
+    of whole masked forwards (router masks; output masks where the family refuses router masks)."""
+    from capture.interventions import sweep_scores
+
+    model = tiny_model(family)
+    sites = find_routers(language_model(model))
+    tokens = seeded_tokens([6, 9, 4, 7], seed=5)
+    for kind in ("router", "output"):
+        sets = [MaskSet(kind, static={s.layer: [e]}) for s in sites if s.layer > 0 for e in (0, 1)] + [None]
+        try:
+            got, stats = sweep_scores(model, tokens, sets, batch_size=3)
+        except MaskError as e:
+            if "no next-token logits" in str(e):
+                pytest.skip(f"{family}: {e}")
+            continue
+        assert stats["reuse"], stats["why"]
+        for g, m in zip(got, sets):
+            w = token_scores(model, tokens, masks=m, batch_size=3)
+            np.testing.assert_array_equal(g["nll"], w["nll"])
+        return
+    pytest.fail(f"{family}: neither mask kind applies")

@@ -256,6 +256,10 @@ def test_interventions_stage_end_to_end_and_a_new_ranking_reruns_only_its_sweeps
     base = cubes.open_result(layout.intervention(f"{last}/baseline"))
     want = (single["nll"].sum("sample") - base["nll"].sum()) / base["n"].sum()
     np.testing.assert_allclose(cube["effect"].sel(checkpoint=last, domain="all").values.reshape(-1), want.values)
+    # the single-expert sets of each later layer shared one job that reused the states before that layer
+    jobs = json.loads(single.attrs["hidden_state_reuse"])
+    assert [j["reuse"] for j in jobs] == [j["sets"] > 1 for j in jobs] and any(j["reuse"] for j in jobs)
+    assert 0 < cube.attrs["forward_equivalents_total"] < passes
     stamps = {p: p.stat().st_mtime_ns for p in (layout.root / "interventions").rglob("zarr.json")
               if p.parent.suffix == ".zarr"}
     write(dict(table, rankings=["usage", "importance"]))

@@ -243,7 +243,8 @@ def _tables(cube: xr.Dataset) -> dict:
 
 def headline(cube: xr.Dataset) -> dict:
     """summary.json numbers: drop-top-1 ΔNLL per layer, ρ per measure (domain all), cost, top disagreements."""
-    out = {"forward_passes_total": int(cube.attrs.get("forward_passes_total", 0))}
+    out = {"forward_passes_total": int(cube.attrs.get("forward_passes_total", 0)),
+           "forward_equivalents_total": float(cube.attrs.get("forward_equivalents_total", 0))}
     iv = np.asarray(cube["intervention"].values).astype(str)
     for c in map(str, cube["checkpoint"].values):
         d = cube.sel(checkpoint=c, domain="all")
@@ -321,7 +322,9 @@ def report_hook(layout, formats, summary: dict) -> str:
             "measure both restricted to that domain's samples) and checkpoint; 0 = observation does not predict "
             "effect.")
     cost = json.loads(cube.attrs.get("forward_passes", "{}"))
-    rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{html.escape(s)}</td><td>{n}</td></tr>"
+    equiv = json.loads(cube.attrs.get("forward_equivalents", "{}"))
+    rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{html.escape(s)}</td><td>{n}</td>"
+                   f"<td>{equiv.get(c, {}).get(s, n):g}</td></tr>"
                    for c, per in cost.items() for s, n in per.items())
     masks = json.loads(cube.attrs.get("masks", "{}"))
     defs = "".join(f"<dt>{html.escape(k)} mask</dt><dd>{html.escape(v)}</dd>" for k, v in masks.items())
@@ -329,9 +332,11 @@ def report_hook(layout, formats, summary: dict) -> str:
 <p class="caption">Experts are masked with hooks while the model scores the captured tokens (teacher-forced next-token
 NLL and accuracy); every Δ is masked minus unmasked over the same samples. {html.escape(str(cube.attrs.get("intervals", "")))}.</p>
 <dl>{defs}<dt>Cost</dt><dd>{html.escape(str(cube.attrs.get("cost", "")))}. Total:
-{int(cube.attrs.get("forward_passes_total", 0))} forward passes.</dd></dl>
+{int(cube.attrs.get("forward_passes_total", 0))} forward passes; with hidden-state reuse (mask sets that start at
+the same later layer share the unmasked layers before it) the layers actually run add up to
+{float(cube.attrs.get("forward_equivalents_total", 0)):g} whole forwards.</dd></dl>
 {''.join(blocks)}
 <details><summary>Forward passes per checkpoint and sweep</summary><table><tr><th>checkpoint</th><th>sweep</th>
-<th>forward passes</th></tr>{rows}</table></details>
+<th>forward passes</th><th>whole-forward equivalents run</th></tr>{rows}</table></details>
 <p class="files">Cube: <code>{html.escape(os.path.relpath(path, report_dir))}</code> · tables: {' · '.join(links)}</p>
 </section>"""
