@@ -78,6 +78,54 @@ def _code_version(report: bool, root=None) -> str:
     return h.hexdigest()[:12]
 
 
+import functools  # noqa: E402
+
+#: What runs every analysis (the check of the cube, finalise, the Dask runner): part of each one's version.
+_EXECUTION = ("registry", "runner")
+
+
+@functools.lru_cache(maxsize=None)
+def _local_imports(path, root) -> frozenset:
+    """Top-level modules of this package that ``path`` imports (also inside functions); figures excluded."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                out |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif node.level == 0 and node.module and node.module.split(".")[0] == "analyses":
+                parts = node.module.split(".")
+                out |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("analyses.")}
+    return frozenset(m for m in out if (root / f"{m}.py").is_file() and m != "report")
+
+
+@functools.lru_cache(maxsize=None)
+def module_version(module: str, root=None) -> str:
+    """Hash of the numerics one analysis depends on: its module, the package modules it imports
+    (transitively), and what runs every analysis (:data:`_EXECUTION`).
+
+    An analysis' results are recomputed when this changes, and only then: an edit to another analysis, to
+    the interventions or the expert stages leaves them done.
+    """
+    import hashlib
+    from pathlib import Path
+
+    root = Path(root) if root is not None else Path(__file__).parent
+    todo, seen = [module.rsplit(".", 1)[-1], *_EXECUTION], set()
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += sorted(_local_imports(root / f"{m}.py", root) - seen)
+    h = hashlib.sha256()
+    for m in sorted(seen):
+        h.update(f"{m}.py".encode() + (root / f"{m}.py").read_bytes())
+    return h.hexdigest()[:12]
+
+
 VERSION = _code_version(report=False)
 REPORT_VERSION = _code_version(report=True)
 
@@ -96,6 +144,7 @@ from . import router_probability  # noqa: E402,F401
 
 __all__ = [
     "VERSION",
+    "module_version",
     "REPORT_VERSION",
     "REGISTRY",
     "RESULT_ATTRS",

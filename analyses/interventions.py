@@ -18,6 +18,7 @@ gives them for a model under a mask); nothing here touches a model.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import xarray as xr
@@ -155,7 +156,8 @@ def rank_masks(score: np.ndarray, layers: Sequence[int], ns: Sequence[int], *, s
     """Expert sets of a sweep: the top-n experts by ``score`` (layer, expert), highest first.
 
     ``scope`` "layer": for each layer and n, that layer's top-n; "global": the top-n (layer, expert)
-    pairs over all layers. Ties go to the lower (layer, expert) index.
+    pairs over all layers. Ties go to the lower (layer, expert) index. Experts without a finite score (not
+    ranked, e.g. absent from a points file) are never masked: a set that would need them is left out.
 
     Returns
     -------
@@ -167,12 +169,16 @@ def rank_masks(score: np.ndarray, layers: Sequence[int], ns: Sequence[int], *, s
     if scope == "layer":
         for i, layer in enumerate(layers):
             order = np.argsort(-score[i], kind="stable")
+            ranked = int(np.isfinite(score[i]).sum())
             for n in ns:
-                if n < E:
+                if n < E and n <= ranked:
                     out.append({"scope": f"L{layer}", "n_masked": int(n), "static": {int(layer): order[:n].tolist()}})
     elif scope == "global":
         order = np.argsort(-score.reshape(-1), kind="stable")
+        ranked = int(np.isfinite(score).sum())
         for n in ns:
+            if n > ranked:
+                continue
             st: dict[int, list[int]] = {}
             for flat in order[:n]:
                 st.setdefault(int(layers[flat // E]), []).append(int(flat % E))
@@ -248,7 +254,7 @@ def obs_vs_causal(effect: xr.DataArray, n: xr.DataArray, measures: Mapping[str, 
 
 # ------------------------------------------------------------------ the pipeline's sweeps (tasks/interventions.py)
 
-VERSION = "interventions-1"
+VERSION = "interventions-2"
 """Bump when a sweep's numbers change meaning: every intervention stage then recomputes."""
 
 #: One forward pass = one batch of ``batch_size`` samples through the whole model.
@@ -257,8 +263,73 @@ COST_NOTE = ("cost in forward passes: one scoring of the samples = ceil(samples 
 
 
 def safe_name(ranking: str) -> str:
-    """File- and task-safe form of a ranking name (``usage:code`` -> ``usage-code``)."""
+    """File- and task-safe form of a ranking name (``usage:code`` -> ``usage-code``; ``points:dir/x.json`` ->
+    ``points-x``)."""
+    base, _, arg = ranking.partition(":")
+    if base == "points":
+        return "points-" + Path(arg).stem.replace(":", "-")
     return ranking.replace(":", "-")
+
+
+#: A points file is a short list; anything this large is not one.
+MAX_POINTS_BYTES = 64 << 20
+
+
+def read_points(path: str | Path, *, layers: Sequence[int], num_experts: int) -> np.ndarray:
+    """(layer, expert) ranking score from a points.json written elsewhere (highest masked first).
+
+    Accepts seed 001's mask-point lists and this project's own (``analyses.divergence.artifacts``): a JSON
+    list (or ``{"points": [...]}``) of ``{"layer", "expert"[, "value"]}`` objects or ``[layer, expert[,
+    value]]`` pairs, in ranking order. With values the score is the value; without, the list order (first =
+    highest). Experts not listed rank last (NaN).
+
+    Raises
+    ------
+    ValueError, one line naming the file and the record: not JSON, not a list, a record without layer and
+    expert, a layer the model has no router on, an expert out of range, a repeated (layer, expert), a value
+    that is not a finite number, or values on some records only.
+    """
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no points file here")
+    if path.stat().st_size > MAX_POINTS_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes; a points file is a short list")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    points = doc.get("points") if isinstance(doc, dict) else doc
+    if not isinstance(points, list) or not points:
+        raise ValueError(f"{path}: expected a non-empty list of points (or {{\"points\": [...]}})")
+    row = {int(l): i for i, l in enumerate(layers)}
+    out = np.full((len(layers), int(num_experts)), np.nan)
+    has_value = []
+    for i, p in enumerate(points):
+        if isinstance(p, dict) and "layer" in p and "expert" in p:
+            layer, expert, value = p["layer"], p["expert"], p.get("value", p.get("score"))
+        elif isinstance(p, list) and len(p) in (2, 3):
+            layer, expert, value = p[0], p[1], (p[2] if len(p) == 3 else None)
+        else:
+            raise ValueError(f"{path}: record {i}: expected {{\"layer\", \"expert\"[, \"value\"]}} or "
+                             f"[layer, expert[, value]], got {str(p)[:80]}")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (layer, expert)):
+            raise ValueError(f"{path}: record {i}: layer and expert must be integers, got {layer!r}, {expert!r}")
+        if layer not in row:
+            raise ValueError(f"{path}: record {i}: layer {layer} has no router (MoE layers: {sorted(row)})")
+        if not 0 <= expert < num_experts:
+            raise ValueError(f"{path}: record {i}: expert {expert} outside [0, {num_experts})")
+        if not np.isnan(out[row[layer], expert]):
+            raise ValueError(f"{path}: record {i}: (layer {layer}, expert {expert}) is listed twice")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not np.isfinite(value)):
+            raise ValueError(f"{path}: record {i}: value must be a finite number, got {value!r}")
+        has_value.append(value is not None)
+        out[row[layer], expert] = float(value) if value is not None else float(len(points) - i)
+    if any(has_value) and not all(has_value):
+        raise ValueError(f"{path}: record {has_value.index(not has_value[0])}: values on some records only")
+    return out
 
 
 def sweep_names(kinds: Sequence[str], *, drop_top1: bool, causal: bool, rankings: Sequence[str],
@@ -276,7 +347,10 @@ def sweep_names(kinds: Sequence[str], *, drop_top1: bool, causal: bool, rankings
             out[f"{kind}.single"] = {"kind": kind, "sweep": "single", "ranking": "single", "seed": -1}
         if rankings:
             for r in rankings:
-                out[f"{kind}.rank.{safe_name(r)}"] = {"kind": kind, "sweep": "mask", "ranking": r, "seed": -1}
+                item = {"kind": kind, "sweep": "mask", "ranking": r, "seed": -1}
+                if r.startswith("points:"):  # label by file name; the path stays in the sweep's parameters
+                    item.update(ranking=f"points:{Path(r[7:]).name}", file=r[7:])
+                out[f"{kind}.rank.{safe_name(r)}"] = item
             if random_seeds:
                 out[f"{kind}.random"] = {"kind": kind, "sweep": "random", "ranking": "random", "seed": -1,
                                          "seeds": int(random_seeds)}
@@ -394,7 +468,7 @@ def mask_sets(sweep: Mapping, *, layers: Sequence[int], num_experts: int, n_valu
     if sweep["sweep"] == "random":
         scores = [(s, random_ranking(num_experts, layers, s)) for s in range(int(sweep["seeds"]))]
     else:
-        scores = [(int(sweep.get("seed", -1)), np.where(np.isfinite(score), score, -np.inf))]
+        scores = [(int(sweep.get("seed", -1)), np.asarray(score, dtype=np.float64))]
     for seed, sc in scores:
         for scope in scopes:
             for m in rank_masks(sc, layers, n_values, scope=scope):

@@ -374,3 +374,39 @@ def sunburst_rings(comp: xr.Dataset, size: str = "tokens") -> list[list[tuple[st
             start += frac[i]
         rings[level] = [tuple(x) for x in rings[level]]
     return rings
+
+
+def series_summary(logs: xr.Dataset, metrics: Sequence[str]):
+    """Per (run, metric) of a training-log cube: how each logged series starts, ends and ranges.
+
+    Parameters
+    ----------
+    logs : ``value`` (run, step, metric), NaN where a run did not log that metric at that step.
+    metrics : the metrics to summarise.
+
+    Returns
+    -------
+    pandas.DataFrame, a row per (run, metric) with values: run, metric, layer, dataset (``metric_layer`` /
+    ``metric_dataset``, -1 / "" when the name holds none), n (logged steps), first_step, first, last_step,
+    last, min, max, mean (over the logged steps).
+    """
+    import pandas as pd
+
+    steps = np.asarray(logs["step"].values)
+    names = [str(m) for m in logs.metric.values]
+    rows = []
+    for m in metrics:
+        i = names.index(m)
+        layer = int(logs["metric_layer"].values[i]) if "metric_layer" in logs.coords else -1
+        dataset = str(logs["metric_dataset"].values[i]) if "metric_dataset" in logs.coords else ""
+        for run in map(str, logs.run.values):
+            v = np.asarray(logs["value"].sel(run=run, metric=m).values, dtype=np.float64)
+            ok = np.flatnonzero(np.isfinite(v))
+            if ok.size == 0:
+                continue
+            rows.append({"run": run, "metric": m, "layer": layer, "dataset": dataset, "n": int(ok.size),
+                         "first_step": int(steps[ok[0]]), "first": float(v[ok[0]]),
+                         "last_step": int(steps[ok[-1]]), "last": float(v[ok[-1]]),
+                         "min": float(v[ok].min()), "max": float(v[ok].max()), "mean": float(v[ok].mean())})
+    return pd.DataFrame(rows, columns=["run", "metric", "layer", "dataset", "n", "first_step", "first", "last_step",
+                                       "last", "min", "max", "mean"])

@@ -257,7 +257,7 @@ class MasksSpec:
 INTERVENTION_RANKINGS = {
     "usage": "usage", "weighted_usage": "usage", "usage:<domain>": "usage", "lift:<domain>": "specialization",
     "lift": "specialization", "importance": "", "divergence:a_minus_b": "divergence",
-    "divergence:b_minus_a": "divergence", "divergence:usage_a": "divergence",
+    "divergence:b_minus_a": "divergence", "divergence:usage_a": "divergence", "points:<file>": "",
 }
 
 
@@ -277,7 +277,8 @@ class InterventionsSpec:
     rankings: list[str] = field(default_factory=lambda: ["usage", "importance"])
     """Mask sweeps over the top-n experts of: usage, weighted_usage, usage:<domain>, lift, lift:<domain>,
     importance (output-aware, EASY-EP), divergence:a_minus_b, divergence:b_minus_a, divergence:usage_a
-    (divergence's points.json rankings)."""
+    (divergence's points.json rankings), points:<file> (a points.json written elsewhere, e.g. seed 001's;
+    relative to this file)."""
     n_values: list[int] = field(default_factory=lambda: [1, 2, 4])
     """Numbers of experts masked (top-n of each ranking)."""
     scopes: list[str] = field(default_factory=lambda: ["global"])
@@ -409,7 +410,8 @@ def load_experiment(path: str | Path) -> Experiment:
 #: The keys that hold paths, resolved by :func:`resolve_paths` ("[]" = every entry of a list).
 PATH_KEYS = ("output_dir", "datasets[].path", "model.checkpoints[].path", "model.tokenizer", "trace.paths",
              "trace.side_table", "dask.tls_ca_file", "dask.tls_cert", "dask.tls_key",
-             "training.logs[].path", "training.scores[].path", "runs[].experiment", "masks.user[].path")
+             "training.logs[].path", "training.scores[].path", "runs[].experiment", "masks.user[].path",
+             "interventions.rankings[] (points:<file>)")
 
 
 def _absolute(value: str, base: Path) -> str:
@@ -429,8 +431,11 @@ def resolve_paths(exp: Experiment, base: str | Path) -> Experiment:
     trace = dataclasses.replace(exp.trace, paths=[a(p) for p in exp.trace.paths], side_table=a(exp.trace.side_table))
     dask = dataclasses.replace(exp.dask, tls_ca_file=a(exp.dask.tls_ca_file), tls_cert=a(exp.dask.tls_cert),
                                tls_key=a(exp.dask.tls_key))
+    iv = dataclasses.replace(exp.interventions, rankings=[
+        f"points:{a(r[7:])}" if r.startswith("points:") else r for r in exp.interventions.rankings])
+    masks = dataclasses.replace(exp.masks, user=[dataclasses.replace(u, path=a(u.path)) for u in exp.masks.user])
     exp = dataclasses.replace(exp, runs=[dataclasses.replace(r, experiment=a(r.experiment)) for r in exp.runs],
-                              training=_resolve_training(exp.training, a))
+                              training=_resolve_training(exp.training, a), interventions=iv, masks=masks)
     return dataclasses.replace(exp, output_dir=a(exp.output_dir), model=model, trace=trace, dask=dask,
                                datasets=[dataclasses.replace(d, path=a(d.path)) for d in exp.datasets])
 
@@ -709,7 +714,9 @@ def _check_interventions(exp: Experiment, file: str) -> None:
         raise SpecError(f"{file}: 'interventions.checkpoints' is empty; name checkpoints, or \"first\" / \"last\"")
     for r in iv.rankings:
         base, _, arg = r.partition(":")
-        form = f"{base}:<domain>" if base in ("usage", "lift") and arg else r
+        form = f"{base}:<domain>" if base in ("usage", "lift") and arg else "points:<file>" if base == "points" else r
+        if base == "points" and not Path(arg).is_file():
+            raise SpecError(f"{file}: 'interventions.rankings' entry {r!r}: no points file at {arg}")
         if form not in INTERVENTION_RANKINGS:
             raise SpecError(f"{file}: 'interventions.rankings' entry {r!r} is not a ranking; expected one of: "
                             f"{', '.join(INTERVENTION_RANKINGS)}")
@@ -717,8 +724,12 @@ def _check_interventions(exp: Experiment, file: str) -> None:
         if need and need not in exp.analyses.run:
             raise SpecError(f"{file}: 'interventions.rankings' entry {r!r} ranks from the {need} analysis; add "
                             f"{need!r} to 'analyses.run'")
-    if len(set(iv.rankings)) != len(iv.rankings):
-        raise SpecError(f"{file}: 'interventions.rankings' names a ranking twice: {iv.rankings}")
+    from analyses.interventions import safe_name
+
+    names = [safe_name(r) for r in iv.rankings]
+    if len(set(names)) != len(names):
+        raise SpecError(f"{file}: 'interventions.rankings' names a ranking twice (or two points files with one "
+                        f"name): {iv.rankings}")
     if iv.rankings and not iv.n_values:
         raise SpecError(f"{file}: 'interventions.n_values' is empty; the rankings' sweeps need at least one n")
     if any(n < 1 for n in iv.n_values) or len(set(iv.n_values)) != len(iv.n_values):

@@ -49,6 +49,56 @@ def predicted_skip(name: str, exp, n_checkpoints: int | None) -> str | None:
     return None
 
 
+def print_stages(exp, ckpts, where: str) -> list[str]:
+    """Print the stages beyond the analyses ([experts], [masks], [interventions], training, [[runs]]);
+    return one line per input they name that is missing."""
+    problems: list[str] = []
+
+    def exists(path: str, what: str) -> str:
+        if Path(path).exists():
+            return ""
+        problems.append(f"{where}: {what} {path} does not exist")
+        return "  MISSING"
+
+    print("stages beyond the analyses:")
+    e, m, iv, t = exp.experts, exp.masks, exp.interventions, exp.training
+    names = ", ".join(c.name for c in ckpts) or "none"
+    print(f"  experts: " + (f"router rows, FFN weights projected to {e.ffn_dim} dims and norms of layers "
+                           f"{e.layers or 'all MoE'} at {names}; k-means k = {e.k_values}" if e.enabled else "off"))
+    if m.enabled:
+        last = m.checkpoint or (max(ckpts, key=lambda c: c.step).name if ckpts else "?")
+        print(f"  masks: {', '.join(m.methods)} on {', '.join(m.components) or 'no component'} of layer(s) "
+              f"{m.layers} at sparsity {m.sparsity} ({last}); {m.seeds} seeds, n = {m.n_similar}, "
+              f"k = {m.k_values}; user masks: {len(m.user)}")
+        for u in m.user:
+            print(f"    {u.method} {u.component} layer {u.layer}: {u.path}{exists(u.path, 'mask file')}")
+    else:
+        print("  masks: off")
+    if iv.enabled:
+        from tasks.interventions import intervened_checkpoints, sweeps
+
+        try:
+            at = ", ".join(c.name for c in intervened_checkpoints(exp))
+        except KeyError as err:
+            problems.append(str(err).strip("'\""))
+            at = "?"
+        sw = list(sweeps(exp))
+        print(f"  interventions: {' and '.join(iv.kinds)} masks at {at}: {len(sw)} sweeps per checkpoint "
+              f"({', '.join(sw)})")
+    else:
+        print("  interventions: off")
+    if t.enabled and (t.logs or t.scores or exp.model.source == "demo" or exp.runs):
+        print(f"  training: {len(t.logs)} log(s)" + (" + the demo's own" if exp.model.source == "demo" else "")
+              + f", {len(t.scores)} score file(s)")
+        for f in [*t.logs, *t.scores]:
+            print(f"    {f.format}: {f.path}{exists(f.path, 'training file')}")
+    else:
+        print("  training: off")
+    for r in exp.runs:
+        print(f"  run compared side by side: {r.name} ({r.experiment}){exists(r.experiment, 'experiment of run')}")
+    return problems
+
+
 def run(args) -> int:
     from experiments.spec import load_experiment
 
@@ -107,6 +157,7 @@ def run(args) -> int:
     for name in exp.analyses.run:
         reason = skip_reason(name, routing) if routing is not None else predicted_skip(name, exp, n_ckpt)
         print(f"  {name}: {'skipped: ' + reason if reason else 'runs'}")
+    problems += print_stages(exp, ckpts, args.experiment)
     try:
         done = tasks.FullReport(experiment=str(Path(args.experiment).resolve())).complete()
     except Exception:  # noqa: BLE001

@@ -471,13 +471,15 @@ class Analyse(_Stage):
         return p
 
     def fingerprint(self) -> str:
-        from analyses import VERSION
+        from analyses import get, module_version
 
         attrs, _ = cubes.routing_head(self.layout.routing)  # metadata only: complete() must stay cheap
         if self.exp.model.source == "import":
             inputs = [attrs.get(ImportTrace.MARK)]
         else:
             inputs = sorted((c.name, c.step) for c in checkpoints(self.exp))
+        # this analysis' own code (and what it imports), so that editing another stage leaves it done
+        VERSION = module_version(get(self.analysis).func.__module__)
         return cubes.fingerprint(self.analysis, self.params(), attrs.get("inputs_hash"), inputs, VERSION)
 
     def output(self):

@@ -74,7 +74,7 @@ class TrainingRuns(_Stage):
         return out
 
     def fingerprint(self) -> str:
-        from analyses import VERSION
+        from analyses import module_version
 
         parts = []
         for r in self._runs():
@@ -88,7 +88,8 @@ class TrainingRuns(_Stage):
         files = [_path_stamp(x.path) for x in (*t.logs, *t.scores)]
         side = [[name, a.analysis, cubes.result_fingerprint(a.output().path, verify=False)]
                 for name, a in self._side_by_side()]
-        return cubes.fingerprint("training", dataclasses.asdict(t), files, parts, side, VERSION, 3)
+        return cubes.fingerprint("training", dataclasses.asdict(t), files, parts, side,
+                                 module_version("analyses.training_runs"), 3)
 
     def output(self):
         return luigi.LocalTarget(str(self.layout.analysis("training")))

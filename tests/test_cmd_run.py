@@ -83,9 +83,13 @@ def test_paths_are_resolved_against_the_experiment_folder(tmp_path, monkeypatch)
     f.write_text('name = "x"\noutput_dir = "../runs/x"\n[model]\nsource = "checkpoints"\ntokenizer = "tok"\n'
                  '[[model.checkpoints]]\nname = "a"\npath = "ck/a"\nstep = 0\n'
                  '[[model.checkpoints]]\nname = "b"\npath = "/abs/b"\nstep = 1\n'
-                 '[[datasets]]\nname = "d"\npath = "data/d.jsonl"\n')
+                 '[[datasets]]\nname = "d"\npath = "data/d.jsonl"\n'
+                 '[masks]\nenabled = true\n[[masks.user]]\npath = "m/mask.npy"\ncomponent = "mlp.down_proj"\n'
+                 '[[training.logs]]\npath = "logs/trainer_state.json"\n')
     monkeypatch.chdir("/")
     exp = load_experiment(os.path.relpath(f, "/"))
+    assert exp.masks.user[0].path == str(tmp_path / "sub" / "m" / "mask.npy")
+    assert exp.training.logs[0].path == str(tmp_path / "sub" / "logs" / "trainer_state.json")
     assert exp.output_dir == str(tmp_path / "runs" / "x")
     assert [c.path for c in exp.model.checkpoints] == [str(tmp_path / "sub" / "ck" / "a"), "/abs/b"]
     assert exp.model.tokenizer == str(tmp_path / "sub" / "tok")
@@ -116,6 +120,18 @@ def test_check_says_what_runs_and_what_is_skipped(tmp_path):
     assert "  divergence: skipped: needs two conditions" in out
     assert "  router_probability: skipped: needs router logits (capture.keep_router_logits)" in out
     assert "state: work to do" in out
+    assert "stages beyond the analyses:\n  experts: off\n  masks: off\n  interventions: off\n" in out
+    assert "  training: 0 log(s) + the demo's own, 0 score file(s)" in out
+    (tmp_path / "s.toml").write_text(
+        'name = "x"\noutput_dir = "out3"\n[model.demo]\nsteps = 10\nwarmup_steps = 2\ncheckpoint_steps = [0, 10]\n'
+        '[analyses]\nrun = ["usage"]\n[interventions]\nenabled = true\ncheckpoints = ["last"]\n'
+        'rankings = ["usage"]\n[masks]\nenabled = true\nmethods = ["magnitude"]\n'
+        '[[masks.user]]\npath = "m.npy"\ncomponent = "mlp.down_proj"\n')
+    r = moe_atlas("check", "s.toml", cwd=tmp_path)
+    assert r.returncode == 1 and f"mask file {tmp_path / 'm.npy'} does not exist" in r.stderr
+    assert ("  interventions: router masks at step_0010: 4 sweeps per checkpoint (router.drop_top1, router.single, "
+            "router.rank.usage, router.random)") in r.stdout
+    assert "  masks: magnitude on self_attn.q_proj, experts.down_proj of layer(s) [1] at sparsity 0.5" in r.stdout
     (tmp_path / "c.toml").write_text('name = "x"\noutput_dir = "out2"\n[model]\nsource = "checkpoints"\n'
                                      '[[model.checkpoints]]\nname = "a"\npath = "nowhere"\nstep = 0\n'
                                      '[[datasets]]\nname = "d"\npath = "d.jsonl"\n')

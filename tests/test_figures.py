@@ -165,13 +165,37 @@ def test_version_covers_numerics_only_and_report_version_the_figures(tmp_path):
     assert analyses._code_version(False, root) != version
 
 
+def test_an_analysis_is_recomputed_after_edits_to_its_own_code_only(tmp_path):
+    """module_version: usage's version follows usage.py, what it imports and the runner, nothing else."""
+    root = _copy_package(tmp_path)
+    version = analyses.module_version.__wrapped__
+    before = {n: version(f"analyses.{n}", root) for n in ("usage", "specialization", "divergence")}
+    for other in ("interventions.py", "masks.py", "experts.py", "training.py", "confidence.py", "figures/usage.py"):
+        f = root / other
+        f.write_text(f.read_text() + "\n# another stage's edit\n")
+    assert {n: version(f"analyses.{n}", root) for n in before} == before
+    f = root / "bootstrap.py"  # imported by usage and specialization (the token pass, the intervals)
+    f.write_text(f.read_text() + "\n# a shared numeric edit\n")
+    after = {n: version(f"analyses.{n}", root) for n in before}
+    assert all(after[n] != before[n] for n in before)
+    f = root / "runner.py"  # runs every analysis
+    f.write_text(f.read_text() + "\n# an execution edit\n")
+    assert version("analyses.usage", root) != after["usage"]
+    now = {n: version(f"analyses.{n}", root) for n in before}
+    f = root / "usage.py"
+    f.write_text(f.read_text() + "\n# usage's own edit\n")
+    last = {n: version(f"analyses.{n}", root) for n in before}
+    assert last["usage"] != now["usage"]
+    assert (last["specialization"], last["divergence"]) == (now["specialization"], now["divergence"])
+
+
 def test_tasks_key_results_on_version_and_the_report_on_both():
     import inspect
 
     import tasks
 
     analyse = inspect.getsource(tasks.Analyse.fingerprint)
-    assert "VERSION" in analyse and "REPORT_VERSION" not in analyse
+    assert "module_version" in analyse and "REPORT_VERSION" not in analyse
     report = inspect.getsource(tasks.FullReport.fingerprint)
     assert "REPORT_VERSION" in report and "VERSION," in report
 

@@ -29,6 +29,7 @@ def _exp(tmp_path, body: str, analyses='["usage"]'):
     ('n_values = [0, 2]', '["usage"]', r"n_values' must be distinct integers >= 1"),
     ('scopes = ["model"]', '["usage"]', r"'interventions.scopes'"),
     ("drop_top1 = false\ncausal = false\nrankings = []", '["usage"]', r"runs nothing"),
+    ('rankings = ["points:nowhere.json"]', '["usage"]', r"no points file at .*nowhere.json"),
 ])
 def test_bad_interventions_tables_are_refused_in_one_line(tmp_path, body, analyses, match):
     with pytest.raises(SpecError, match=match) as e:
@@ -47,6 +48,58 @@ def test_a_valid_interventions_table_loads(tmp_path):
 
 
 # ------------------------------------------------------------------ pure helpers
+
+def test_points_files_in_every_accepted_form_give_the_same_order(tmp_path):
+    import json
+
+    order = [(1, 3), (0, 0), (1, 1)]
+    forms = {"dicts": [{"layer": l, "expert": e, "value": 3.0 - i} for i, (l, e) in enumerate(order)],
+             "pairs": [[l, e] for l, e in order], "triples": [[l, e, 10 - i] for i, (l, e) in enumerate(order)],
+             "wrapped": {"points": [{"layer": l, "expert": e} for l, e in order]}}
+    for name, doc in forms.items():
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps(doc))
+        score = iv.read_points(f, layers=[0, 1], num_experts=4)
+        assert np.isfinite(score).sum() == 3, name
+        flat = np.argsort(-score.reshape(-1), kind="stable")[:3]
+        assert [(int(x // 4), int(x % 4)) for x in flat] == order, name
+        # top-n sets never reach the experts the file does not rank
+        sets = iv.rank_masks(score, [0, 1], [1, 3, 4], scope="global")
+        assert [m["n_masked"] for m in sets] == [1, 3]
+    score = iv.read_points(tmp_path / "dicts.json", layers=[0, 1], num_experts=4)
+    assert [m["static"] for m in iv.rank_masks(score, [0, 1], [1, 2], scope="layer")] == [{0: [0]}, {1: [3]},
+                                                                                          {1: [3, 1]}]
+
+
+@pytest.mark.parametrize("doc,match", [
+    ("{not json", r"not JSON"),
+    ('{"a": 1}', r"expected a non-empty list"),
+    ("[]", r"expected a non-empty list"),
+    ('[{"layer": 0}]', r"record 0: expected"),
+    ('[[0, 1], ["0", 2]]', r"record 1: layer and expert must be integers"),
+    ('[[0, 1], [5, 2]]', r"record 1: layer 5 has no router \(MoE layers: \[0, 1\]\)"),
+    ('[[0, 9]]', r"record 0: expert 9 outside \[0, 4\)"),
+    ('[[0, 1], [1, 2], [0, 1]]', r"record 2: \(layer 0, expert 1\) is listed twice"),
+    ('[[0, 1, NaN]]', r"record 0: value must be a finite number"),
+    ('[[0, 1, 0.5], [0, 2]]', r"record 1: values on some records only"),
+])
+def test_damaged_points_files_are_refused_naming_the_record(tmp_path, doc, match):
+    f = tmp_path / "p.json"
+    f.write_text(doc)
+    with pytest.raises(ValueError, match=match) as e:
+        iv.read_points(f, layers=[0, 1], num_experts=4)
+    assert str(f) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_points_ranking_is_read_relative_to_the_experiment_file(tmp_path):
+    (tmp_path / "pts").mkdir()
+    (tmp_path / "pts" / "last_token_agentic_points.json").write_text("[[0, 1]]")
+    exp = load_experiment(_exp(tmp_path, 'rankings = ["points:pts/last_token_agentic_points.json"]', '["usage"]'))
+    (r,) = exp.interventions.rankings
+    assert r == f"points:{tmp_path / 'pts' / 'last_token_agentic_points.json'}"
+    names = iv.sweep_names(["router"], drop_top1=False, causal=False, rankings=[r], random_seeds=5)
+    assert names["router.rank.points-last_token_agentic_points"]["ranking"] == "points:last_token_agentic_points.json"
+
 
 
 def test_observed_counts_equal_a_plain_loop():
@@ -262,16 +315,25 @@ def test_interventions_stage_end_to_end_and_a_new_ranking_reruns_only_its_sweeps
     assert 0 < cube.attrs["forward_equivalents_total"] < passes
     stamps = {p: p.stat().st_mtime_ns for p in (layout.root / "interventions").rglob("zarr.json")
               if p.parent.suffix == ".zarr"}
-    write(dict(table, rankings=["usage", "importance"]))
+    # a ranking written elsewhere (seed 001's points.json), relative to the experiment file
+    E = int(base.sizes["expert"])
+    layer = int(base["layer"].values[-1])
+    (tmp_path / "pts.json").write_text(json.dumps([{"layer": layer, "expert": E - 1 - e, "value": 1.0 - e / 10}
+                                                   for e in range(3)]))
+    write(dict(table, rankings=["usage", "importance", "points:pts.json"]))
     pending = [t for t in [InterventionSweep(experiment=str(exp), checkpoint=str(c), sweep=s)
                            for c in cube["checkpoint"].values
                            for s in tasks.interventions.sweeps(tasks._experiment(str(exp)))] if not t.complete()]
-    assert sorted({t.sweep for t in pending}) == ["router.rank.importance"]
+    assert sorted({t.sweep for t in pending}) == ["router.rank.importance", "router.rank.points-pts"]
     ok, errors = build(exp, [Interventions(experiment=str(exp))])
     assert ok, errors
     changed = {p for p, t in stamps.items() if p.exists() and p.stat().st_mtime_ns != t}
     assert {p.parent.name for p in changed} == {"interventions.zarr"}
-    assert "importance" in set(map(str, cubes.open_result(layout.intervention("interventions"))["ranking"].values))
+    ranked = set(map(str, cubes.open_result(layout.intervention("interventions"))["ranking"].values))
+    assert {"importance", "points:pts.json"} <= ranked
+    pts = cubes.open_result(layout.intervention(f"{last}/router.rank.points-pts"))
+    masked = dict(zip(pts["n_masked"].values.tolist(), map(str, pts["masked"].values)))
+    assert masked[1] == f"L{layer}E{E - 1}" and masked[2] == f"L{layer}E{E - 2} L{layer}E{E - 1}"
 
 
 def test_vectorised_spearman_rows_equal_the_row_by_row_loop():

@@ -228,6 +228,33 @@ def test_diversity_figure_across_layers_and_datasets(monkeypatch, tmp_path):
     assert fig.diversity(training_cube([LogRecord("r", 1, "loss", 1.0, "loss")]), tmp_path) == []
 
 
+def test_logged_entropy_figure_and_its_summary_table(monkeypatch, tmp_path):
+    """Entropy series a log records (per layer, two runs): the figure plots them, the CSV summary equals
+    the known first / last / min / max / mean, and cross-entropy losses are not mistaken for them."""
+    from analyses.figures import training as fig
+    from analyses.training import series_summary
+    from storage.training import LogRecord, training_cube
+
+    figs = _captured(monkeypatch)
+    vals = {(run, l): [2.0 - 0.1 * s * (l + 1) - r for s in range(4)] for r, run in enumerate(("lb", "no_lb"))
+            for l in range(2)}
+    recs = [LogRecord(run, 10 * s, f"train/router_entropy/layer_{l}", v[s], "x")
+            for (run, l), v in vals.items() for s in range(4) if not (run == "no_lb" and s == 0)]
+    recs.append(LogRecord("lb", 10, "loss", 3.0, "loss"))
+    cube = training_cube(recs)
+    ent = fig.family_metrics(cube, "entropy")
+    assert len(ent) == 2 and not any("loss" in m for m in ent)
+    assert [f.name for f in fig.logged_entropy(cube, tmp_path)] == ["logged_entropy.png"]
+    assert len(figs["logged_entropy"].axes[0].get_lines()) == 2
+    t = series_summary(cube, ent).set_index(["run", "layer"])
+    for (run, l), v in vals.items():
+        row = t.loc[(run, l)]
+        got = v[1:] if run == "no_lb" else v
+        assert (row["n"], row["first_step"], row["last_step"]) == (len(got), 40 - 10 * len(got), 30)
+        assert [row[k] for k in ("first", "last", "min", "max", "mean")] == pytest.approx(
+            [got[0], got[-1], min(got), max(got), np.mean(got)])
+
+
 def test_side_by_side_section(tmp_path):
     """The report's block for an analysis of several runs: a column per run, each run's figures and numbers."""
     from analyses.figures.training_runs import side_by_side

@@ -43,6 +43,12 @@ def test_two_runs_side_by_side(tmp_path):
     assert np.isfinite(logs["value"].sel(metric="aux_loss", step=slice(1, None)).values).all()
     log = json.loads((tmp_path / "lb" / "model" / "training_log.json").read_text())
     assert logs["value"].sel(run="lb", step=8, metric="lm_loss").item() == log["steps"][-1]["loss"]
+    # the demo logs each layer's routing entropy; at most log E, and the same at step 1 for both runs (same init)
+    ent = [m for m in map(str, logs.metric.values) if "router_entropy" in m]
+    assert len(ent) >= 2 and sorted(int(v) for v in logs.metric_layer.sel(metric=ent).values) == list(range(len(ent)))
+    e1 = logs["value"].sel(metric=ent, step=1)
+    n_experts = xr.open_zarr(tmp_path / "lb" / "routing.zarr").sizes["expert"]
+    assert (e1 <= np.log(n_experts) + 1e-6).all() and np.allclose(e1.sel(run="lb"), e1.sel(run="no_lb"))
 
     cmp = cubes.open_result(root / "compare.zarr")
     # same seed, same init: identical routing at step 0, so no divergence there
@@ -73,8 +79,9 @@ def test_two_runs_side_by_side(tmp_path):
     assert set(summary["training_runs"]["final_dead_experts"]) == {"lb", "no_lb"}
     html = (tmp_path / "lb" / "report" / "index.html").read_text()
     for stem in ("training_curves", "gate_diagnostics", "routing_agreement", "score_summary", "data_composition",
-                 "entropy_trends"):
+                 "entropy_trends", "logged_entropy"):
         assert f"{stem}.png" in html, stem
+    assert (tmp_path / "lb" / "tables" / "training_logged_entropy.csv").is_file()
     assert (tmp_path / "lb" / "report" / "figures" / "training_runs" / "score_summary.pdf").is_file()
     assert (tmp_path / "lb" / "tables" / "training_entropy.csv").is_file()
     # a section both runs computed (balance) shows them side by side, each from its own cube

@@ -104,16 +104,36 @@ def curves(cube, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]
 
 
 def diversity(cube, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-    """``diversity_losses``: the logged diversity losses across layers and datasets, a row per run.
+    """``diversity_losses``: the logged diversity losses across layers and datasets, a row per run
+    (:func:`logged_family`)."""
+    return logged_family(cube, out_dir, formats, word="diversity", what="diversity losses",
+                         ylabel="diversity loss (as logged)", stem="diversity_losses")
+
+
+def logged_entropy(cube, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+    """``logged_entropy``: routing-entropy series the training logs carry (seed 000's entropy trends), a row
+    per run (:func:`logged_family`)."""
+    return logged_family(cube, out_dir, formats, word="entropy", what="routing entropy (logged)",
+                         ylabel="entropy (as logged)", stem="logged_entropy")
+
+
+def family_metrics(cube, word: str) -> list[str]:
+    """The metrics of a training-log cube whose name holds ``word`` (case-insensitive)."""
+    return [str(m) for m in cube.metric.values if word in str(m).lower()]
+
+
+def logged_family(cube, out_dir: Path, formats: Sequence[str] = ("png",), *, word: str, what: str, ylabel: str,
+                  stem: str) -> list[Path]:
+    """The logged series whose metric name holds ``word``, across layers and datasets, a row per run.
 
     Left: every series against step (colour = layer, line style = dataset). Right: each series' last
-    logged value against its layer, a line per dataset (the seed's "diversity losses across
-    layers/datasets"); a bar per series where the log names no layer. Layer and dataset come from the
-    cube's ``metric_layer``/``metric_dataset`` coordinates (``storage.training.metric_parts``).
+    logged value against its layer, a line per dataset (the seed's "… across layers/datasets"); a bar per
+    series where the log names no layer. Layer and dataset come from the cube's
+    ``metric_layer``/``metric_dataset`` coordinates (``storage.training.metric_parts``).
     """
     from storage.training import metric_parts
 
-    sel = [i for i, m in enumerate(cube.metric.values) if "diversity" in str(m).lower()]
+    sel = [i for i, m in enumerate(cube.metric.values) if word in str(m).lower()]
     if not sel:
         return []
     sub = cube.isel(metric=sel)
@@ -143,8 +163,8 @@ def diversity(cube, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Pa
                     continue
                 ax.plot(steps[ok], v[ok], color=colour[layer_of[m]], ls=dstyle[dset_of[m]], lw=1, label=m)
                 last[m] = float(v[ok][-1])
-            ax.set_title(f"{run}: diversity losses", fontsize=7)
-            plotting.label_axes(ax, "training step", "diversity loss (as logged)")
+            ax.set_title(f"{run}: {what}", fontsize=7)
+            plotting.label_axes(ax, "training step", ylabel)
             ax.legend(frameon=False, fontsize=5)
             per_layer = [m for m in last if layer_of[m] >= 0]
             if per_layer:
@@ -161,7 +181,7 @@ def diversity(cube, out_dir: Path, formats: Sequence[str] = ("png",)) -> list[Pa
                 ax2.set_xticks(range(len(last)), list(last), rotation=30, ha="right", fontsize=6)
                 plotting.label_axes(ax2, "series", "last logged value")
             ax2.set_title(f"{run}: across layers and datasets", fontsize=7)
-        return plotting.savefig(fig, out_dir, "diversity_losses", formats)
+        return plotting.savefig(fig, out_dir, stem, formats)
 
 
 def per_layer_trends(ds, variables: Sequence[tuple[str, str]], out_dir: Path, stem: str,

@@ -56,6 +56,12 @@ def section(training_dir: Path, figures_dir: Path, tables_dir: Path, report_dir:
              "log's own definition (the dashed line marks its value at perfect balance where the log states it), "
              "z-loss and learning rate where logged.")
         imgs(fig.diversity(logs, out, formats), "Diversity losses as logged, per layer / dataset series.")
+        entropy = fig.family_metrics(logs, "entropy")
+        if entropy:
+            imgs(fig.logged_entropy(logs, out, formats), "Routing entropy as the training logs record it, per layer "
+                 "/ dataset series (left: against step; right: the last logged value across layers). CSV: "
+                 "training_logged_entropy.csv (first, last, min, max and mean of each series).")
+            tr.series_summary(logs, entropy).to_csv(tables_dir / "training_logged_entropy.csv", index=False)
         logs["value"].to_dataframe().dropna().reset_index().to_csv(tables_dir / "training_logs.csv", index=False)
         summary["runs"] = [str(r) for r in logs.run.values]
         summary["metrics"] = [str(m) for m in logs.metric.values]

@@ -292,6 +292,18 @@ def batch_schedule(sizes: list[int], steps: int, per_domain: int, seed: int):
     return out
 
 
+def router_entropy(router_logits) -> dict[str, float]:
+    """{"router_entropy/layer_<i>": mean over tokens of the entropy (nat) of layer i's router softmax}."""
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for i, logits in enumerate(router_logits or ()):
+            logp = torch.log_softmax(logits.detach().float(), dim=-1)
+            out[f"router_entropy/layer_{i}"] = float(-(logp.exp() * logp).sum(-1).mean())
+    return out
+
+
 def lr_at(step: int, cfg: DemoConfig) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warm-up, cosine to 10 %."""
     if step < cfg.warmup_steps:
@@ -497,6 +509,9 @@ def train_demo_model(
                     "loss": float(lm.detach()),
                     "aux_loss": float(aux.detach()),
                     "lr": lr_at(step, cfg),
+                    # what training logs of MoE runs carry (LibMoE's entropy trends): mean entropy of each
+                    # layer's router softmax over the batch's tokens, from the logits the aux loss used
+                    **router_entropy(out.router_logits),
                 }
                 if not all(math.isfinite(v) for v in (rec["loss"], rec["aux_loss"])):
                     raise FloatingPointError(f"demo training diverged at step {step + 1}: {rec}")
