@@ -114,13 +114,25 @@ def module_version(module: str, root=None) -> str:
     from pathlib import Path
 
     root = Path(root) if root is not None else Path(__file__).parent
-    todo, seen = [module.rsplit(".", 1)[-1], *_EXECUTION], set()
+    h = hashlib.sha256()
+    start = module.rsplit(".", 1)[-1]
+    if not module.startswith("analyses.") or not (root / f"{start}.py").is_file():
+        # an analysis registered from elsewhere: its own file, and what runs it
+        import importlib
+        import inspect
+        import sys
+
+        try:
+            h.update(inspect.getsource(sys.modules.get(module) or importlib.import_module(module)).encode())
+        except (ImportError, OSError, TypeError):  # no source to read (an interactive session): its name only
+            h.update(module.encode())
+        start = None
+    todo, seen = [m for m in (start, *_EXECUTION) if m], set()
     while todo:
         m = todo.pop()
         if m not in seen:
             seen.add(m)
             todo += sorted(_local_imports(root / f"{m}.py", root) - seen)
-    h = hashlib.sha256()
     for m in sorted(seen):
         h.update(f"{m}.py".encode() + (root / f"{m}.py").read_bytes())
     return h.hexdigest()[:12]

@@ -168,13 +168,13 @@ def rank_masks(score: np.ndarray, layers: Sequence[int], ns: Sequence[int], *, s
     out = []
     if scope == "layer":
         for i, layer in enumerate(layers):
-            order = np.argsort(-score[i], kind="stable")
+            order = np.argsort(-np.where(np.isfinite(score[i]), score[i], -np.inf), kind="stable")
             ranked = int(np.isfinite(score[i]).sum())
             for n in ns:
                 if n < E and n <= ranked:
                     out.append({"scope": f"L{layer}", "n_masked": int(n), "static": {int(layer): order[:n].tolist()}})
     elif scope == "global":
-        order = np.argsort(-score.reshape(-1), kind="stable")
+        order = np.argsort(-np.where(np.isfinite(score), score, -np.inf).reshape(-1), kind="stable")
         ranked = int(np.isfinite(score).sum())
         for n in ns:
             if n > ranked:
@@ -254,7 +254,7 @@ def obs_vs_causal(effect: xr.DataArray, n: xr.DataArray, measures: Mapping[str, 
 
 # ------------------------------------------------------------------ the pipeline's sweeps (tasks/interventions.py)
 
-VERSION = "interventions-2"
+VERSION = "interventions-3"
 """Bump when a sweep's numbers change meaning: every intervention stage then recomputes."""
 
 #: One forward pass = one batch of ``batch_size`` samples through the whole model.
@@ -297,9 +297,9 @@ def read_points(path: str | Path, *, layers: Sequence[int], num_experts: int) ->
     if path.stat().st_size > MAX_POINTS_BYTES:
         raise ValueError(f"{path}: {path.stat().st_size} bytes; a points file is a short list")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not JSON ({str(e).splitlines()[0][:120] or type(e).__name__})") from None
     points = doc.get("points") if isinstance(doc, dict) else doc
     if not isinstance(points, list) or not points:
         raise ValueError(f"{path}: expected a non-empty list of points (or {{\"points\": [...]}})")
@@ -322,9 +322,14 @@ def read_points(path: str | Path, *, layers: Sequence[int], num_experts: int) ->
             raise ValueError(f"{path}: record {i}: expert {expert} outside [0, {num_experts})")
         if not np.isnan(out[row[layer], expert]):
             raise ValueError(f"{path}: record {i}: (layer {layer}, expert {expert}) is listed twice")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not np.isfinite(value)):
-            raise ValueError(f"{path}: record {i}: value must be a finite number, got {value!r}")
+        if value is not None:
+            try:
+                value = float(value) if not isinstance(value, bool) and isinstance(value, (int, float)) else None
+            except OverflowError:
+                value = None
+            if value is None or not np.isfinite(value):
+                raise ValueError(f"{path}: record {i}: value must be a finite number, got "
+                                 f"{str(p.get('value', p.get('score')) if isinstance(p, dict) else p[2])[:40]}")
         has_value.append(value is not None)
         out[row[layer], expert] = float(value) if value is not None else float(len(points) - i)
     if any(has_value) and not all(has_value):
@@ -709,9 +714,23 @@ def combine(parts: Mapping[tuple[str, int], tuple[xr.Dataset, Sequence[xr.Datase
         if lift is not None and name in set(map(str, lift["checkpoint"].values)):
             lf = lift.sel(checkpoint=name, drop=True)
         c = checkpoint_cube(base, sweeps, n_boot=n_boot, seed=seed, ci=ci, lift=lf, conditions=conditions)
+        if "masked" in c.coords:  # which experts a ranking picks differs by checkpoint: a variable per checkpoint
+            c = c.reset_coords("masked")
         cubes.append(c.expand_dims(checkpoint=[name]).assign_coords(step=("checkpoint", [int(step)])))
     out = xr.concat(cubes, dim="checkpoint", join="outer", coords="minimal", compat="override",
                     combine_attrs="drop_conflicts")
+    # a run one checkpoint lacks (a top-n the ranking could not fill there) keeps the labels the others give it
+    labels = {}
+    for c in cubes:
+        for k, v in c.coords.items():
+            if v.dims == ("run",):
+                seen = labels.setdefault(k, ({}, v.dtype))[0]
+                for r, x in zip(c["run"].values, v.values):
+                    seen.setdefault(r, x)
+    out = out.assign_coords({k: ("run", np.asarray([seen[r] for r in out["run"].values], dtype=dt), out[k].attrs)
+                             for k, (seen, dt) in labels.items()})
+    if "masked" in out and out["masked"].dtype == object:
+        out["masked"] = out["masked"].where(out["masked"].notnull(), "")
     out.attrs.update({"definition": "ΔNLL / Δaccuracy of masked runs minus the unmasked run, ratio of sums over "
                                     "scored tokens; causal effect = ΔNLL of one expert masked alone",
                       "chance": "0 (no change); random rankings give the chance band of the ranked sweeps",

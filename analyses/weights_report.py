@@ -99,6 +99,10 @@ def _experts_part(ds, report_dir: Path, fig_dir: Path, tables: Path, formats, su
                    "above): red blocks on the diagonal are groups of experts with similar weights; the height of a "
                    "merge is the distance at which two groups join.")
               for f in _shown(fe.similarity_dendrograms(ds, fig_dir, formats))]
+    parts += [_img(f, report_dir, "k-means of the experts (unit-normalised embeddings) for each k: silhouette with "
+                   "cosine distance, mean ± std over the k-means seeds, a line per layer, at the last checkpoint. "
+                   "Near 0: no cluster structure; the k with the highest silhouette is the table's best k.")
+              for f in _shown(fe.silhouette_by_k(ds, fig_dir, formats))]
     mantel = [c for c in table.columns if c.startswith("mantel_")]
     if mantel:
         out["mantel_r"] = {c: float(table[c].mean()) for c in mantel if c.startswith("mantel_r_")}

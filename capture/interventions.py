@@ -46,6 +46,7 @@ registration order, so the recorder then sees the masked routing.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -452,11 +453,13 @@ def _skip_layers(stack, start: int, output):
     try:
         for i in range(start):
             mod = stack[i]
+            if any(mod is m for m, _ in patched):  # one module at several places: patched (and restored) once
+                continue
             patched.append((mod, mod.__dict__.get("forward")))
             mod.forward = lambda *a, **k: _clone(output)
         yield
     finally:
-        for mod, had in patched:
+        for mod, had in reversed(patched):
             if had is None:
                 mod.__dict__.pop("forward", None)
             else:
@@ -486,11 +489,16 @@ def sweep_scores(model, tokens, mask_sets: list[MaskSet | None], *, batch_size: 
     n = tokens.sizes["token"]
     if sites is None:
         sites = find_routers(runner, where=where)
+    moe = sorted(s.layer for s in sites)
+    bad = sorted({l for m in mask_sets if m is not None for l in m.layers} - set(moe))
+    if bad:
+        raise MaskError(f"{where}: no MoE router at decoder layer(s) {bad} (MoE layers: {moe})")
     stack = decoder_stack(runner, sites)
     starts = [(m.first_layer or 0) if m is not None else 0 for m in mask_sets]
     later = sorted({L for L in starts if L > 0})
+    # layer_passes in decoder layers; without a layer list a whole forward counts 1 of 1
     stats = {"reuse": False, "why": "", "forward_passes": 0, "layer_passes": 0,
-             "decoder_layers": len(stack) if stack is not None else 0}
+             "decoder_layers": len(stack) if stack is not None else 1}
     if not reuse:
         stats["why"] = "off"
     elif stack is None:
@@ -662,15 +670,25 @@ ROUTER_PASS_NOTE = ("a drop-top-1 router mask runs each masked router twice (onc
                     "top-1); counted as one forward pass")
 
 
+_MODELS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
 def _model(model_dir: str, device: str, dtype: str, trust_remote_code: bool):
+    """The worker's copy of a checkpoint, held for one job at a time: masks and hidden-state reuse patch
+    the model while a job runs, so two jobs on threads of one worker must not share it at once."""
     from .load import load_model
 
     key = (str(model_dir), device, dtype, bool(trust_remote_code))
-    if key not in _MODELS:
-        while len(_MODELS) >= _MAX_MODELS:
-            _MODELS.pop(next(iter(_MODELS)))
-        _MODELS[key] = load_model(model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    return _MODELS[key]
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            while len(_MODELS) >= _MAX_MODELS:
+                _MODELS.pop(next(iter(_MODELS)))
+            _MODELS[key] = (load_model(model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code),
+                            threading.Lock())
+        model, lock = _MODELS[key]
+    with lock:
+        yield model
 
 
 def mask_from_spec(spec: Mapping | None) -> MaskSet | None:
@@ -699,18 +717,18 @@ def score_job(model_dir: str, tokens: Mapping[str, np.ndarray], masks: Mapping |
     """
     from storage.schema import token_table
 
-    model = _model(model_dir, device, dtype, trust_remote_code)
+    if importance and masks:
+        raise ValueError("score_job: output-aware importance is measured on the unmasked model only")
     table = token_table(sample=np.asarray(tokens["sample"]), position=np.asarray(tokens["position"]),
                         token_id=np.asarray(tokens["token_id"]))
-    out = token_scores(model, table, masks=mask_from_spec(masks), batch_size=batch_size, where=str(model_dir))
     n_samples = int(np.unique(np.asarray(tokens["sample"])).size)
-    out["forward_passes"] = forward_passes(n_samples, batch_size)
-    if importance:
-        if masks:
-            raise ValueError("score_job: output-aware importance is measured on the unmasked model only")
-        imp = expert_importance(model, table, batch_size=batch_size, where=str(model_dir))
-        out["importance"], out["layers"] = imp["importance"], imp["layers"]
-        out["forward_passes"] += forward_passes(n_samples, batch_size)
+    with _model(model_dir, device, dtype, trust_remote_code) as model:
+        out = token_scores(model, table, masks=mask_from_spec(masks), batch_size=batch_size, where=str(model_dir))
+        out["forward_passes"] = forward_passes(n_samples, batch_size)
+        if importance:
+            imp = expert_importance(model, table, batch_size=batch_size, where=str(model_dir))
+            out["importance"], out["layers"] = imp["importance"], imp["layers"]
+            out["forward_passes"] += forward_passes(n_samples, batch_size)
     return out
 
 
@@ -726,9 +744,9 @@ def sweep_job(model_dir: str, tokens: Mapping[str, np.ndarray], masks: list[Mapp
     """
     from storage.schema import token_table
 
-    model = _model(model_dir, device, dtype, trust_remote_code)
     table = token_table(sample=np.asarray(tokens["sample"]), position=np.asarray(tokens["position"]),
                         token_id=np.asarray(tokens["token_id"]))
-    scores, stats = sweep_scores(model, table, [mask_from_spec(m) for m in masks], batch_size=batch_size,
-                                 where=str(model_dir), reuse=reuse)
+    with _model(model_dir, device, dtype, trust_remote_code) as model:
+        scores, stats = sweep_scores(model, table, [mask_from_spec(m) for m in masks], batch_size=batch_size,
+                                     where=str(model_dir), reuse=reuse)
     return {"scores": scores, **stats}

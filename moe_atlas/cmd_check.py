@@ -80,7 +80,7 @@ def print_stages(exp, ckpts, where: str) -> list[str]:
         try:
             at = ", ".join(c.name for c in intervened_checkpoints(exp))
         except KeyError as err:
-            problems.append(str(err).strip("'\""))
+            problems.append(str(err.args[0]) if err.args else str(err))
             at = "?"
         sw = list(sweeps(exp))
         print(f"  interventions: {' and '.join(iv.kinds)} masks at {at}: {len(sw)} sweeps per checkpoint "

@@ -68,10 +68,13 @@ def _ranking_analysis(ranking: str) -> str:
     return INTERVENTION_RANKINGS.get(f"{base}:<domain>" if base in ("usage", "lift") and arg else ranking, "")
 
 
-def job_groups(sets: list[dict]) -> list[list[int]]:
+def job_groups(sets: list[dict], reuse: bool = True) -> list[list[int]]:
     """Indices of ``sets`` per Dask job: the sets whose first masked layer is the same ``L > 0`` share a job
     (its batches reuse the unmasked states before ``L``: ``capture.interventions.sweep_scores``); a set
-    masking layer 0 (nothing to reuse) is a job of its own, so those fan out one per worker."""
+    masking layer 0 (nothing to reuse), or any set when ``reuse`` is off, is a job of its own, so those fan
+    out one per worker."""
+    if not reuse:
+        return [[i] for i in range(len(sets))]
     by_start: dict[int, list[int]] = {}
     for i, m in enumerate(sets):
         mask = m["mask"]
@@ -196,6 +199,7 @@ class InterventionSweep(_Checkpointed):
         iv = self.exp.interventions
         s = self._sweep()
         params = dict(s)
+        params.pop("file", None)  # a points file counts by its values (below), not by where it lies
         if s["sweep"] in ("mask", "random"):
             params.update(n_values=list(iv.n_values), scopes=list(iv.scopes))
             if s["ranking"].startswith("divergence"):
@@ -248,7 +252,7 @@ class InterventionSweep(_Checkpointed):
         tokens = {"sample": base["token_sample"].values, "position": base["token_position"].values,
                   "token_id": base["token_id"].values}
         client = _client(exp)
-        jobs = job_groups(sets)
+        jobs = job_groups(sets, reuse=iv.reuse_hidden_states)
         with deploy.cluster_errors(f"intervention sweep {self.sweep!r} of checkpoint {c.name!r}"):
             shared = client.scatter([tokens], broadcast=True)[0]
             futures = [client.submit(sweep_job, c.path, shared, [sets[i]["mask"] for i in job],

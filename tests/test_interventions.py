@@ -381,3 +381,77 @@ def test_reuse_is_bit_identical_on_every_installed_family(family):
             np.testing.assert_array_equal(g["nll"], w["nll"])
         return
     pytest.fail(f"{family}: neither mask kind applies")
+
+
+def test_without_a_layer_list_whole_forwards_are_counted_and_scores_unchanged(monkeypatch):
+    import capture.interventions as ci
+
+    model = tiny_model("qwen3_moe")
+    tokens = seeded_tokens([5, 6, 4], seed=3)
+    sets = [MaskSet("router", static={1: [e]}) for e in range(3)]
+    monkeypatch.setattr(ci, "decoder_stack", lambda runner, sites: None)
+    got, stats = ci.sweep_scores(model, tokens, sets, batch_size=2)
+    assert not stats["reuse"] and "one decoder-layer list" in stats["why"]
+    assert stats["decoder_layers"] == 1 and stats["layer_passes"] == stats["forward_passes"] == 2 * 3
+    for g, m in zip(got, sets):
+        np.testing.assert_array_equal(g["nll"], token_scores(model, tokens, masks=m, batch_size=2)["nll"])
+
+
+def test_skipping_layers_restores_a_module_that_sits_twice_in_the_stack():
+    from capture.interventions import _skip_layers
+
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    stack = torch.nn.ModuleList([a, a, b])
+    cached = torch.zeros(1, 2)
+    with _skip_layers(stack, 3, cached):
+        assert torch.equal(a(torch.ones(1, 2)), cached) and torch.equal(b(torch.ones(1, 2)), cached)
+    assert "forward" not in a.__dict__ and "forward" not in b.__dict__
+    assert not torch.equal(a(torch.ones(1, 2)), cached)
+
+
+def test_a_mask_on_a_layer_without_a_router_is_refused_before_anything_runs():
+    from capture.interventions import sweep_scores
+
+    model = tiny_model("mixtral")
+    with pytest.raises(MaskError, match=r"no MoE router at decoder layer\(s\) \[9\] \(MoE layers: \[0, 1\]\)"):
+        sweep_scores(model, seeded_tokens([4, 4], seed=1), [MaskSet("router", static={9: [0]}),
+                                                             MaskSet("router", static={1: [0]})], batch_size=2)
+
+
+def test_jobs_of_one_worker_take_the_model_one_at_a_time(tmp_path, monkeypatch):
+    """Two sweep jobs on threads of one worker: the second waits for the first's patches to be undone."""
+    import threading
+    import time
+
+    import capture.interventions as ci
+
+    model = tiny_model("mixtral")
+    monkeypatch.setattr(ci, "_MODELS", {})
+    monkeypatch.setattr("capture.load.load_model", lambda *a, **k: model)
+    tokens = seeded_tokens([6, 5, 7], seed=4)
+    plain = {k: np.asarray(tokens[k].values) for k in ("sample", "position", "token_id")}
+    inside, overlap = [], []
+    real = ci.sweep_scores
+
+    def traced(*a, **k):
+        inside.append(1)
+        overlap.append(len(inside))
+        time.sleep(0.05)
+        try:
+            return real(*a, **k)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(ci, "sweep_scores", traced)
+    masks = [{"kind": "router", "static": {1: [e]}, "drop_top": []} for e in range(3)]
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(ci.sweep_job("m", plain, masks, batch_size=2)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(overlap) == 1 and len(out) == 2
+    for a, b in zip(out[0]["scores"], out[1]["scores"]):
+        np.testing.assert_array_equal(a["nll"], b["nll"])
+

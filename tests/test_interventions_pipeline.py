@@ -82,6 +82,10 @@ def test_points_files_in_every_accepted_form_give_the_same_order(tmp_path):
     ('[[0, 1], [1, 2], [0, 1]]', r"record 2: \(layer 0, expert 1\) is listed twice"),
     ('[[0, 1, NaN]]', r"record 0: value must be a finite number"),
     ('[[0, 1, 0.5], [0, 2]]', r"record 1: values on some records only"),
+    ('[[0, 1, 1e999]]', r"record 0: value must be a finite number"),
+    ("[[0, 1, " + "9" * 400 + "]]", r"record 0: value must be a finite number"),
+    ("[[0, 1, " + "9" * 5000 + "]]", r"not JSON"),
+    ("[" * 100_000, r"not JSON"),
 ])
 def test_damaged_points_files_are_refused_naming_the_record(tmp_path, doc, match):
     f = tmp_path / "p.json"
@@ -89,6 +93,12 @@ def test_damaged_points_files_are_refused_naming_the_record(tmp_path, doc, match
     with pytest.raises(ValueError, match=match) as e:
         iv.read_points(f, layers=[0, 1], num_experts=4)
     assert str(f) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_points_file_with_a_byte_order_mark_is_read(tmp_path):
+    f = tmp_path / "p.json"
+    f.write_bytes(b"\xef\xbb\xbf[[1, 2]]")
+    assert iv.read_points(f, layers=[0, 1], num_experts=4)[1, 2] == 1.0
 
 
 def test_a_points_ranking_is_read_relative_to_the_experiment_file(tmp_path):
@@ -252,6 +262,31 @@ def test_combine_stacks_checkpoints_with_their_steps():
     cube = iv.combine(parts, n_boot=20)
     assert list(cube["checkpoint"].values) == ["s0", "s9"] and list(cube["step"].values) == [0, 9]
     assert cube["delta_nll"].dims[0] == "checkpoint" and "rho" in cube and cube.attrs["chance"].startswith("0")
+
+
+def test_combine_keeps_the_labels_of_a_run_the_first_checkpoint_lacks():
+    """A top-n one checkpoint's ranking could not fill: NaN values there, the labels the other gives it."""
+    parts = {}
+    for i, (name, step) in enumerate((("s0", 0), ("s9", 9))):
+        base, sweeps, _, _ = _fake_checkpoint(seed=i)
+        if i == 0:
+            sweeps = [sweeps[0], sweeps[1].isel(run=slice(1, None))]
+        parts[(name, step)] = (base, sweeps)
+    cube = iv.combine(parts, n_boot=20)
+    first = str(parts[("s9", 9)][1][1]["run"].values[0])
+    run = cube.sel(run=first)
+    assert str(run["intervention"].values) == "drop_top1" and str(run["scope"].values) == "L0"
+    assert int(run["n_masked"]) == 1 and np.isnan(run["delta_nll"].sel(checkpoint="s0", domain="all"))
+    assert str(run["masked"].sel(checkpoint="s0").values) == "" and str(run["masked"].sel(checkpoint="s9").values)
+    for k in ("intervention", "ranking", "scope", "unit", "n_masked", "seed"):
+        assert not cube[k].isnull().any(), k
+
+
+def test_rank_masks_never_masks_what_the_ranking_does_not_rank():
+    score = np.array([[np.inf, 1.0, 2.0, np.nan]])
+    sets = iv.rank_masks(score, [0], [1, 2, 3], scope="global")
+    assert [m["static"] for m in sets] == [{0: [2]}, {0: [2, 1]}]
+    assert [m["static"] for m in iv.rank_masks(score, [0], [2, 3], scope="layer")] == [{0: [2, 1]}]
 
 
 def test_select_tokens_keeps_the_first_samples_of_each_group():

@@ -26,6 +26,24 @@ def _checkpoint(path, router, seed):
     return path
 
 
+def test_silhouette_by_k_plots_the_mean_and_std_over_seeds(tmp_path, monkeypatch):
+    from analyses.figures import experts as fe
+    from analyses.figures import plotting
+
+    drawn = {}
+    real = plotting.savefig
+    monkeypatch.setattr(fe, "savefig", lambda fig, out, stem, formats: drawn.setdefault(stem, fig) and
+                        real(fig, out, stem, formats))
+    sil = np.array([[[[0.1, 0.3], [0.5, 0.7]]]])  # (checkpoint, layer, k, seed)
+    ds = xr.Dataset({"silhouette": (("checkpoint", "layer", "embedding", "k", "kmeans_seed"), sil[:, :, None])},
+                    coords={"checkpoint": ["c"], "layer": [0], "embedding": ["router"], "k": [2, 3]})
+    files = fe.silhouette_by_k(ds, tmp_path)
+    assert [f.name for f in files] == ["silhouette_by_k_c.png"]
+    (line,) = drawn["silhouette_by_k_c"].axes[0].get_lines()[:1]
+    np.testing.assert_allclose(line.get_ydata(), [0.2, 0.6])
+    np.testing.assert_allclose(line.get_xdata(), [2, 3])
+
+
 def test_section_has_every_figure_table_and_caption(tmp_path):
     rng = np.random.default_rng(0)
     r0 = rng.standard_normal((6, 16))
@@ -52,8 +70,10 @@ def test_section_has_every_figure_table_and_caption(tmp_path):
     page = report_hook(layout, ["png"], summary)
 
     imgs = page.count("<img ")
-    assert imgs == 2 + 1 + 2 + 4  # diversity, drift, one similarity heatmap per layer, 2 summaries, 4 per seed & k
-    for stem in ("diversity_across_checkpoints", "drift", "similarity_b_layer0", "summary_separation_ratios",
+    # diversity, drift, one similarity heatmap per layer, silhouette by k, 2 summaries, 4 per seed & k
+    assert imgs == 2 + 1 + 1 + 2 + 4
+    for stem in ("diversity_across_checkpoints", "drift", "similarity_b_layer0", "silhouette_by_k_b",
+                 "summary_separation_ratios",
                  "summary_distances", "user_mlp_down_proj_L2_seed0_k3_spy_plot", "user_mlp_down_proj_L2_seed0_k3_tsne"):
         assert stem in page and list((root / "report" / "figures").rglob(f"{stem}.png")), stem
     for caption in PER_SEED_CAPTIONS:

@@ -73,3 +73,29 @@ def drift_figure(dr: xr.Dataset, out_dir, formats=("png",)) -> list[Path]:
     ax.set_ylabel("1 − cos(e, e_final)")
     ax.legend(fontsize=5, ncol=2)
     return savefig(fig, out_dir, "drift", formats)
+
+
+def silhouette_by_k(ds: xr.Dataset, out_dir, formats=("png",), *, checkpoint=None) -> list[Path]:
+    """k-means over the experts: silhouette (cosine) against k, mean ± std over the k-means seeds, a line per
+    layer, a panel per embedding (last checkpoint by default). 0 = no cluster structure."""
+    c = ds.checkpoint.values[-1] if checkpoint is None else checkpoint
+    embs = [e for e in ds.embedding.values if np.isfinite(ds["silhouette"].sel(checkpoint=c, embedding=e)).any()]
+    if not embs:
+        return []
+    ks = ds["k"].values
+    fig, axes = new_figure(1, len(embs), panel_size=(2.4, 2.2))
+    for j, emb in enumerate(embs):
+        ax = axes[0, j]
+        for layer in ds.layer.values:
+            sil = ds["silhouette"].sel(checkpoint=c, embedding=emb, layer=layer)
+            ax.errorbar(ks, sil.mean("kmeans_seed").values, yerr=sil.std("kmeans_seed").values, marker="o", ms=3,
+                        capsize=2, lw=1, label=f"layer {layer}")
+        ax.axhline(0, ls="--", color="0.4", lw=0.8)
+        ax.set_xticks(ks)
+        ax.set_title(str(emb), fontsize=8)
+        ax.set_xlabel("k (clusters of experts)")
+        if j == 0:
+            ax.set_ylabel("silhouette (cosine)")
+    axes[0, -1].legend(fontsize=5)
+    fig.suptitle(f"k-means of the experts, {c}: mean ± std over seeds", fontsize=8)
+    return savefig(fig, out_dir, f"silhouette_by_k_{safe_stem(str(c))}", formats)
