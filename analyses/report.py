@@ -8,6 +8,7 @@ marks the report complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import html
@@ -309,8 +310,73 @@ def _analysis_section(name: str, layout, report_tables: Path, formats, summary: 
     )
 
 
-def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, dashboard: str = "") -> Path:
-    """Render figures, tables, summary.json and index.html for ``analysis_names``."""
+def _section_job(name: str, layout, report_tables: Path, formats) -> tuple[str, dict]:
+    """One analysis section, rendered in a pool process: (html, the part of ``summary`` it adds).
+
+    The fork copied the parent's default Dask client but not the thread that runs its event loop,
+    so a compute through it would wait forever; a section reads one small result cube, in place.
+    """
+    import dask
+
+    part: dict = {"analyses": {}}
+    with dask.config.set(scheduler="synchronous"):
+        return _analysis_section(name, layout, report_tables, formats, part), part
+
+
+def _merge_part(summary: dict, part: dict) -> None:
+    for key, value in part.items():
+        summary.setdefault(key, {}).update(value)
+
+
+def _importable(name: str) -> bool:
+    """Whether a fresh process finds analysis ``name`` in the registry (the package's own analyses;
+    one that a script registered at run time exists only in this process)."""
+    from . import get
+
+    return get(name).func.__module__.split(".")[0] == __name__.split(".")[0]
+
+
+def _render_processes(n_jobs: int) -> int:
+    """Pool processes for the analysis sections: one core stays with this process, which draws the
+    training, explorer, expert and intervention parts meanwhile; 0 (render here) on one core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(n_jobs, cores - 1)
+
+
+@contextlib.contextmanager
+def _section_pool(processes: int):
+    """A pool of ``processes`` forked processes (None for none), shut down on the way out; on an
+    error or an interrupt its processes are killed rather than waited for."""
+    import concurrent.futures
+    import multiprocessing
+
+    if processes <= 0:
+        yield None
+        return
+    pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
+    try:
+        yield pool
+    except BaseException:
+        for proc in list((pool._processes or {}).values()):  # Python 3.11 has no terminate_workers()
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, dashboard: str = "",
+                 parallel: bool = True) -> Path:
+    """Render figures, tables, summary.json and index.html for ``analysis_names``.
+
+    Figures are most of a report's time. With ``parallel`` the analyses' sections render in a
+    pool of forked processes while this process draws the other parts; the files and
+    ``summary.json`` are the same either way (tests/test_report.py checks). Forked, not spawned:
+    a spawned child re-runs the caller's main script, which a user's script need not guard; the
+    libraries a section uses (zarr, fsspec, logging) reset their threads and locks after a fork.
+    """
     from . import get
 
     formats = tuple(exp.report.formats) if "png" in exp.report.formats else ("png", *exp.report.formats)
@@ -323,31 +389,40 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
     report_tables.mkdir(parents=True, exist_ok=True)
     layout.tables_dir.mkdir(parents=True, exist_ok=True)
 
-    train_files, train_summary = _training_figure(layout, formats)
-    if train_summary:
-        summary["training"] = train_summary
+    remote = [n for n in analysis_names if _importable(n)] if parallel else []
+    processes = _render_processes(len(remote))
+    with _section_pool(processes) as pool:
+        jobs = {n: pool.submit(_section_job, n, layout, report_tables, formats) for n in remote} if pool else {}
+        train_files, train_summary = _training_figure(layout, formats)
+        if train_summary:
+            summary["training"] = train_summary
+        for name in analysis_names:
+            if name not in jobs:
+                part = {"analyses": {}}
+                jobs[name] = (_analysis_section(name, layout, report_tables, formats, part), part)
+        from .figures.explorer import report_section as explorer_section  # issue 17: report/explorer.html
+        explorer_html = explorer_section(layout, routing, formats, analysis_names)
+        from .figures.training_runs import report_hook  # issue 16: training runs side by side (tasks/training.py)
+        training = report_hook(layout, formats, summary)
+        from .weights_report import report_hook as weights_hook  # issue 14: experts as objects, masks (tasks/experts.py)
+        training += weights_hook(layout, formats, summary)
+        from .figures.interventions import report_hook as interventions_hook  # issue 15 (tasks/interventions.py)
+        training += interventions_hook(layout, formats, summary)
+        for name in analysis_names:  # in the experiment's order, wherever they were rendered
+            job = jobs[name]
+            section, part = job if isinstance(job, tuple) else job.result()
+            sections.append(section)
+            _merge_part(summary, part)
 
-    for name in analysis_names:
-        sections.append(_analysis_section(name, layout, report_tables, formats, summary))
-
-    from .figures.explorer import report_section as explorer_section  # issue 17: report/explorer.html
-    explorer_html = explorer_section(layout, routing, formats, analysis_names)
     title = exp.report.title or f"moe-atlas report — {exp.name}"
     model = summary["model"]
     ckpts = ", ".join(f"{c} (step {s})" for c, s in summary["checkpoints"].items())
     dom_rows = "".join(f"<tr><td>{html.escape(d)}</td><td>{n}</td></tr>" for d, n in summary["domains"].items())
-    training = ""
     if train_files:
         training = f"""<section id="training"><h2>The model's training</h2>
 <p class="caption">Language-model loss during training of the demo model (the load-balancing auxiliary loss
 dashed, right axis). Checkpoints analysed below were saved along this curve.</p>
-{''.join(_img(f, layout.report_dir) for f in train_files if Path(f).suffix == '.png')}</section>"""
-    from .figures.training_runs import report_hook  # issue 16: training runs side by side (tasks/training.py)
-    training += report_hook(layout, formats, summary)
-    from .weights_report import report_hook as weights_hook  # issue 14: experts as objects, masks (tasks/experts.py)
-    training += weights_hook(layout, formats, summary)
-    from .figures.interventions import report_hook as interventions_hook  # issue 15 (tasks/interventions.py)
-    training += interventions_hook(layout, formats, summary)
+{''.join(_img(f, layout.report_dir) for f in train_files if Path(f).suffix == '.png')}</section>""" + training
     training_item = '<li><a href="#training">The model&rsquo;s training</a></li>' if training else ""
     toc = "".join(f'<li><a href="#{html.escape(n)}">{html.escape(get(n).title)}</a></li>' for n in analysis_names)
     page = f"""<!doctype html>

@@ -118,7 +118,9 @@ def _under_run_lock(run):
         with run_lock(self.layout.lock):
             # Under the lock: of two experiments that both found the folder empty, the second is refused here.
             claim_run(self.layout.root, identity, experiment_file=self.exp.source_file or self.experiment)
-            if self.complete():
+            with checking_once():  # one read-only look at the graph: each requirement's check counted once
+                done = self.complete()
+            if done:
                 logging.getLogger("luigi-interface").info("%s: done by another run while this one waited; skipped", self)
             else:
                 run(self)
@@ -486,9 +488,11 @@ class Analyse(_Stage):
         return luigi.LocalTarget(str(self.layout.analysis(self.analysis)))
 
     def complete(self):
-        if not all(_done(r) for r in self.requires()):
+        # No result yet (a fresh run): False without walking the inputs, whose checks cost more.
+        done = cubes.result_fingerprint(self.output().path)
+        if done is None or not all(_done(r) for r in self.requires()):
             return False
-        return cubes.result_fingerprint(self.output().path) == self.fingerprint()
+        return done == self.fingerprint()
 
     def run(self):
         import xarray as xr
@@ -541,9 +545,10 @@ class FullReport(_Stage):
         return luigi.LocalTarget(str(self.layout.report_index))
 
     def complete(self):
-        if not all(_done(r) for r in self.requires()):
+        done = _json_fingerprint(self.layout.summary)
+        if done is None or not Path(self.output().path).exists() or not all(_done(r) for r in self.requires()):
             return False
-        return Path(self.output().path).exists() and _json_fingerprint(self.layout.summary) == self.fingerprint()
+        return done == self.fingerprint()
 
     def run(self):
         from analyses.report import build_report

@@ -29,7 +29,7 @@ import luigi
 
 from storage import cube as cubes
 
-from . import Analyse, Capture, _client, _experiment, _Stage, checkpoints
+from . import Analyse, Capture, _client, _done, _experiment, _Stage, checkpoints
 
 
 def _by_step(exp):
@@ -101,7 +101,7 @@ class _Checkpointed(_Stage):
         # No output yet (a fresh run, the re-check under the run lock): False without checking the inputs,
         # whose checks (captures, analyses) cost more than a mask set's forward passes.
         done = cubes.result_fingerprint(self.output().path)
-        if done is None or not all(r.complete() for r in luigi.task.flatten(self.requires())):
+        if done is None or not all(_done(r) for r in luigi.task.flatten(self.requires())):
             return False
         return done == self.fingerprint()
 
@@ -308,7 +308,7 @@ class Interventions(_Stage):
 
     def complete(self):
         done = cubes.result_fingerprint(self.output().path)
-        if done is None or not all(r.complete() for r in self.requires()):
+        if done is None or not all(_done(r) for r in self.requires()):
             return False
         return done == self.fingerprint()
 

@@ -18,7 +18,7 @@ import luigi
 
 from storage import cube as cubes
 
-from . import Analyse, Capture, ImportTrace, PrepareModel, _experiment, _layout, _path_stamp, _Stage, checkpoints, datasets
+from . import Analyse, Capture, ImportTrace, PrepareModel, _done, _experiment, _layout, _path_stamp, _Stage, checkpoints, datasets
 
 
 def _run_inputs(exp, name: str, *, own: bool):
@@ -95,9 +95,10 @@ class TrainingRuns(_Stage):
         return luigi.LocalTarget(str(self.layout.analysis("training")))
 
     def complete(self):
-        if not all(r.complete() for r in self.requires()):
+        done = cubes.result_fingerprint(self.output().path)
+        if done is None or not all(_done(r) for r in self.requires()):
             return False
-        return cubes.result_fingerprint(self.output().path) == self.fingerprint()
+        return done == self.fingerprint()
 
     def run(self):
         import xarray as xr

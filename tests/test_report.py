@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
 import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
@@ -32,10 +34,8 @@ class _Links(HTMLParser):
         self.links += [v for k, v in attrs if k in ("src", "href") and v]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def _build(root: Path, **kw):
     """A report built from real result cubes of a small seeded routing cube, with a demo training log."""
-    root = tmp_path_factory.mktemp("run")
     layout = RunLayout(root)
     ds = small_cube(n_checkpoints=2, seed=3)
     for name in NAMES:
@@ -49,10 +49,34 @@ def built(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setattr(report.cubes, "open_routing", lambda path, **kw: ds)
     try:
-        index = report.build_report(exp, layout, NAMES, fingerprint="fp-report")
+        index = report.build_report(exp, layout, NAMES, fingerprint="fp-report", **kw)
     finally:
         patch.undo()
     return layout, index
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The report as FullReport builds it: sections rendered in a pool of forked processes (two,
+    even on one core, so that the pool is what is tested) while a distributed client is the
+    default scheduler, as it is in a luigi run (a fork once inherited that client and waited forever
+    on it: the alarm turns such a hang into a failure)."""
+    distributed = pytest.importorskip("distributed")
+
+    def hung(*_):
+        raise TimeoutError("the report's section pool hangs")
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(report, "_render_processes", lambda n_jobs: min(n_jobs, 2))
+    previous = signal.signal(signal.SIGALRM, hung)
+    try:
+        with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None):
+            signal.alarm(300)
+            return _build(tmp_path_factory.mktemp("run"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        patch.undo()
 
 
 def test_report_folder_stands_on_its_own(built, tmp_path):
@@ -138,3 +162,25 @@ def test_headline_html_shapes_and_escaping():
     assert '<th>cv</th><td class="num">0.5</td><td class="num">0.25</td>' in paired
     assert '<th>n_last</th><td class="num">7</td>' in paired
     assert np.isnan(h["final"]["partner_tv"])  # the input is left as it was
+
+
+def test_parallel_and_serial_reports_are_the_same(built, tmp_path):
+    layout, index = built
+    serial, serial_index = _build(tmp_path / "serial", parallel=False)
+
+    def files(root: Path) -> set[str]:
+        return {str(f.relative_to(root)) for f in root.rglob("*") if f.is_file()}
+
+    assert files(layout.report_dir) == files(serial.report_dir)
+    assert files(layout.tables_dir) == files(serial.tables_dir)
+    for rel in files(layout.report_dir):
+        if rel.endswith((".csv", ".png", ".txt")):  # PDFs and SVGs carry their creation time
+            assert (layout.report_dir / rel).read_bytes() == (serial.report_dir / rel).read_bytes(), rel
+    a, b = (json.loads(x.summary.read_text()) for x in (layout, serial))
+    assert a.pop("generated") and b.pop("generated")
+    assert a == b and list(a["analyses"]) == NAMES  # the experiment's order, wherever a section rendered
+
+    def page(p: Path) -> str:
+        return re.sub(r"generated [^<·]*", "", p.read_text())
+
+    assert page(index) == page(serial_index)
