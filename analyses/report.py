@@ -367,6 +367,29 @@ def _section_pool(processes: int):
     pool.shutdown()
 
 
+def _run_parts(layout, routing, formats, analysis_names: list[str], summary: dict) -> tuple[str, str]:
+    """The parts of the page that are not one analysis's section: (the explorer's paragraph, the
+    training / training runs / experts / interventions sections); their numbers added to ``summary``."""
+    train_files, train_summary = _training_figure(layout, formats)
+    if train_summary:
+        summary["training"] = train_summary
+    training = ""
+    if train_files:
+        training = f"""<section id="training"><h2>The model's training</h2>
+<p class="caption">Language-model loss during training of the demo model (the load-balancing auxiliary loss
+dashed, right axis). Checkpoints analysed below were saved along this curve.</p>
+{''.join(_img(f, layout.report_dir) for f in train_files if Path(f).suffix == '.png')}</section>"""
+    from .figures.explorer import report_section as explorer_section  # issue 17: report/explorer.html
+    explorer_html = explorer_section(layout, routing, formats, analysis_names)
+    from .figures.training_runs import report_hook  # issue 16: training runs side by side (tasks/training.py)
+    training += report_hook(layout, formats, summary)
+    from .weights_report import report_hook as weights_hook  # issue 14: experts as objects, masks (tasks/experts.py)
+    training += weights_hook(layout, formats, summary)
+    from .figures.interventions import report_hook as interventions_hook  # issue 15 (tasks/interventions.py)
+    training += interventions_hook(layout, formats, summary)
+    return explorer_html, training
+
+
 def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, dashboard: str = "",
                  parallel: bool = True) -> Path:
     """Render figures, tables, summary.json and index.html for ``analysis_names``.
@@ -393,21 +416,11 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
     processes = _render_processes(len(remote))
     with _section_pool(processes) as pool:
         jobs = {n: pool.submit(_section_job, n, layout, report_tables, formats) for n in remote} if pool else {}
-        train_files, train_summary = _training_figure(layout, formats)
-        if train_summary:
-            summary["training"] = train_summary
         for name in analysis_names:
             if name not in jobs:
                 part = {"analyses": {}}
                 jobs[name] = (_analysis_section(name, layout, report_tables, formats, part), part)
-        from .figures.explorer import report_section as explorer_section  # issue 17: report/explorer.html
-        explorer_html = explorer_section(layout, routing, formats, analysis_names)
-        from .figures.training_runs import report_hook  # issue 16: training runs side by side (tasks/training.py)
-        training = report_hook(layout, formats, summary)
-        from .weights_report import report_hook as weights_hook  # issue 14: experts as objects, masks (tasks/experts.py)
-        training += weights_hook(layout, formats, summary)
-        from .figures.interventions import report_hook as interventions_hook  # issue 15 (tasks/interventions.py)
-        training += interventions_hook(layout, formats, summary)
+        explorer_html, training = _run_parts(layout, routing, formats, analysis_names, summary)
         for name in analysis_names:  # in the experiment's order, wherever they were rendered
             job = jobs[name]
             section, part = job if isinstance(job, tuple) else job.result()
@@ -418,11 +431,6 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
     model = summary["model"]
     ckpts = ", ".join(f"{c} (step {s})" for c, s in summary["checkpoints"].items())
     dom_rows = "".join(f"<tr><td>{html.escape(d)}</td><td>{n}</td></tr>" for d, n in summary["domains"].items())
-    if train_files:
-        training = f"""<section id="training"><h2>The model's training</h2>
-<p class="caption">Language-model loss during training of the demo model (the load-balancing auxiliary loss
-dashed, right axis). Checkpoints analysed below were saved along this curve.</p>
-{''.join(_img(f, layout.report_dir) for f in train_files if Path(f).suffix == '.png')}</section>""" + training
     training_item = '<li><a href="#training">The model&rsquo;s training</a></li>' if training else ""
     toc = "".join(f'<li><a href="#{html.escape(n)}">{html.escape(get(n).title)}</a></li>' for n in analysis_names)
     page = f"""<!doctype html>
