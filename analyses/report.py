@@ -311,10 +311,11 @@ def _analysis_section(name: str, layout, report_tables: Path, formats, summary: 
 
 
 def _section_job(name: str, layout, report_tables: Path, formats) -> tuple[str, dict]:
-    """One analysis section, rendered in a pool process: (html, the part of ``summary`` it adds).
+    """One analysis section, in a pool process or here: (html, the part of ``summary`` it adds).
 
-    The fork copied the parent's default Dask client but not the thread that runs its event loop,
-    so a compute through it would wait forever; a section reads one small result cube, in place.
+    A forked process has a copy of the parent's default Dask client but not the thread that runs
+    its event loop, so a compute through it would wait forever; a section reads one small result
+    cube, in place.
     """
     import dask
 
@@ -328,17 +329,14 @@ def _merge_part(summary: dict, part: dict) -> None:
         summary.setdefault(key, {}).update(value)
 
 
-def _importable(name: str) -> bool:
-    """Whether a fresh process finds analysis ``name`` in the registry (the package's own analyses;
-    one that a script registered at run time exists only in this process)."""
-    from . import get
-
-    return get(name).func.__module__.split(".")[0] == __name__.split(".")[0]
-
-
 def _render_processes(n_jobs: int) -> int:
     """Pool processes for the analysis sections: one core stays with this process, which draws the
-    training, explorer, expert and intervention parts meanwhile; 0 (render here) on one core."""
+    training, explorer, expert and intervention parts meanwhile; 0 (render here) on one core or
+    where processes cannot be forked (Windows)."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 0
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -412,18 +410,12 @@ def build_report(exp, layout, analysis_names: list[str], *, fingerprint: str, da
     report_tables.mkdir(parents=True, exist_ok=True)
     layout.tables_dir.mkdir(parents=True, exist_ok=True)
 
-    remote = [n for n in analysis_names if _importable(n)] if parallel else []
-    processes = _render_processes(len(remote))
-    with _section_pool(processes) as pool:
-        jobs = {n: pool.submit(_section_job, n, layout, report_tables, formats) for n in remote} if pool else {}
-        for name in analysis_names:
-            if name not in jobs:
-                part = {"analyses": {}}
-                jobs[name] = (_analysis_section(name, layout, report_tables, formats, part), part)
+    # A fork carries this process's registry along: analyses a user's script registered render there too.
+    with _section_pool(_render_processes(len(analysis_names)) if parallel else 0) as pool:
+        jobs = {n: pool.submit(_section_job, n, layout, report_tables, formats) for n in analysis_names} if pool else {}
         explorer_html, training = _run_parts(layout, routing, formats, analysis_names, summary)
         for name in analysis_names:  # in the experiment's order, wherever they were rendered
-            job = jobs[name]
-            section, part = job if isinstance(job, tuple) else job.result()
+            section, part = jobs[name].result() if pool else _section_job(name, layout, report_tables, formats)
             sections.append(section)
             _merge_part(summary, part)
 

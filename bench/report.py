@@ -29,8 +29,8 @@ from bench.analyses import emit, log, machine  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _files(root: Path) -> dict[str, int]:
-    return {str(f.relative_to(root)): f.stat().st_size for f in sorted(root.rglob("*")) if f.is_file()}
+def _files(root: Path) -> set[str]:
+    return {str(f.relative_to(root)) for f in root.rglob("*") if f.is_file()}
 
 
 def main(argv=None) -> int:
@@ -66,17 +66,17 @@ def main(argv=None) -> int:
                 times[mode].append(time.perf_counter() - t0)
                 summary = json.loads(layout.summary.read_text())
                 summary.pop("generated", None)
-                outputs[mode] = (_files(layout.report_dir).keys(), summary)
+                outputs[mode] = (_files(layout.report_dir), summary)
     ratios = [s / p for s, p in zip(times["serial"], times["parallel"])]
     emit({
         "experiment": args.experiment,
         "analyses": names,
-        "pool_processes": report._render_processes(len([n for n in names if report._importable(n)])),
+        "pool_processes": report._render_processes(len(names)),
         "cores": len(os.sched_getaffinity(0)),
         "serial_s": times["serial"],
         "parallel_s": times["parallel"],
         "speedup_median": statistics.median(ratios),
-        "same_files": set(outputs["serial"][0]) == set(outputs["parallel"][0]),
+        "same_files": outputs["serial"][0] == outputs["parallel"][0],
         "same_summary": outputs["serial"][1] == outputs["parallel"][1],
         "machine": machine(),
     })

@@ -176,6 +176,15 @@ class _Stage(luigi.Task):
         # The one-line reason appears in Luigi's summary; the traceback is logged too.
         return f"{type(exception).__name__}: {exception}"
 
+    def _stored_matches(self, stored: str | None) -> bool:
+        """Complete: the fingerprint stored with this stage's output (``stored``; None when there is no
+        output) is current, and every requirement is complete. The output is looked at first: with none
+        yet (a fresh run, the re-check under the run lock) the requirements, whose checks cost more
+        (captures, analyses), are not walked."""
+        if stored is None or not all(_done(r) for r in luigi.task.flatten(self.requires())):
+            return False
+        return stored == self.fingerprint()
+
 
 class PrepareModel(_Stage):
     """Demo: corpus → BPE tokenizer → tiny MoE training → checkpoints. Real: check the checkpoint dirs."""
@@ -488,11 +497,7 @@ class Analyse(_Stage):
         return luigi.LocalTarget(str(self.layout.analysis(self.analysis)))
 
     def complete(self):
-        # No result yet (a fresh run): False without walking the inputs, whose checks cost more.
-        done = cubes.result_fingerprint(self.output().path)
-        if done is None or not all(_done(r) for r in self.requires()):
-            return False
-        return done == self.fingerprint()
+        return self._stored_matches(cubes.result_fingerprint(self.output().path))
 
     def run(self):
         import xarray as xr
@@ -545,10 +550,8 @@ class FullReport(_Stage):
         return luigi.LocalTarget(str(self.layout.report_index))
 
     def complete(self):
-        done = _json_fingerprint(self.layout.summary)
-        if done is None or not Path(self.output().path).exists() or not all(_done(r) for r in self.requires()):
-            return False
-        return done == self.fingerprint()
+        # summary.json is written last: its fingerprint marks the report (index.html and all) complete
+        return Path(self.output().path).exists() and self._stored_matches(_json_fingerprint(self.layout.summary))
 
     def run(self):
         from analyses.report import build_report

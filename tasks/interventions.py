@@ -29,7 +29,7 @@ import luigi
 
 from storage import cube as cubes
 
-from . import Analyse, Capture, _client, _done, _experiment, _Stage, checkpoints
+from . import Analyse, Capture, _client, _experiment, _Stage, checkpoints
 
 
 def _by_step(exp):
@@ -98,12 +98,7 @@ class _Checkpointed(_Stage):
         raise KeyError(f"{self.exp.source_file}: no checkpoint named {self.checkpoint!r}")
 
     def complete(self):
-        # No output yet (a fresh run, the re-check under the run lock): False without checking the inputs,
-        # whose checks (captures, analyses) cost more than a mask set's forward passes.
-        done = cubes.result_fingerprint(self.output().path)
-        if done is None or not all(_done(r) for r in luigi.task.flatten(self.requires())):
-            return False
-        return done == self.fingerprint()
+        return self._stored_matches(cubes.result_fingerprint(self.output().path))
 
 
 class InterventionBaseline(_Checkpointed):
@@ -307,10 +302,7 @@ class Interventions(_Stage):
         return luigi.LocalTarget(str(self.layout.intervention("interventions")))
 
     def complete(self):
-        done = cubes.result_fingerprint(self.output().path)
-        if done is None or not all(_done(r) for r in self.requires()):
-            return False
-        return done == self.fingerprint()
+        return self._stored_matches(cubes.result_fingerprint(self.output().path))
 
     def run(self):
         from analyses.interventions import COST_NOTE, combine

@@ -18,7 +18,7 @@ import luigi
 
 from storage import cube as cubes
 
-from . import Analyse, Capture, ImportTrace, PrepareModel, _done, _experiment, _layout, _path_stamp, _Stage, checkpoints, datasets
+from . import Analyse, Capture, ImportTrace, PrepareModel, _experiment, _layout, _path_stamp, _Stage, checkpoints, datasets
 
 
 def _run_inputs(exp, name: str, *, own: bool):
@@ -95,10 +95,7 @@ class TrainingRuns(_Stage):
         return luigi.LocalTarget(str(self.layout.analysis("training")))
 
     def complete(self):
-        done = cubes.result_fingerprint(self.output().path)
-        if done is None or not all(_done(r) for r in self.requires()):
-            return False
-        return done == self.fingerprint()
+        return self._stored_matches(cubes.result_fingerprint(self.output().path))
 
     def run(self):
         import xarray as xr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import signal
@@ -34,11 +35,11 @@ class _Links(HTMLParser):
         self.links += [v for k, v in attrs if k in ("src", "href") and v]
 
 
-def _build(root: Path, **kw):
+def _build(root: Path, names=NAMES, **kw):
     """A report built from real result cubes of a small seeded routing cube, with a demo training log."""
     layout = RunLayout(root)
     ds = small_cube(n_checkpoints=2, seed=3)
-    for name in NAMES:
+    for name in names:
         cubes.write_result(analyses.run(name, ds).compute(), layout.analysis(name), fingerprint=f"fp-{name}")
     layout.model_dir.mkdir(parents=True)
     steps = [{"step": s, "loss": 5.0 - s / 100, "aux_loss": 2.1} for s in range(0, 201, 10)]
@@ -49,10 +50,15 @@ def _build(root: Path, **kw):
     patch = pytest.MonkeyPatch()
     patch.setattr(report.cubes, "open_routing", lambda path, **kw: ds)
     try:
-        index = report.build_report(exp, layout, NAMES, fingerprint="fp-report", **kw)
+        index = report.build_report(exp, layout, names, fingerprint="fp-report", **kw)
     finally:
         patch.undo()
     return layout, index
+
+
+def _in_pool(monkeypatch):
+    """Sections rendered in a pool of two forked processes, even on one core."""
+    monkeypatch.setattr(report, "_render_processes", lambda n_jobs: min(n_jobs, 2))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +73,7 @@ def built(tmp_path_factory):
         raise TimeoutError("the report's section pool hangs")
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(report, "_render_processes", lambda n_jobs: min(n_jobs, 2))
+    _in_pool(patch)
     previous = signal.signal(signal.SIGALRM, hung)
     try:
         with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None):
@@ -184,3 +190,21 @@ def test_parallel_and_serial_reports_are_the_same(built, tmp_path):
         return re.sub(r"generated [^<·]*", "", p.read_text())
 
     assert page(index) == page(serial_index)
+
+
+def test_an_analysis_a_script_registered_renders_in_the_pool(tmp_path, monkeypatch):
+    """Registered at run time, outside the analyses package: the forked processes know it too."""
+    base = analyses.get("usage")
+
+    def script_usage(routing, **kw):
+        return base.func(routing, **kw).assign_attrs(analysis="script_usage")
+
+    analyses.register(dataclasses.replace(base, name="script_usage", func=script_usage, title="Script usage"))
+    _in_pool(monkeypatch)
+    try:
+        layout, index = _build(tmp_path, names=["script_usage"])
+    finally:
+        del analyses.REGISTRY["script_usage"]
+    assert re.search(r'<section id="script_usage">\s*<h2>Script usage</h2>', index.read_text())
+    assert list((layout.report_dir / "figures" / "script_usage").glob("*.png"))
+    assert json.loads(layout.summary.read_text())["analyses"]["script_usage"]["headline"]
